@@ -1,0 +1,523 @@
+"""Synthetic-LT: a generated, long-tailed, LVIS v1-format detection + segmentation dataset.
+
+Every image shows 1-6 objects on a cluttered grey background. A category is a visible
+(shape, colour, texture) triple, so a detector can tell categories apart from pixels alone.
+Train image counts per category follow a Zipf-like (monotone, heavy-tailed) rank curve
+whose bands give LVIS v1's three groups in LVIS's proportions and with LVIS's thresholds:
+rare 1-10 train images, common 11-100, frequent > 100. The val split is balanced: every
+category has at least ``--val-instances`` instances, so APr is measured on enough objects.
+
+Like LVIS, each image lists verified-absent categories (``neg_category_ids``) and, where
+an instance of a present category was deliberately left unannotated, that category in
+``not_exhaustive_category_ids``.
+
+Usage::
+
+    python -m eql_d2.data.synthetic --out datasets/synthetic_lt --seed 0
+
+The output folder holds ``train/*.png``, ``val/*.png``, ``lvis_v1_train.json``,
+``lvis_v1_val.json`` and ``generator.json`` (the arguments it was made with). Output is
+deterministic: the same arguments give the same bytes.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["SyntheticLTSpec", "generate", "category_table", "train_image_counts"]
+
+GENERATOR_VERSION = 1
+
+# LVIS v1: 337 rare, 461 common, 405 frequent categories out of 1203.
+LVIS_V1_GROUP_FRACTIONS = {"r": 337 / 1203, "c": 461 / 1203, "f": 405 / 1203}
+RARE_MAX_IMAGES = 10
+COMMON_MAX_IMAGES = 100
+
+SHAPES = (
+    "circle", "square", "triangle", "diamond", "pentagon", "hexagon",
+    "star", "cross", "ellipse", "bar", "trapezoid", "chevron",
+)
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (35, 70, 230),
+    "yellow": (240, 220, 20), "cyan": (20, 210, 220), "magenta": (220, 40, 200),
+    "orange": (250, 140, 10), "purple": (120, 40, 170), "white": (250, 250, 250),
+    "black": (15, 15, 15), "brown": (130, 75, 30), "pink": (255, 150, 190),
+}
+TEXTURES = (
+    "solid", "hstripes", "vstripes", "dstripes", "checker", "dots", "rings", "grid", "speckle",
+)
+MAX_CATEGORIES = len(SHAPES) * len(COLOURS) * len(TEXTURES)
+
+
+@dataclass(frozen=True)
+class SyntheticLTSpec:
+    """Generator arguments; together with the seed they fix every output byte."""
+
+    num_categories: int = 60
+    image_size: int = 160
+    max_frequent_images: int = 400
+    val_instances: int = 6
+    max_objects: int = 6
+    seed: int = 0
+
+    def validate(self):
+        if not 3 <= self.num_categories <= MAX_CATEGORIES:
+            raise ValueError(
+                f"num_categories={self.num_categories}: must be in [3, {MAX_CATEGORIES}] "
+                "so that rare, common and frequent groups all exist"
+            )
+        if self.image_size < 64:
+            raise ValueError(f"image_size={self.image_size}: must be at least 64 pixels")
+        if self.max_frequent_images <= COMMON_MAX_IMAGES:
+            raise ValueError(
+                f"max_frequent_images={self.max_frequent_images}: must exceed "
+                f"{COMMON_MAX_IMAGES}, the LVIS threshold of the frequent group"
+            )
+        if self.val_instances < 1:
+            raise ValueError(f"val_instances={self.val_instances}: must be at least 1")
+        if not 1 <= self.max_objects <= 12:
+            raise ValueError(f"max_objects={self.max_objects}: must be in [1, 12]")
+
+
+def category_table(num_categories):
+    """The (shape, colour, texture) triple of each category, in category-id order.
+
+    Consecutive ids change shape first and colour second, so the first categories (the
+    most frequent ones) differ by shape and colour; textures cycle so that a triple is
+    never repeated.
+    """
+    colours = list(COLOURS)
+    table = []
+    n_sc = len(SHAPES) * len(colours)
+    for k in range(num_categories):
+        shape = SHAPES[k % len(SHAPES)]
+        colour = colours[(k // len(SHAPES)) % len(colours)]
+        texture = TEXTURES[(k % n_sc + k // n_sc) % len(TEXTURES)]
+        table.append((shape, colour, texture))
+    assert len(set(table)) == len(table)
+    return table
+
+
+def group_sizes(num_categories):
+    """Number of (rare, common, frequent) categories in LVIS v1 proportions, each >= 1."""
+    n_r = max(1, round(num_categories * LVIS_V1_GROUP_FRACTIONS["r"]))
+    n_f = max(1, round(num_categories * LVIS_V1_GROUP_FRACTIONS["f"]))
+    n_c = num_categories - n_r - n_f
+    return n_r, n_c, n_f
+
+
+def train_image_counts(spec):
+    """Target number of train images per category (category index order).
+
+    Within each LVIS band the counts fall geometrically with rank (a power law in rank,
+    i.e. Zipf-like), from the top of the band to its bottom: frequent from
+    ``max_frequent_images`` down to 101, common 100 -> 11, rare 10 -> 1.
+    """
+    n_r, n_c, n_f = group_sizes(spec.num_categories)
+
+    def band(n, hi, lo):
+        if n == 1:
+            return [hi]
+        return [int(round(hi * (lo / hi) ** (i / (n - 1)))) for i in range(n)]
+
+    return (
+        band(n_f, spec.max_frequent_images, COMMON_MAX_IMAGES + 1)
+        + band(n_c, COMMON_MAX_IMAGES, RARE_MAX_IMAGES + 1)
+        + band(n_r, RARE_MAX_IMAGES, 1)
+    )
+
+
+def frequency_group(image_count):
+    """LVIS frequency group of a category from its number of train images."""
+    if image_count <= RARE_MAX_IMAGES:
+        return "r"
+    if image_count <= COMMON_MAX_IMAGES:
+        return "c"
+    return "f"
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _assign_categories(counts, num_images, max_per_image, rng):
+    """Give category k to exactly counts[k] distinct images, filling images evenly."""
+    per_image = [[] for _ in range(num_images)]
+    load = np.zeros(num_images)
+    for k in np.argsort(-np.asarray(counts), kind="stable"):
+        # least-loaded images first, random among equals
+        order = np.lexsort((rng.random(num_images), load))
+        chosen = [i for i in order if len(per_image[i]) < max_per_image][: counts[k]]
+        if len(chosen) < counts[k]:
+            raise ValueError("not enough images to place every category; raise max_objects")
+        for i in chosen:
+            per_image[i].append(int(k))
+            load[i] += 1
+    return per_image
+
+
+def _val_categories(num_categories, val_instances, max_per_image, rng):
+    """Balanced val layout: each category appears in `val_instances` images."""
+    slots = [k for k in range(num_categories) for _ in range(val_instances)]
+    per_image_cats = max(1, min(3, max_per_image))
+    num_images = math.ceil(len(slots) / per_image_cats) + 1
+    return _assign_categories([val_instances] * num_categories, num_images, per_image_cats, rng)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _shape_polygon(shape, cx, cy, size, angle):
+    """Polygon (list of (x, y)) of a shape of bounding size ~`size` centred at (cx, cy)."""
+    r = size / 2.0
+    if shape == "circle":
+        pts = [(math.cos(t), math.sin(t)) for t in np.linspace(0, 2 * math.pi, 24, endpoint=False)]
+    elif shape == "ellipse":
+        pts = [(math.cos(t), 0.55 * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 24, endpoint=False)]
+    elif shape == "square":
+        pts = [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
+    elif shape == "bar":
+        pts = [(-0.35, -1.0), (0.35, -1.0), (0.35, 1.0), (-0.35, 1.0)]
+    elif shape == "triangle":
+        pts = [(0.0, -1.0), (0.95, 0.8), (-0.95, 0.8)]
+    elif shape == "diamond":
+        pts = [(0.0, -1.0), (0.7, 0.0), (0.0, 1.0), (-0.7, 0.0)]
+    elif shape in ("pentagon", "hexagon"):
+        n = 5 if shape == "pentagon" else 6
+        pts = [(math.cos(t - math.pi / 2), math.sin(t - math.pi / 2))
+               for t in np.linspace(0, 2 * math.pi, n, endpoint=False)]
+    elif shape == "star":
+        pts = []
+        for i in range(10):
+            rad = 1.0 if i % 2 == 0 else 0.42
+            t = i * math.pi / 5 - math.pi / 2
+            pts.append((rad * math.cos(t), rad * math.sin(t)))
+    elif shape == "cross":
+        a, b = 0.3, 0.95
+        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a),
+               (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+    elif shape == "trapezoid":
+        pts = [(-0.45, -0.7), (0.45, -0.7), (1.0, 0.7), (-1.0, 0.7)]
+    elif shape == "chevron":
+        pts = [(-1.0, -0.6), (0.0, 0.1), (1.0, -0.6), (1.0, 0.1), (0.0, 0.8), (-1.0, 0.1)]
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
+
+
+def _texture_mask(texture, h, w, period, phase):
+    """Boolean [h, w] pattern: True where the object shows its full colour."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    xx = xx + phase
+    yy = yy + phase
+    half = period // 2
+    if texture == "solid":
+        return np.ones((h, w), bool)
+    if texture == "hstripes":
+        return (yy // half) % 2 == 0
+    if texture == "vstripes":
+        return (xx // half) % 2 == 0
+    if texture == "dstripes":
+        return ((xx + yy) // half) % 2 == 0
+    if texture == "checker":
+        return ((xx // half) + (yy // half)) % 2 == 0
+    if texture == "dots":
+        return ((xx % period - half) ** 2 + (yy % period - half) ** 2) > (period / 3.2) ** 2
+    if texture == "rings":
+        d = np.sqrt((xx - phase - w / 2) ** 2 + (yy - phase - h / 2) ** 2)
+        return (d // half) % 2 == 0
+    if texture == "grid":
+        return ~((xx % period < 2) | (yy % period < 2))
+    if texture == "speckle":
+        return ((xx * 7919 + yy * 104729) % 5) != 0
+    raise ValueError(f"unknown texture {texture!r}")
+
+
+def _background(size, rng):
+    """Cluttered, low-saturation background: noise, blotches and line segments in greys."""
+    base = rng.integers(70, 170)
+    img = np.full((size, size, 3), base, np.float32)
+    img += rng.normal(0, 12, (size, size, 1))  # grey noise, same for all channels
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    pil = Image.fromarray(img)
+    draw = ImageDraw.Draw(pil)
+    for _ in range(int(rng.integers(4, 10))):
+        g = int(rng.integers(40, 210))
+        x0, y0 = rng.integers(0, size, 2)
+        r = int(rng.integers(4, size // 5))
+        draw.ellipse([int(x0) - r, int(y0) - r, int(x0) + r, int(y0) + r], fill=(g, g, g))
+    for _ in range(int(rng.integers(3, 8))):
+        g = int(rng.integers(30, 220))
+        pts = [tuple(int(v) for v in rng.integers(0, size, 2)) for _ in range(2)]
+        draw.line(pts, fill=(g, g, g), width=int(rng.integers(1, 3)))
+    return pil
+
+
+def _boxes_overlap(a, b, margin=2):
+    return not (a[2] + margin <= b[0] or b[2] + margin <= a[0]
+                or a[3] + margin <= b[1] or b[3] + margin <= a[1])
+
+
+def _render_image(categories_of_objects, table, size, rng):
+    """Draw objects (list of category indices) without overlap; return image and objects.
+
+    Each object: dict(category=k, polygon=[x0, y0, ...], bbox=[x, y, w, h], area).
+    Objects that cannot be placed after a few tries are dropped (the caller checks).
+    """
+    img = _background(size, rng)
+    placed = []
+    for k in categories_of_objects:
+        shape, colour, texture = table[k]
+        for _ in range(40):
+            obj_size = float(rng.uniform(0.15, 0.32) * size)
+            cx, cy = rng.uniform(obj_size / 2 + 1, size - obj_size / 2 - 1, 2)
+            angle = float(rng.uniform(-0.35, 0.35))
+            poly = _shape_polygon(shape, float(cx), float(cy), obj_size, angle)
+            xs = [p[0] for p in poly]
+            ys = [p[1] for p in poly]
+            box = (min(xs), min(ys), max(xs), max(ys))
+            if box[0] < 0 or box[1] < 0 or box[2] > size - 1 or box[3] > size - 1:
+                continue
+            if any(_boxes_overlap(box, p["xyxy"]) for p in placed):
+                continue
+            placed.append({"category": k, "poly": poly, "xyxy": box, "texture": texture,
+                           "colour": COLOURS[colour]})
+            break
+
+    canvas = np.asarray(img).copy()
+    objects = []
+    for p in placed:
+        mask_img = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(mask_img).polygon(p["poly"], fill=1)
+        mask = np.asarray(mask_img).astype(bool)
+        if mask.sum() < 16:
+            continue
+        pattern = _texture_mask(p["texture"], size, size, period=int(rng.integers(6, 10)),
+                                phase=int(rng.integers(0, 8)))
+        full = np.asarray(p["colour"], np.float32)
+        dark = full * 0.45  # the texture's second tone keeps the same hue
+        colour_map = np.where(pattern[..., None], full, dark)
+        canvas[mask] = colour_map[mask].astype(np.uint8)
+        x0, y0, x1, y1 = p["xyxy"]
+        flat = [round(float(v), 2) for xy in p["poly"] for v in xy]
+        objects.append({
+            "category": p["category"],
+            "polygon": flat,
+            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+            "area": float(mask.sum()),
+        })
+    return Image.fromarray(canvas), objects
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+def _category_entries(table, image_counts, instance_counts):
+    cats = []
+    for k, (shape, colour, texture) in enumerate(table):
+        name = f"{colour}_{texture}_{shape}"
+        cats.append({
+            "id": k + 1,
+            "name": name,
+            "synset": f"{name}.n.01",
+            "synonyms": [name, f"{colour} {shape} ({texture})"],
+            "def": f"a {colour} {shape} with a {texture} texture",
+            "frequency": frequency_group(image_counts[k]),
+            "image_count": int(image_counts[k]),
+            "instance_count": int(instance_counts[k]),
+        })
+    return cats
+
+
+def _build_split(split, layout, table, spec, rng, out_dir, drop_prob, exhaustive_negatives):
+    """Render one split. `layout[i]` lists the distinct categories of image i.
+
+    `drop_prob`: chance that a category with 2+ instances loses one annotation and is
+    listed in `not_exhaustive_category_ids`. `exhaustive_negatives`: list every absent
+    category in `neg_category_ids` (LVIS evaluation only scores a category on images whose
+    positive or negative set holds it, so a fully verified val split scores every false
+    positive); otherwise a small random sample, as LVIS's federated train labels do.
+    """
+    num_categories = len(table)
+    os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+    images, annotations = [], []
+    for i, cats in enumerate(layout):
+        image_id = i + 1
+        # 1-3 instances of each present category, at most `max_objects` in all
+        n_extra = spec.max_objects - len(cats)
+        objects = list(cats)
+        for k in cats:
+            if n_extra <= 0:
+                break
+            extra = int(rng.integers(0, min(2, n_extra) + 1))
+            objects += [k] * extra
+            n_extra -= extra
+        rng.shuffle(objects)
+        for attempt in range(60):
+            if attempt == 30:
+                objects = list(cats)  # crowded: drop the extra instances
+            img, drawn = _render_image(objects, table, spec.image_size, rng)
+            drawn_cats = {o["category"] for o in drawn}
+            if drawn_cats == set(cats):
+                break
+        else:
+            raise RuntimeError(f"{split} image {image_id}: could not place categories {cats}")
+
+        # LVIS's federated annotation: some images leave an instance of a present
+        # category unannotated and flag that category as not exhaustively annotated.
+        not_exhaustive = set()
+        by_cat = {}
+        for idx, o in enumerate(drawn):
+            by_cat.setdefault(o["category"], []).append(idx)
+        dropped = set()
+        for k, idxs in sorted(by_cat.items()):
+            if len(idxs) >= 2 and rng.random() < drop_prob:
+                dropped.add(idxs[-1])
+                not_exhaustive.add(k)
+        absent = sorted(set(range(num_categories)) - drawn_cats)
+        if exhaustive_negatives:
+            neg = absent
+        else:
+            n_neg = int(rng.integers(0, min(8, len(absent)) + 1))
+            neg = sorted(int(v) for v in rng.choice(absent, size=n_neg, replace=False)) if n_neg else []
+
+        file_name = f"{split}/{image_id:06d}.png"
+        img.save(os.path.join(out_dir, file_name), format="PNG", optimize=False)
+        images.append({
+            "id": image_id,
+            "file_name": file_name,
+            # detectron2's LVIS loader takes the last two parts of coco_url as <split>/<file>
+            "coco_url": f"synthetic-lt://{file_name}",
+            "height": spec.image_size,
+            "width": spec.image_size,
+            "neg_category_ids": [k + 1 for k in neg],
+            "not_exhaustive_category_ids": sorted(k + 1 for k in not_exhaustive),
+        })
+        for idx, o in enumerate(drawn):
+            if idx in dropped:
+                continue
+            annotations.append({
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": o["category"] + 1,
+                "bbox": o["bbox"],
+                "area": o["area"],
+                "segmentation": [o["polygon"]],
+            })
+    return images, annotations
+
+
+def _counts(images, annotations, num_categories):
+    image_sets = [set() for _ in range(num_categories)]
+    instances = [0] * num_categories
+    for a in annotations:
+        image_sets[a["category_id"] - 1].add(a["image_id"])
+        instances[a["category_id"] - 1] += 1
+    return [len(s) for s in image_sets], instances
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, sort_keys=True, separators=(",", ":"))
+
+
+def generate(out_dir, spec=None):
+    """Generate the dataset into `out_dir` atomically and return `out_dir`.
+
+    The files are written into a temporary sibling folder which is renamed into place
+    only when complete, so an interrupted run never leaves a folder that looks finished.
+    An existing `out_dir` is replaced.
+    """
+    spec = spec or SyntheticLTSpec()
+    spec.validate()
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    try:
+        _generate_into(tmp, spec)
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "d"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _generate_into(out_dir, spec):
+    rng = np.random.default_rng(spec.seed)
+    table = category_table(spec.num_categories)
+    counts = train_image_counts(spec)
+    # average ~2.5 distinct categories per train image
+    max_cats = max(1, min(4, spec.max_objects))
+    num_train = max(max(counts), math.ceil(sum(counts) / min(2.5, max_cats)))
+    train_layout = _assign_categories(counts, num_train, max_cats, rng)
+    val_layout = _val_categories(spec.num_categories, spec.val_instances, spec.max_objects, rng)
+    val_layout = [c for c in val_layout if c]
+    train_layout = [c for c in train_layout if c]
+
+    train_images, train_anns = _build_split("train", train_layout, table, spec, rng, out_dir,
+                                             drop_prob=0.15, exhaustive_negatives=False)
+    val_images, val_anns = _build_split("val", val_layout, table, spec, rng, out_dir,
+                                         drop_prob=0.0, exhaustive_negatives=True)
+
+    image_counts, instance_counts = _counts(train_images, train_anns, spec.num_categories)
+    # dropping an instance never removes the last annotation of a category in an image
+    assert image_counts == counts, "train image counts differ from their targets"
+    categories = _category_entries(table, image_counts, instance_counts)
+    info = {"description": "Synthetic-LT, generated by eql_d2.data.synthetic",
+            "version": GENERATOR_VERSION}
+    for split, images, anns in (("train", train_images, train_anns), ("val", val_images, val_anns)):
+        _write_json(os.path.join(out_dir, f"lvis_v1_{split}.json"), {
+            "info": info, "licenses": [], "images": images, "annotations": anns,
+            "categories": categories,
+        })
+    _write_json(os.path.join(out_dir, "generator.json"),
+                {"version": GENERATOR_VERSION, **asdict(spec)})
+
+
+def main(argv=None):
+    d = SyntheticLTSpec()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--num-categories", type=int, default=d.num_categories,
+                   help=f"number of categories, 3..{MAX_CATEGORIES}")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="square image side, px")
+    p.add_argument("--max-frequent-images", type=int, default=d.max_frequent_images,
+                   help="train images of the most frequent category")
+    p.add_argument("--val-instances", type=int, default=d.val_instances,
+                   help="val images (hence at least instances) per category")
+    p.add_argument("--max-objects", type=int, default=d.max_objects, help="objects per image")
+    a = p.parse_args(argv)
+    spec = SyntheticLTSpec(num_categories=a.num_categories, image_size=a.image_size,
+                           max_frequent_images=a.max_frequent_images,
+                           val_instances=a.val_instances, max_objects=a.max_objects, seed=a.seed)
+    try:
+        spec.validate()
+    except ValueError as e:
+        p.error(str(e))
+    out = generate(a.out, spec)
+    with open(os.path.join(out, "lvis_v1_train.json")) as f:
+        cats = json.load(f)["categories"]
+    groups = {g: sum(c["frequency"] == g for c in cats) for g in "rcf"}
+    print(f"wrote {out}: {len(cats)} categories (rare {groups['r']}, common {groups['c']}, "
+          f"frequent {groups['f']})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

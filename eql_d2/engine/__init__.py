@@ -1,0 +1,4 @@
+"""Training and evaluation loop: detectron2's DefaultTrainer with LVIS-aware pieces."""
+
+from .checkpoint import AtomicCheckpointer  # noqa: F401
+from .trainer import Trainer, check_num_classes, prepare_datasets  # noqa: F401

@@ -1,0 +1,34 @@
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+__all__ = ["AtomicCheckpointer"]
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer whose files appear only when completely written.
+
+    detectron2 writes ``<name>.pth`` in place, so a run killed while saving leaves a
+    truncated file where the last good checkpoint was. Here the data goes to a temporary
+    file that replaces the target with one atomic rename, and ``last_checkpoint`` is
+    updated only after that.
+    """
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        partial = save_file + ".partial"
+        self.logger.info("Saving checkpoint to %s", save_file)
+        with open(partial, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, save_file)
+        self.tag_last_checkpoint(basename)

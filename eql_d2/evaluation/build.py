@@ -1,0 +1,30 @@
+import os
+
+import numpy as np
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, LVISEvaluator
+
+__all__ = ["build_evaluator"]
+
+# lvis 0.5.3 (the version detectron2's LVISEvaluator is written for) still calls `np.float`,
+# which numpy 1.24 removed; LVISEval.accumulate fails without this alias. It is the only
+# compatibility shim in eql_d2, applied once when evaluation is imported.
+if not hasattr(np, "float"):
+    np.float = float
+
+
+def build_evaluator(cfg, dataset_name, output_folder=None):
+    """LVISEvaluator for LVIS-type datasets, COCOEvaluator for COCO-type ones."""
+    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+    max_dets = cfg.TEST.DETECTIONS_PER_IMAGE
+    if evaluator_type == "lvis":
+        return LVISEvaluator(dataset_name, output_dir=output_folder, max_dets_per_image=max_dets)
+    if evaluator_type == "coco":
+        # the fast COCO evaluator needs detectron2's compiled _C, which eql_d2 does not require
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False,
+                             max_dets_per_image=max_dets)
+    raise ValueError(
+        f"Dataset '{dataset_name}' has evaluator_type={evaluator_type!r}; eql_d2 evaluates "
+        "'lvis' and 'coco' datasets (set it in the dataset's MetadataCatalog entry)"
+    )

@@ -1,0 +1,35 @@
+"""Equalization losses for long-tailed classification and detection (pure PyTorch).
+
+- :class:`EQLLoss`, :func:`tail_ratio`: equalization loss (Tan et al., CVPR 2020, eq. 6-8).
+- :class:`SoftmaxEQLLoss`: softmax equalization loss (same paper, eq. 9-11).
+- :class:`EQLv2Loss`: gradient-guided re-weighting with an objectness column (CVPR 2021).
+- :class:`EqualizedFocalLoss`, :class:`EqualizedQualityFocalLoss`: EFL and EQFL
+  (Li et al., CVPR 2022, eq. 2-6).
+- Baselines: :class:`SigmoidCELoss`, :class:`FocalLoss`, :class:`QualityFocalLoss`,
+  :class:`SoftmaxCELoss`.
+
+The sigmoid and focal families run through a fused kernel (loss, gradient and gradient
+statistics in one pass); set ``use_compile`` or ``EQL_D2_COMPILE_LOSSES`` to choose
+torch.compile or eager (default: compile on CUDA only). Nothing here imports detectron2.
+"""
+
+from ._fused import COMPILE_ENV
+from .baselines import FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss
+from .efl import EqualizedFocalLoss, EqualizedQualityFocalLoss
+from .eql import EQLLoss, tail_ratio
+from .eqlv2 import EQLv2Loss
+from .seql import SoftmaxEQLLoss
+
+__all__ = [
+    "COMPILE_ENV",
+    "EQLLoss",
+    "EQLv2Loss",
+    "EqualizedFocalLoss",
+    "EqualizedQualityFocalLoss",
+    "FocalLoss",
+    "QualityFocalLoss",
+    "SigmoidCELoss",
+    "SoftmaxCELoss",
+    "SoftmaxEQLLoss",
+    "tail_ratio",
+]

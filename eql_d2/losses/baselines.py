@@ -1,0 +1,135 @@
+"""Baseline classification losses in the same style as the equalization losses."""
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import (check_finite_logits, check_labels, check_logits, check_normalizer,
+                      check_quality, check_scalar)
+from ._fused import focal_family_loss, sigmoid_bce_loss
+
+__all__ = ["FocalLoss", "QualityFocalLoss", "SigmoidCELoss", "SoftmaxCELoss"]
+
+Number = Union[float, int, torch.Tensor]
+
+
+def _width(logits) -> int:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError("logits must be a 2-D tensor [N, C], got "
+                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    return logits.shape[1]
+
+
+class SigmoidCELoss(nn.Module):
+    """Sigmoid cross-entropy, eq. 3-4 of Tan et al. (CVPR 2020): EQL with lambda = 0.
+
+        L = (1 / N) sum_i sum_j BCE(z_ij, [label_i == j])
+
+    Shapes: ``forward(logits [N, C], labels [N] int in 0..C, C = background)`` returns a
+    0-dim loss (0 for N = 0). ``use_compile`` as for :class:`~eql_d2.losses.EQLLoss`.
+    """
+
+    def __init__(self, use_compile: Optional[bool] = None):
+        super().__init__()
+        self.use_compile = use_compile
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        c = _width(logits)
+        check_logits(logits, c)
+        check_labels(labels, logits, 0, c)
+        ones = torch.ones(c, device=logits.device)
+        loss, _ = sigmoid_bce_loss(logits, labels, None, ones, ones, ones, c,
+                                   want_stats=False, use_compile=self.use_compile)
+        return loss
+
+
+class FocalLoss(nn.Module):
+    """Sigmoid focal loss (Lin et al., EFL paper eq. 1) summed and divided by a normalizer.
+
+        L = (1 / normalizer) sum_i sum_j -alpha_t (1 - p_t)^gamma log(p_t)
+
+    over non-ignored samples; equal to ``torchvision.ops.sigmoid_focal_loss(z, onehot,
+    alpha, gamma, reduction="sum") / normalizer`` on those rows.
+
+    Args:
+        gamma: focusing parameter >= 0 (default 2).
+        alpha: in [0, 1] (default 0.25), or None for alpha_t = 1.
+        use_compile: as for :class:`~eql_d2.losses.EQLLoss`.
+
+    Shapes: ``forward(logits [N, C], labels [N] int in {-1 ignore, 0..C-1, C background},
+    normalizer > 0)`` returns a 0-dim loss.
+    """
+
+    def __init__(self, gamma: float = 2.0, alpha: Optional[float] = 0.25,
+                 use_compile: Optional[bool] = None):
+        super().__init__()
+        self.gamma = check_scalar("gamma", gamma, low=0.0)
+        self.alpha = None if alpha is None else check_scalar("alpha", alpha, low=0.0, high=1.0)
+        self.use_compile = use_compile
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor,
+                normalizer: Number) -> torch.Tensor:
+        c = _width(logits)
+        check_logits(logits, c)
+        check_labels(labels, logits, -1, c)
+        norm = check_normalizer(normalizer, logits)
+        ones = torch.ones(c, device=logits.device)
+        loss, _ = focal_family_loss(logits, labels, None, ones * self.gamma, ones, self.alpha,
+                                    1.0 / norm, want_stats=False, use_compile=self.use_compile)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, alpha={self.alpha}"
+
+
+class QualityFocalLoss(nn.Module):
+    """Quality focal loss (Li et al., GFL, NeurIPS 2020) summed and divided by a normalizer:
+    EQFL with s = 0.
+
+        L = (1 / normalizer) sum_i sum_j -|y' - p|^beta (y' log p + (1 - y') log(1 - p))
+
+    with y' = quality_i for the labelled class and 0 otherwise.
+
+    Shapes: ``forward(logits [N, C], labels [N] as for :class:`FocalLoss`, quality [N],
+    normalizer > 0)`` returns a 0-dim loss; ``quality`` gets no gradient.
+    """
+
+    def __init__(self, beta: float = 2.0, use_compile: Optional[bool] = None):
+        super().__init__()
+        self.beta = check_scalar("beta", beta, low=0.0, low_open=True)
+        self.use_compile = use_compile
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor,
+                normalizer: Number) -> torch.Tensor:
+        c = _width(logits)
+        check_logits(logits, c)
+        check_labels(labels, logits, -1, c)
+        check_quality(quality, labels, logits, c)
+        norm = check_normalizer(normalizer, logits)
+        ones = torch.ones(c, device=logits.device)
+        loss, _ = focal_family_loss(logits, labels, quality.detach(), ones * self.beta, ones,
+                                    None, 1.0 / norm, want_stats=False,
+                                    use_compile=self.use_compile)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"
+
+
+class SoftmaxCELoss(nn.Module):
+    """Softmax cross-entropy, eq. 1-2 of Tan et al. (CVPR 2020), mean over samples.
+
+    Shapes: ``forward(logits [N, K], labels [N] int in 0..K-1)`` (K includes the
+    background class when there is one) returns a 0-dim loss (0 for N = 0).
+    """
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        k = _width(logits)
+        check_logits(logits, k)
+        check_labels(labels, logits, 0, k - 1)
+        check_finite_logits(logits)
+        if logits.shape[0] == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, labels)

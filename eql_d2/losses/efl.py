@@ -1,0 +1,142 @@
+"""Equalized focal loss (EFL) and equalized quality focal loss (EQFL): Li et al.,
+"Equalized Focal Loss for Dense Long-Tailed Object Detection", CVPR 2022
+(shared/seeds/001_f075a473d0612aa4.txt), eq. 2-6."""
+
+from typing import Optional, Union
+
+import torch
+
+from ._checks import (check_labels, check_logits, check_normalizer, check_num_classes,
+                      check_quality, check_scalar)
+from ._fused import focal_family_loss
+from ._stats import GradientStatistics
+
+__all__ = ["EqualizedFocalLoss", "EqualizedQualityFocalLoss"]
+
+Number = Union[float, int, torch.Tensor]
+
+
+class _EqualizedFocalBase(GradientStatistics):
+    """Focusing/weighting factors from accumulated gradients, shared by EFL and EQFL."""
+
+    def __init__(self, num_classes: int, gamma_b: float, scale: float,
+                 use_compile: Optional[bool]):
+        super().__init__(check_num_classes(num_classes))
+        self.gamma_b = check_scalar("gamma_b", gamma_b, low=0.0, low_open=True)
+        self.scale = check_scalar("scale", scale, low=0.0)
+        self.use_compile = use_compile
+
+    @property
+    def gradient_ratio(self) -> torch.Tensor:
+        """g^j = clamp(pos_grad_j / neg_grad_j, 0, 1) [C]; 1 where neg_grad_j = 0."""
+        return self._raw_ratio().clamp(0.0, 1.0)
+
+    @property
+    def focusing_factor(self) -> torch.Tensor:
+        """gamma^j = gamma_b + s (1 - g^j) [C] (eq. 3), used by the next step."""
+        return self.gamma_b + self.scale * (1.0 - self.gradient_ratio)
+
+    @property
+    def weighting_factor(self) -> torch.Tensor:
+        """gamma^j / gamma_b [C] (eq. 4), used by the next step."""
+        return self.focusing_factor / self.gamma_b
+
+    def _loss(self, logits, labels, quality, normalizer, alpha):
+        c = self.num_classes
+        check_logits(logits, c)
+        check_labels(labels, logits, -1, c)
+        if quality is not None:
+            check_quality(quality, labels, logits, c)
+            quality = quality.detach()
+        norm = check_normalizer(normalizer, logits)
+        gamma = self.focusing_factor  # from the statistics before this step
+        update = self._updating_statistics()
+        loss, stats = focal_family_loss(logits, labels, quality, gamma, gamma / self.gamma_b,
+                                        alpha, 1.0 / norm, want_stats=update,
+                                        use_compile=self.use_compile)
+        if update:
+            self._accumulate(stats)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, gamma_b={self.gamma_b}, scale={self.scale}"
+
+
+class EqualizedFocalLoss(_EqualizedFocalBase):
+    """Equalized focal loss, eq. 4 of Li et al. (CVPR 2022).
+
+    For each non-ignored sample i and class j, with y = [label_i == j], p = sigmoid(z_ij),
+    p_t = p if y else 1 - p and alpha_t = alpha if y else 1 - alpha:
+
+        L = (1 / normalizer) sum_i sum_j -alpha_t (gamma^j / gamma_b)
+                                          (1 - p_t)^(gamma^j) log(p_t)       (eq. 4)
+        gamma^j = gamma_b + s (1 - g^j)                                      (eq. 3)
+        g^j = clamp(pos_grad_j / neg_grad_j, 0, 1)
+
+    gamma^j is the focusing factor, gamma^j / gamma_b the weighting factor; both come from
+    the statistics accumulated before this step and are constants for the gradient. The
+    gradient w.r.t. z_ij is eq. 6 times alpha_t / normalizer.
+
+    Statistics (buffers ``pos_grad``, ``neg_grad`` [C], see :class:`GradientStatistics`):
+    after each forward in training mode with grad enabled, they add the magnitude of that
+    gradient (eq. 6 x alpha_t / normalizer), summed over the positive and over the negative
+    entries of each class and over workers. g^j starts at 1 (no statistics: neg_grad_j =
+    0), so the first step is the focal loss. A loss weight applied by the caller outside
+    this module is not part of the statistics; as a constant it cancels in g^j. With DDP
+    and a normalizer averaged over workers, each step's sums are world_size times those of
+    one process given the whole batch and the total normalizer; g^j is unchanged.
+
+    Logging: :attr:`gradient_ratio` (g^j), :attr:`focusing_factor` (gamma^j),
+    :attr:`weighting_factor` (gamma^j / gamma_b), each a tensor [C] for the next step.
+
+    Args:
+        num_classes: C.
+        gamma_b: base focusing factor gamma_b > 0 (default 2).
+        scale: s >= 0 (default 8); s = 0 gives the focal loss.
+        alpha: alpha in [0, 1] (default 0.25), or None for alpha_t = 1.
+        use_compile: as for :class:`~eql_d2.losses.EQLLoss`.
+
+    Shapes: ``forward(logits [N, C], labels [N] int in {-1 ignore, 0..C-1, C background},
+    normalizer > 0 (float or one-element tensor))`` returns a 0-dim loss (0 if nothing is
+    left after ignoring).
+    """
+
+    def __init__(self, num_classes: int, gamma_b: float = 2.0, scale: float = 8.0,
+                 alpha: Optional[float] = 0.25, use_compile: Optional[bool] = None):
+        super().__init__(num_classes, gamma_b, scale, use_compile)
+        self.alpha = None if alpha is None else check_scalar("alpha", alpha, low=0.0, high=1.0)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor,
+                normalizer: Number) -> torch.Tensor:
+        return self._loss(logits, labels, None, normalizer, self.alpha)
+
+
+class EqualizedQualityFocalLoss(_EqualizedFocalBase):
+    """Equalized quality focal loss, eq. 5 of Li et al. (CVPR 2022, appendix A).
+
+    For each non-ignored sample i and class j, with p = sigmoid(z_ij) and soft target
+    y' = quality_i if label_i == j else 0:
+
+        L = (1 / normalizer) sum_i sum_j -(gamma^j / gamma_b) |y' - p|^(gamma^j)
+                                  (y' log p + (1 - y') log(1 - p))            (eq. 5)
+
+    with the focusing factor gamma^j and the weighting factor gamma^j / gamma_b of
+    :class:`EqualizedFocalLoss` (same statistics: |dL/dz| summed over the entries with
+    label_i == j, the positives, and over the others). s = 0 gives the quality focal loss
+    with beta = gamma_b. For gamma_b < 1 the true derivative is infinite where p equals a
+    fractional target; the gradient there is taken as 0.
+
+    Args: as :class:`EqualizedFocalLoss`, without alpha.
+
+    Shapes: ``forward(logits [N, C], labels [N] as for EFL, quality [N] float (IoU in
+    [0, 1] on foreground rows, ignored elsewhere), normalizer > 0)`` returns a 0-dim loss.
+    ``quality`` is a target: no gradient flows to it.
+    """
+
+    def __init__(self, num_classes: int, gamma_b: float = 2.0, scale: float = 8.0,
+                 use_compile: Optional[bool] = None):
+        super().__init__(num_classes, gamma_b, scale, use_compile)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor,
+                normalizer: Number) -> torch.Tensor:
+        return self._loss(logits, labels, quality, normalizer, None)

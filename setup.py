@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="eql_d2",
+    version="0.1.0",
+    description="Equalization losses (EQL, EQLv2, EFL, EQFL) and long-tailed detectors for detectron2",
+    packages=find_packages(include=["eql_d2", "eql_d2.*"]),
+    python_requires=">=3.9",
+    # Ranges for users elsewhere; requirements/constraints.txt holds the tested pins.
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "numpy>=1.24",
+        "fvcore",
+        "iopath",
+        "lvis>=0.5.3",
+        "pycocotools>=2.0.2",
+        "matplotlib",
+        "ensemble-boxes>=1.0.9",
+    ],
+)

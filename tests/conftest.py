@@ -1,0 +1,39 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A small Synthetic-LT (8 categories: 2 rare, 3 common, 3 frequent; 64 px) for fast tests.
+SMALL_SPEC = dict(num_categories=8, image_size=64, max_frequent_images=110, val_instances=2, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(tmp_path_factory):
+    from eql_d2.data import synthetic
+
+    out = tmp_path_factory.mktemp("synthetic") / "slt"
+    synthetic.generate(str(out), synthetic.SyntheticLTSpec(**SMALL_SPEC))
+    return str(out)
+
+
+def run_train_net(args, env_extra=None, timeout=600):
+    """Run train_net.py in a fresh process; returns CompletedProcess (text output)."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train_net.py"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+# Overrides that shrink the Synthetic-LT R-CNN configs to a few seconds on CPU.
+TINY_RCNN = [
+    "MODEL.ROI_HEADS.NUM_CLASSES", "8",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.STEPS", "()",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+    "DATALOADER.NUM_WORKERS", "0",
+]
