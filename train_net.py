@@ -17,6 +17,7 @@ from detectron2.evaluation import print_csv_format
 from detectron2.utils import comm
 
 import eql_d2.data  # noqa: F401  (registers Synthetic-LT)
+import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from eql_d2.config import add_eql_config
 from eql_d2.engine import AtomicCheckpointer, Trainer, prepare_datasets
 

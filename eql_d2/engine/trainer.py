@@ -72,3 +72,11 @@ class Trainer(DefaultTrainer):
             self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         return super().build_hooks()
+
+    def train(self):
+        """Train, then return the final evaluation results (DefaultTrainer returns them
+        only when TEST.EXPECTED_RESULTS is set)."""
+        results = super().train()
+        if results is None:
+            results = getattr(self, "_last_eval_results", None)
+        return results

@@ -133,10 +133,11 @@ def check_quality(quality, labels: torch.Tensor, logits: torch.Tensor, num_class
             raise ValueError("quality must be in [0, 1] (and finite) for foreground samples")
 
 
-def check_normalizer(normalizer, logits: torch.Tensor) -> torch.Tensor:
-    """A positive finite number (float or one-element tensor); returned as a 0-dim tensor.
+def check_normalizer(normalizer, logits: torch.Tensor) -> Union[float, torch.Tensor]:
+    """A positive finite number (float or one-element tensor).
 
-    A tensor normalizer stays on its device apart from one value read for the check.
+    Returns the float, or the tensor reshaped to 0-dim on logits' device (one value is
+    read back for the check).
     """
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1:
@@ -144,18 +145,15 @@ def check_normalizer(normalizer, logits: torch.Tensor) -> torch.Tensor:
                              f"got shape {tuple(normalizer.shape)}")
         if normalizer.dtype == torch.bool or normalizer.is_complex():
             raise ValueError(f"normalizer must be real, got dtype {normalizer.dtype}")
-        value = normalizer.detach().reshape(())
+        value = normalizer.detach().reshape(()).to(logits.device)
         checked = value.item()
     else:
-        checked = normalizer
-        value = None
+        value = checked = normalizer
     if isinstance(checked, bool) or not isinstance(checked, Real):
         raise ValueError(f"normalizer must be a positive number, got {type(checked).__name__}")
     if not math.isfinite(checked) or checked <= 0:
         raise ValueError(f"normalizer must be finite and > 0, got {checked}")
-    if value is None:
-        return torch.tensor(float(checked), device=logits.device)
-    return value.to(device=logits.device)
+    return value if isinstance(value, torch.Tensor) else float(value)
 
 
 def raise_if_nonfinite(loss: torch.Tensor, logits: torch.Tensor) -> None:

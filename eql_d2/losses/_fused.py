@@ -223,28 +223,39 @@ class _Job:
         return loss, grad, stats
 
 
+def _keeps_graph() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True); True if unknown."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    try:
+        return True if probe is None else bool(probe())
+    except RuntimeError:
+        return True
+
+
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, job):
         loss, grad, stats = job.run(logits)
-        # Kept as a plain attribute, not save_for_backward, so that backward can drop the
-        # last reference and autograd adopts this tensor as logits.grad without a copy.
-        ctx.grad = grad
+        if grad is not None:
+            # Autograd frees a saved tensor right after this node's backward unless the
+            # graph is retained, so the returned gradient is then the only reference and
+            # becomes logits.grad (a leaf) or flows upstream without a copy.
+            ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("the fused eql_d2 loss can be back-propagated once per forward "
-                               "(retain_graph=True is not supported)")
-        ctx.grad = None
-        # On CPU reading the scale is free; skip the pass over [N, C] for the usual 1.
-        if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
-            grad.mul_(grad_loss)
-        return grad, None
+        (grad,) = ctx.saved_tensors
+        # On CPU reading the upstream scale is free: skip the pass over [N, C] for the
+        # usual 1. Elsewhere scale in place unless a retained graph still needs the
+        # saved gradient.
+        if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+            return grad, None
+        if _keeps_graph():
+            return grad * grad_loss, None
+        return grad.mul_(grad_loss), None
 
 
 def fused_loss(kernel: _Kernel, logits: torch.Tensor, rows: Sequence[Optional[torch.Tensor]],
@@ -287,7 +298,7 @@ def sigmoid_bce_loss(logits, labels, verified, pos_weight, neg_weight_fg, neg_we
 
 
 def focal_family_loss(logits, labels, quality, gamma, weight, alpha: Optional[float],
-                      inv_norm: torch.Tensor, *, want_stats: bool,
+                      normalizer, *, want_stats: bool,
                       use_compile: Optional[bool]):
     """sum of a w |d|^gamma BCE / normalizer through the fused path (inputs validated).
 
@@ -298,7 +309,7 @@ def focal_family_loss(logits, labels, quality, gamma, weight, alpha: Optional[fl
     dev = logits.device
     a = None if alpha is None else torch.tensor(alpha, dtype=dtype, device=dev)
     consts = (gamma.to(device=dev, dtype=dtype), weight.to(device=dev, dtype=dtype), a,
-              inv_norm.to(device=dev, dtype=dtype), quality is not None)
+              1.0 / torch.as_tensor(normalizer, dtype=dtype, device=dev), quality is not None)
     loss, stats = fused_loss(focal_kernel, logits, (labels, quality), consts,
                              want_stats=want_stats, use_compile=use_compile)
     raise_if_nonfinite(loss, logits)

@@ -77,7 +77,7 @@ class FocalLoss(nn.Module):
         norm = check_normalizer(normalizer, logits)
         ones = torch.ones(c, device=logits.device)
         loss, _ = focal_family_loss(logits, labels, None, ones * self.gamma, ones, self.alpha,
-                                    1.0 / norm, want_stats=False, use_compile=self.use_compile)
+                                    norm, want_stats=False, use_compile=self.use_compile)
         return loss
 
     def extra_repr(self) -> str:
@@ -110,7 +110,7 @@ class QualityFocalLoss(nn.Module):
         norm = check_normalizer(normalizer, logits)
         ones = torch.ones(c, device=logits.device)
         loss, _ = focal_family_loss(logits, labels, quality.detach(), ones * self.beta, ones,
-                                    None, 1.0 / norm, want_stats=False,
+                                    None, norm, want_stats=False,
                                     use_compile=self.use_compile)
         return loss
 

@@ -52,7 +52,7 @@ class _EqualizedFocalBase(GradientStatistics):
         gamma = self.focusing_factor  # from the statistics before this step
         update = self._updating_statistics()
         loss, stats = focal_family_loss(logits, labels, quality, gamma, gamma / self.gamma_b,
-                                        alpha, 1.0 / norm, want_stats=update,
+                                        alpha, norm, want_stats=update,
                                         use_compile=self.use_compile)
         if update:
             self._accumulate(stats)
