@@ -13,8 +13,8 @@ import os
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.evaluation import print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import eql_d2.data  # noqa: F401  (registers Synthetic-LT)
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
@@ -31,6 +31,9 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup configures detectron2's loggers only; eql_d2's (EQL's tail ratio at
+    # start, dataset generation) need their own handler to reach the console and log.txt.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="eql_d2")
     return cfg
 
 

@@ -17,3 +17,102 @@ def add_eql_config(cfg):
 
 # One function per config node, appended in the order they are defined below.
 _NODES = []
+
+
+def _add_eql_roi_heads_config(cfg):
+    """MODEL.EQL: classification loss of EQLROIHeads (two-stage detectors) and its inputs."""
+    cfg.MODEL.EQL = CN()
+    # Box classification loss of EQLROIHeads: "softmax", "sigmoid", "eql" or "eqlv2".
+    cfg.MODEL.EQL.LOSS = "softmax"
+    # EQL frequency threshold lambda (eq. 7): categories with f_j < lambda are tail categories.
+    cfg.MODEL.EQL.LAMBDA = 1.76e-3
+    # Initial probability of every category in sigmoid-type classifiers (sets the bias).
+    cfg.MODEL.EQL.PRIOR_PROB = 0.001
+    cfg.MODEL.EQL.EQLV2 = CN()
+    # EQLv2 steepness gamma of the gradient-ratio -> negative-weight mapping.
+    cfg.MODEL.EQL.EQLV2.GAMMA = 12.0
+    # EQLv2 centre mu of that mapping.
+    cfg.MODEL.EQL.EQLV2.MU = 0.8
+    # EQLv2 positive up-weighting alpha.
+    cfg.MODEL.EQL.EQLV2.ALPHA = 4.0
+    # Keep full weight for categories in an image's positive or neg_category_ids set (EQL 4.2).
+    cfg.MODEL.EQL.USE_IMAGE_LEVEL_LABELS = True
+    # Background proposals are not negatives for the image's not_exhaustive_category_ids.
+    cfg.MODEL.EQL.IGNORE_NOT_EXHAUSTIVE = False
+    # Log EQLv2 gradient-ratio means (rare / common / frequent) every PERIOD iterations.
+    cfg.MODEL.EQL.PERIOD = 20
+
+
+_NODES.append(_add_eql_roi_heads_config)
+
+
+def _add_efl_config(cfg):
+    """MODEL.EFL: classification loss of the dense detectors (EFLRetinaNet, ATSS)."""
+    cfg.MODEL.EFL = CN()
+    # focal | efl | qfl | eqfl | sigmoid_ce (EFL, EQFL: Li et al. CVPR 2022 eq. 4, 5)
+    cfg.MODEL.EFL.LOSS = "focal"
+    # gamma_b, base focusing factor of EFL/EQFL (eq. 3); gamma of focal, beta of QFL
+    cfg.MODEL.EFL.GAMMA_B = 2.0
+    # s of eq. 3, upper limit of the category-specific focusing term (0: EFL = focal)
+    cfg.MODEL.EFL.SCALE = 8.0
+    # alpha_t balance of positives/negatives for focal and EFL (QFL/EQFL/sigmoid_ce: unused)
+    cfg.MODEL.EFL.ALPHA = 0.25
+    # log r/c/f means of g^j and gamma^j every PERIOD iterations (0: never)
+    cfg.MODEL.EFL.PERIOD = 20
+
+
+_NODES.append(_add_efl_config)
+
+
+def _add_atss_config(cfg):
+    """MODEL.ATSS: the improved ATSS baseline of Li et al. (CVPR 2022, sec. 4.1, Tab. 5)."""
+    cfg.MODEL.ATSS = CN()
+    # number of foreground categories
+    cfg.MODEL.ATSS.NUM_CLASSES = 80
+    # FPN levels the head runs on (P3-P7 in the paper)
+    cfg.MODEL.ATSS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # anchor side = scale x level stride; {6, 8} is the paper's "increased anchor scale"
+    cfg.MODEL.ATSS.ANCHOR_SCALES = [6.0, 8.0]
+    # anchor aspect ratios (h / w)
+    cfg.MODEL.ATSS.ANCHOR_ASPECT_RATIOS = [1.0]
+    # k: candidates per ground-truth box and pyramid level, nearest centres first (paper: 18)
+    cfg.MODEL.ATSS.TOPK = 18
+    # convs per head branch, each followed by NORM and ReLU
+    cfg.MODEL.ATSS.NUM_CONVS = 4
+    # head normalization (GroupNorm in the paper)
+    cfg.MODEL.ATSS.NORM = "GN"
+    # initial foreground probability of the classifier (0.001 for LVIS, as in the paper)
+    cfg.MODEL.ATSS.PRIOR_PROB = 0.001
+    # Box2BoxTransform weights (dx, dy, dw, dh)
+    cfg.MODEL.ATSS.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+    # weight of the GIoU box loss
+    cfg.MODEL.ATSS.BBOX_REG_LOSS_WEIGHT = 2.0
+    # weight of the IoU-branch BCE loss (positives only)
+    cfg.MODEL.ATSS.IOU_LOSS_WEIGHT = 1.0
+    # keep only scores above this before NMS (0: keep all, as the paper)
+    cfg.MODEL.ATSS.SCORE_THRESH_TEST = 0.0
+    # candidates kept per pyramid level before NMS
+    cfg.MODEL.ATSS.TOPK_CANDIDATES_TEST = 1000
+    # per-class NMS IoU threshold
+    cfg.MODEL.ATSS.NMS_THRESH_TEST = 0.6
+
+
+_NODES.append(_add_atss_config)
+
+
+def _add_eval_config(cfg):
+    """TEST.EVAL: LVIS evaluation outputs (eql_d2.evaluation.LVISPerCategoryEvaluator)."""
+    cfg.TEST.EVAL = CN()
+    # LVIS per-image cap of standard AP (300 is the official value); independent of
+    # TEST.DETECTIONS_PER_IMAGE, which is how many detections the model outputs
+    cfg.TEST.EVAL.MAX_DETS_PER_IMAGE = 300
+    # also report AP-fixed (Dave et al. 2021): no per-image cap, top K per class over the
+    # dataset; raise TEST.DETECTIONS_PER_IMAGE so the model outputs more than 300 per image
+    cfg.TEST.EVAL.AP_FIXED = False
+    # K of AP-fixed: detections kept per category over the whole dataset
+    cfg.TEST.EVAL.AP_FIXED_DETS_PER_CLASS = 10000
+    # write the per-category CSV and PNG plots next to the results JSON
+    cfg.TEST.EVAL.PER_CATEGORY_OUTPUTS = True
+
+
+_NODES.append(_add_eval_config)

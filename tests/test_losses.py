@@ -665,3 +665,70 @@ def test_nonfinite_logits_raise_for_every_loss(value, where):
     for call in calls:
         with pytest.raises(ValueError, match="logits"):
             call()
+
+
+def test_row_blocks_do_not_change_results(monkeypatch):
+    """Blocks of 1-3 rows (last block 1 row) give what a single block gives."""
+    import eql_d2.losses._fused as fused
+
+    c = 5
+    logits, labels = make_batch(31, c, seed=13, ignore=True)
+    quality = torch.rand(31, generator=torch.Generator().manual_seed(13))
+    verified = torch.rand(31, c, generator=torch.Generator().manual_seed(14)) < 0.3
+    freq = torch.tensor([0.3, 1e-4, 1e-3, 0.01, 0.5])
+    zo = torch.cat([logits, torch.randn(31, 1)], 1)
+    fg = labels.clamp(min=0)
+
+    def run_all():
+        out = []
+        for make, z, args in (
+                (lambda: EQLLoss(freq), logits, (fg, verified)),
+                (lambda: SigmoidCELoss(), logits, (fg,)),
+                (lambda: _stateful(EQLv2Loss(c)).train(), zo, (fg, verified)),
+                (lambda: _stateful(EQLv2Loss(c)).train(), zo, (fg,)),
+                (lambda: _stateful(EqualizedFocalLoss(c)).train(), logits, (labels, 3.0)),
+                (lambda: _stateful(EqualizedQualityFocalLoss(c)).train(), logits,
+                 (labels, quality, 3.0))):
+            loss_fn = make()
+            loss, grad = run_step(loss_fn, z, *args)
+            stats = [loss_fn.pos_grad.clone(), loss_fn.neg_grad.clone()] \
+                if hasattr(loss_fn, "pos_grad") else []
+            out.append([loss, grad, *stats])
+        return out
+
+    whole = run_all()
+    monkeypatch.setattr(fused, "_EAGER_CPU_BLOCK", 2 * c)  # 2 rows per block, then 1
+    blocked = run_all()
+    for a, b in zip(blocked, whole):
+        for x, y in zip(a, b):
+            rel_close(x, y, 1e-6)
+
+
+def test_cpu_worker_pool_gives_the_inline_result(monkeypatch):
+    """With several intra-op threads, eager CPU blocks run on single-threaded workers; the
+    result is bit-identical to running the blocks inline, and the caller's thread setting
+    is left as it was."""
+    import eql_d2.losses._fused as fused
+
+    c = 9
+    logits, labels = make_batch(400, c, seed=15, ignore=True)
+    monkeypatch.setattr(fused, "_EAGER_CPU_BLOCK", 7 * c)  # 58 blocks of 7 rows
+
+    def run():
+        loss_fn = _stateful(EqualizedFocalLoss(c)).train()
+        loss, grad = run_step(loss_fn, logits, labels, 5.0)
+        return loss, grad, loss_fn.pos_grad, loss_fn.neg_grad
+
+    inline = run()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pooled = run()
+        pooled_again = run()
+        assert torch.get_num_threads() == 2
+        pool = fused._POOL[2]
+        assert pool.submit(torch.get_num_threads).result() == 1
+    finally:
+        torch.set_num_threads(previous)
+    for a, b, c_ in zip(inline, pooled, pooled_again):
+        assert torch.equal(a, b) and torch.equal(b, c_)

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from eql_d2.losses import COMPILE_ENV, EQLv2Loss, EqualizedFocalLoss, EqualizedQualityFocalLoss
 from eql_d2.losses._fused import resolve_compile
@@ -39,8 +40,9 @@ def test_compiled_kernel_matches_eager(family):
             "eqfl": lambda m: EqualizedQualityFocalLoss(c, use_compile=m),
             "eqlv2": lambda m: EQLv2Loss(c, use_compile=m)}[family]
     eager, compiled = make(False).train(), make(True).train()
+    graphs_before = counters["stats"]["unique_graphs"]
     # Several steps with a different N each (the detectors' case): one dynamic graph.
-    for step, n in enumerate((3000, 1234, 77)):
+    for step, n in enumerate((3000, 1234, 400)):
         logits, labels, quality, verified = _batch(n, c, step, objectness=family == "eqlv2")
         args = {"efl": (labels, 5.0), "eqfl": (labels, quality, 5.0),
                 "eqlv2": (labels, verified)}[family]
@@ -56,6 +58,7 @@ def test_compiled_kernel_matches_eager(family):
         _rel_close(results[1][1], results[0][1])
         _rel_close(compiled.pos_grad, eager.pos_grad)
         _rel_close(compiled.neg_grad, eager.neg_grad)
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 1  # no recompile per N
 
 
 def test_compile_switch(monkeypatch):
@@ -70,3 +73,24 @@ def test_compile_switch(monkeypatch):
     monkeypatch.setenv(COMPILE_ENV, "maybe")
     with pytest.raises(ValueError, match=COMPILE_ENV):
         resolve_compile(None, cpu)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    from eql_d2.losses import _fused
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    kernel = _fused._Kernel(_fused._focal_block)
+    monkeypatch.setattr(_fused, "focal_kernel", kernel)
+    logits, labels, _, _ = _batch(50, 6, 0)
+    expected = EqualizedFocalLoss(6, use_compile=False)(logits, labels, 2.0)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        first = EqualizedFocalLoss(6, use_compile=True)(logits, labels, 2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, then eager silently
+        second = EqualizedFocalLoss(6, use_compile=True)(logits, labels, 2.0)
+    assert torch.equal(first, expected) and torch.equal(second, expected)

@@ -22,7 +22,7 @@ stamp="$stamp_dir/.eql_d2-install-stamp"
 want="$(cat "$constraints" "$root/setup.py" "$0" | sha256sum | cut -d' ' -f1) $py"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
    && "$py" -c "import detectron2, eql_d2, lvis, torchvision" >/dev/null 2>&1; then
-  echo "eql_d2: environment up to date ($py)"
+  echo "eql_d2: environment up to date ($py); detectron2 from $(cat "$stamp_dir/.eql_d2-detectron2-source" 2>/dev/null || echo 'unknown')"
   exit 0
 fi
 
@@ -58,4 +58,9 @@ fi
 pip install -q -c "$constraints" --no-deps -e "$root"
 "$py" -c "import detectron2, eql_d2, lvis, torch, torchvision; print('eql_d2: torch', torch.__version__, '| torchvision', torchvision.__version__, '| detectron2', detectron2.__version__)"
 echo "eql_d2: detectron2 from $d2_source"
+# an importable detectron2 may be the one this script installed on an earlier run
+case "$d2_source" in
+  "already importable"*) [ -f "$stamp_dir/.eql_d2-detectron2-source" ] || echo "$d2_source" > "$stamp_dir/.eql_d2-detectron2-source" ;;
+  *) echo "$d2_source" > "$stamp_dir/.eql_d2-detectron2-source" ;;
+esac
 echo "$want" > "$stamp"

@@ -13,7 +13,10 @@ __all__ = ["Trainer", "prepare_datasets", "check_num_classes", "NUM_CLASSES_KEYS
 # Which config key holds the number of foreground classes, per meta-architecture.
 NUM_CLASSES_KEYS = {
     "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+    "ImageLabelRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
     "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
+    "EFLRetinaNet": "MODEL.RETINANET.NUM_CLASSES",
+    "ATSS": "MODEL.ATSS.NUM_CLASSES",
 }
 
 

@@ -2,7 +2,9 @@ import os
 
 import numpy as np
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, LVISEvaluator
+from detectron2.evaluation import COCOEvaluator
+
+from .lvis_evaluation import LVISPerCategoryEvaluator
 
 __all__ = ["build_evaluator"]
 
@@ -14,12 +16,19 @@ if not hasattr(np, "float"):
 
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
-    """LVISEvaluator for LVIS-type datasets, COCOEvaluator for COCO-type ones."""
+    """LVISPerCategoryEvaluator for LVIS-type datasets (standard AP capped at
+    TEST.EVAL.MAX_DETS_PER_IMAGE, optional AP-fixed, per-category CSV and plots in
+    `output_folder`), COCOEvaluator for COCO-type ones."""
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
     max_dets = cfg.TEST.DETECTIONS_PER_IMAGE
     if evaluator_type == "lvis":
-        return LVISEvaluator(dataset_name, output_dir=output_folder, max_dets_per_image=max_dets)
+        ev = cfg.TEST.EVAL
+        return LVISPerCategoryEvaluator(
+            dataset_name, output_dir=output_folder, max_dets_per_image=ev.MAX_DETS_PER_IMAGE,
+            ap_fixed_dets_per_class=ev.AP_FIXED_DETS_PER_CLASS if ev.AP_FIXED else 0,
+            train_dataset_name=cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None,
+            per_category_outputs=ev.PER_CATEGORY_OUTPUTS)
     if evaluator_type == "coco":
         # the fast COCO evaluator needs detectron2's compiled _C, which eql_d2 does not require
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False,

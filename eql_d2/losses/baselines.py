@@ -40,7 +40,7 @@ class SigmoidCELoss(nn.Module):
         check_logits(logits, c)
         check_labels(labels, logits, 0, c)
         ones = torch.ones(c, device=logits.device)
-        loss, _ = sigmoid_bce_loss(logits, labels, None, ones, ones, ones, c,
+        loss, _ = sigmoid_bce_loss(logits, labels, None, ones, ones, None, c,
                                    want_stats=False, use_compile=self.use_compile)
         return loss
 

@@ -87,7 +87,7 @@ class EQLv2Loss(GradientStatistics):
         neg_w = torch.cat([self.negative_weight, one])
         pos_w = torch.cat([self.positive_weight, one])
         update = self._updating_statistics()
-        loss, stats = sigmoid_bce_loss(logits, labels, verified, pos_w, neg_w, neg_w, c,
+        loss, stats = sigmoid_bce_loss(logits, labels, verified, pos_w, neg_w, None, c,
                                        want_stats=update, use_compile=self.use_compile)
         if update:
             self._accumulate(stats[:, :c])

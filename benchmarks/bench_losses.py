@@ -1,0 +1,301 @@
+"""Fused loss path vs a reference-style implementation: time and peak memory (issue 3).
+
+For EFL and EQLv2 at N x 1203 (N = 20000 and 100000 by default) and fp32, each
+implementation runs forward + backward + statistics on the same seeded inputs:
+
+- ``reference``: plain autograd over the formula, as the published implementations
+  write it (one-hot targets, masked selection, element-wise ops), with the per-class
+  gradient statistics collected by a backward hook on the logits;
+- ``fused-eager``: eql_d2.losses with ``use_compile=False`` (the CPU default);
+- ``fused-compiled``: eql_d2.losses with ``use_compile=True`` (compiled during warm-up).
+
+Every (loss, size, implementation) runs in a fresh subprocess, so peak memory is its own:
+on CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs; ru_maxrss when
+that is unavailable) minus the resident set before the timed steps, which already holds
+the logits; on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before.
+Both sides end each step holding logits.grad, which is counted. Reported: median wall
+time per step over ``--reps`` steps after one warm-up step (and the process CPU time, a
+steadier figure on a shared machine), the peak increase, and the agreement of loss,
+gradient samples and statistics with the reference after the same steps.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_losses.py            # CPU (and CUDA if present)
+    python benchmarks/bench_losses.py --sizes 20000 --reps 3       # quicker
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+C = 1203
+IMPLS = ("reference", "fused-eager", "fused-compiled")
+
+
+# ----------------------------------------------------------------------------------------
+# Reference-style implementations (autograd + hook), kept here on purpose.
+
+
+class ReferenceEFL:
+    """EFL as published: autograd over eq. 4, statistics from a hook on the logits."""
+
+    def __init__(self, num_classes, gamma_b=2.0, scale=8.0, alpha=0.25):
+        self.c, self.gamma_b, self.scale, self.alpha = num_classes, gamma_b, scale, alpha
+        self.pos_grad = torch.zeros(num_classes)
+        self.neg_grad = torch.zeros(num_classes)
+        self.pos_neg = torch.ones(num_classes)
+
+    def __call__(self, logits, labels, normalizer):
+        n = logits.shape[0]
+        target = logits.new_zeros(n, self.c + 1)
+        target[torch.arange(n), labels.clamp(min=0)] = 1  # label C -> background column
+        target = target[:, :self.c]
+        mask = labels >= 0
+        inputs, targets = logits[mask], target[mask]
+        pred = torch.sigmoid(inputs)
+        pred_t = pred * targets + (1 - pred) * (1 - targets)
+        gamma = (self.gamma_b + self.scale * (1 - self.pos_neg)).to(logits.device)
+        ff = gamma.view(1, -1).expand_as(inputs)
+        wf = ff / self.gamma_b
+        ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+        loss = ce * torch.pow(1 - pred_t, ff) * wf
+        alpha_t = self.alpha * targets + (1 - self.alpha) * (1 - targets)
+        loss = (alpha_t * loss).sum() / normalizer
+
+        def hook(grad):
+            g = grad.abs()[mask]
+            self.pos_grad += (g * targets).sum(0).to(self.pos_grad.device)
+            self.neg_grad += (g * (1 - targets)).sum(0).to(self.neg_grad.device)
+            self.pos_neg = (self.pos_grad / (self.neg_grad + 1e-10)).clamp(0, 1)
+
+        logits.register_hook(hook)
+        return loss
+
+
+class ReferenceEQLv2:
+    """EQLv2 as published (weights from the ratio, objectness column), hook statistics."""
+
+    def __init__(self, num_classes, gamma=12.0, mu=0.8, alpha=4.0):
+        self.c, self.gamma, self.mu, self.alpha = num_classes, gamma, mu, alpha
+        self.pos_grad = torch.zeros(num_classes)
+        self.neg_grad = torch.zeros(num_classes)
+
+    def __call__(self, logits, labels):
+        n, width = logits.shape
+        target = logits.new_zeros(n, width)
+        target[torch.arange(n), labels] = 1
+        started = self.neg_grad > 0
+        ratio = self.pos_grad / self.neg_grad.clamp(min=1e-30)
+        q = torch.where(started, torch.sigmoid(self.gamma * (ratio - self.mu)),
+                        torch.ones_like(ratio))
+        neg_w = torch.cat([q, q.new_ones(1)]).to(logits.device)
+        pos_w = 1 + self.alpha * (1 - neg_w)
+        weight = pos_w.view(1, -1).expand(n, width) * target + \
+            neg_w.view(1, -1).expand(n, width) * (1 - target)
+        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        loss = (loss * weight).sum() / n
+
+        def hook(grad):
+            g = (grad * n).abs()[:, :self.c]
+            t = target[:, :self.c]
+            self.pos_grad += (g * t).sum(0).to(self.pos_grad.device)
+            self.neg_grad += (g * (1 - t)).sum(0).to(self.neg_grad.device)
+
+        logits.register_hook(hook)
+        return loss
+
+
+# ----------------------------------------------------------------------------------------
+# One case in a fresh process
+
+
+def _inputs(loss, n, device):
+    g = torch.Generator().manual_seed(1234)
+    width = C + 1 if loss == "eqlv2" else C
+    logits = torch.empty(n, width).normal_(generator=g).mul_(2.0).sub_(4.0)  # in place
+    labels = torch.randint(0, C, (n,), generator=g)
+    bg = torch.rand(n, generator=g) < (0.98 if loss == "efl" else 0.75)
+    labels[bg] = C
+    if loss == "efl":
+        labels[torch.rand(n, generator=g) < 0.02] = -1
+    normalizer = float(((labels >= 0) & (labels < C)).sum().clamp(min=1))
+    return logits.to(device), labels.to(device), normalizer
+
+
+def _build(loss, impl):
+    from eql_d2.losses import EQLv2Loss, EqualizedFocalLoss
+
+    if impl == "reference":
+        return ReferenceEFL(C) if loss == "efl" else ReferenceEQLv2(C)
+    compiled = impl == "fused-compiled"
+    if loss == "efl":
+        return EqualizedFocalLoss(C, use_compile=compiled).train()
+    return EQLv2Loss(C, use_compile=compiled).train()
+
+
+def _rss_kb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak():
+    """Reset VmHWM; False if the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_kb(reset_ok):
+    if reset_ok:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def worker(loss, n, impl, device, reps):
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    logits, labels, normalizer = _inputs(loss, n, dev)
+    fn = _build(loss, impl)
+    z = logits.requires_grad_()
+
+    def step():
+        z.grad = None
+        # A fresh view per step, as a detector head's output is: the reference's hook is
+        # registered on it and does not pile up on the leaf.
+        x = z.view_as(z)
+        out = fn(x, labels, normalizer) if loss == "efl" else fn(x, labels)
+        out.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    if impl == "fused-compiled":  # compile on a small slice first (dynamic shapes)
+        small = z.detach()[:2000].clone().requires_grad_()
+        out = fn(small, labels[:2000], normalizer) if loss == "efl" else fn(small, labels[:2000])
+        out.backward()
+        fn.reset_statistics()
+    t0 = time.perf_counter()
+    first = step()  # warm-up; its statistics feed the next steps, as in training
+    warm_s = time.perf_counter() - t0
+    z.grad = None
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        reset_ok = True
+    else:
+        reset_ok = _reset_peak()
+        base = _rss_kb() * 1024
+    times, cpu_times = [], []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = step()
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _peak_kb(reset_ok) * 1024 - base
+    flat = z.grad.detach().reshape(-1)
+    idx = torch.arange(0, flat.numel(), 7919, device=flat.device)
+    return {
+        "loss": loss, "n": n, "impl": impl, "device": device, "reps": reps,
+        "threads": torch.get_num_threads(), "median_s": statistics.median(times),
+        "times_s": times, "cpu_median_s": statistics.median(cpu_times), "warmup_s": warm_s, "peak_increase_bytes": peak,
+        "peak_method": "cuda max_memory_allocated" if cuda else
+        ("VmHWM after clear_refs" if reset_ok else "ru_maxrss"),
+        "first_loss": float(first.detach()), "last_loss": float(out.detach()),
+        "grad_samples": flat[idx].double().cpu().tolist(),
+        "pos_grad": fn.pos_grad.double().cpu().tolist(),
+        "neg_grad": fn.neg_grad.double().cpu().tolist(),
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Driver
+
+
+def _rel(a, b):
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-300)).item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--losses", nargs="+", default=["efl", "eqlv2"], choices=["efl", "eqlv2"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[20000, 100000])
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--devices", nargs="+", default=None,
+                    help="default: cpu, plus cuda when available")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", help="also write all results to this file")
+    ap.add_argument("--worker", nargs=5, metavar=("LOSS", "N", "IMPL", "DEVICE", "REPS"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        loss, n, impl, device, reps = args.worker
+        print(json.dumps(worker(loss, int(n), impl, device, int(reps))))
+        return
+
+    devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    results = []
+    for device in devices:
+        for loss in args.losses:
+            for n in args.sizes:
+                by_impl = {}
+                for impl in args.impls:
+                    cmd = [sys.executable, os.path.abspath(__file__), "--worker", loss, str(n),
+                           impl, device, str(args.reps)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        print(proc.stderr, file=sys.stderr)
+                        raise SystemExit(f"case {loss} {n} {impl} {device} failed")
+                    res = json.loads(proc.stdout.strip().splitlines()[-1])
+                    by_impl[impl] = res
+                    results.append(res)
+                    print(f"{device:4s} {loss:5s} {n:6d}x{C} {impl:14s} median "
+                          f"{res['median_s']:8.3f} s (process CPU {res['cpu_median_s']:8.3f} s)"
+                          f"  peak +{res['peak_increase_bytes'] / 2**20:6.0f} MiB", flush=True)
+                ref = by_impl.get("reference")
+                for impl, res in by_impl.items():
+                    if ref is None or impl == "reference":
+                        continue
+                    res["speedup"] = ref["median_s"] / res["median_s"]
+                    res["cpu_speedup"] = ref["cpu_median_s"] / res["cpu_median_s"]
+                    res["memory_ratio"] = res["peak_increase_bytes"] / ref["peak_increase_bytes"]
+                    res["agreement"] = {
+                        "loss": _rel([res["last_loss"]], [ref["last_loss"]]),
+                        "grad": _rel(res["grad_samples"], ref["grad_samples"]),
+                        "pos_grad": _rel(res["pos_grad"], ref["pos_grad"]),
+                        "neg_grad": _rel(res["neg_grad"], ref["neg_grad"]),
+                    }
+                    print(f"     -> {impl}: {res['speedup']:.1f}x faster "
+                          f"(CPU time {res['cpu_speedup']:.1f}x), "
+                          f"{res['memory_ratio']:.3f} of the reference's peak memory; max rel "
+                          f"diff loss {res['agreement']['loss']:.1e} grad "
+                          f"{res['agreement']['grad']:.1e} stats "
+                          f"{max(res['agreement']['pos_grad'], res['agreement']['neg_grad']):.1e}",
+                          flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

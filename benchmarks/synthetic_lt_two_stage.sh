@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Two-stage losses on Synthetic-LT (issue 4): trains and evaluates an R18-FPN R-CNN with
+# EQLROIHeads for each classification loss, one seed each, one run after another, then
+# prints AP / APr / APc / APf (bbox) of every run as a Markdown table.
+#
+#   benchmarks/synthetic_lt_two_stage.sh                # Faster R-CNN, 250 iterations each
+#   ARCH=mask benchmarks/synthetic_lt_two_stage.sh      # Mask R-CNN (adds segm columns)
+#   OUT=/tmp/b SEED=1 benchmarks/synthetic_lt_two_stage.sh EXTRA_OPT VALUE ...
+#
+# A run whose final_metrics.json exists is not repeated (delete OUT to start over).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+ARCH=${ARCH:-faster}
+OUT=${OUT:-output/benchmarks/synthetic_lt_two_stage_${ARCH}}
+SEED=${SEED:-0}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+CFG=configs/Synthetic-LT/EQL/${ARCH}_rcnn_R18_FPN
+
+# name | config loss | extra options
+RUNS=(
+  "sigmoid|sigmoid|"
+  "eql|eql|MODEL.EQL.USE_IMAGE_LEVEL_LABELS True"
+  "eqlv2|eqlv2|"
+  "softmax|softmax|"
+  "eql_no_image_labels|eql|MODEL.EQL.USE_IMAGE_LEVEL_LABELS False"
+  "eql_ignore_not_exhaustive|eql|MODEL.EQL.IGNORE_NOT_EXHAUSTIVE True"
+)
+
+for run in "${RUNS[@]}"; do
+  IFS='|' read -r name loss extra <<<"$run"
+  dir=$OUT/$name
+  if [[ -f $dir/final_metrics.json ]]; then
+    echo "== $name: done before, kept ($dir)"
+    continue
+  fi
+  echo "== $name: training (${CFG}_${loss}.yaml $extra)"
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  "$PY" train_net.py --config-file "${CFG}_${loss}.yaml" SEED "$SEED" OUTPUT_DIR "$dir" \
+    $extra "$@" >"$OUT.$name.log" 2>&1 || { echo "$name failed, see $OUT.$name.log"; exit 1; }
+  echo "   $(( $(date +%s) - start )) s"
+done
+
+"$PY" - "$OUT" "${RUNS[@]}" <<'PYEOF'
+import json, os, sys
+out, runs = sys.argv[1], [r.split("|")[0] for r in sys.argv[2:]]
+tasks = None
+rows = []
+for name in runs:
+    with open(os.path.join(out, name, "final_metrics.json")) as f:
+        m = next(iter(json.load(f).values()))
+    tasks = tasks or [t for t in ("bbox", "segm") if t in m]
+    rows.append((name, m))
+keys = ("AP", "APr", "APc", "APf")
+head = " | ".join(f"{t} {k}" for t in tasks for k in keys)
+print(f"| run | {head} |")
+print("|---|" + "---|" * (len(tasks) * len(keys)))
+for name, m in rows:
+    vals = " | ".join(f"{m[t][k]:.2f}" for t in tasks for k in keys)
+    print(f"| {name} | {vals} |")
+PYEOF

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Run a trained eql_d2 detector on images and write visualized PNGs.
+
+    python demo.py --config-file output/run/config.yaml --weights output/run/model_final.pth \\
+        --input datasets/synthetic_lt/val --output output/demo_vis --confidence-threshold 0.3
+
+--input takes image files and/or folders (their .png/.jpg/.jpeg/.bmp files, not recursive).
+Each image gets ``<output>/<name>.png`` with boxes, masks (when the model predicts them),
+class names and scores drawn by detectron2's Visualizer; the category names come from the
+config's first test (else train) dataset.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+import eql_d2.data  # noqa: F401  (registers Synthetic-LT)
+import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
+from eql_d2.config import add_eql_config
+from eql_d2.data import load_category_metadata
+from eql_d2.evaluation.results_io import atomic_path
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+logger = logging.getLogger("eql_d2.demo")
+
+
+def list_images(inputs):
+    files = []
+    for path in inputs:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, n) for n in os.listdir(path)
+                           if n.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise FileNotFoundError(f"No {'/'.join(IMAGE_EXTENSIONS)} images in folder {path}")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"Input image or folder not found: {path}")
+    return files
+
+
+def setup_cfg(args):
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"Config file not found: {args.config_file}")
+    if not os.path.isfile(args.weights):
+        raise FileNotFoundError(f"Weights file not found: {args.weights}")
+    cfg = get_cfg()
+    add_eql_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.WEIGHTS = args.weights
+    cfg.freeze()
+    return cfg
+
+
+def category_metadata(cfg):
+    for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
+        meta = load_category_metadata(name)
+        if meta.get("thing_classes"):
+            return meta
+    return MetadataCatalog.get("__unnamed")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True)
+    p.add_argument("--weights", required=True, help="model weights (.pth)")
+    p.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
+    p.add_argument("--output", required=True, help="folder for the visualized PNGs")
+    p.add_argument("--confidence-threshold", type=float, default=0.5,
+                   help="draw detections scoring at least this")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
+    args = p.parse_args(argv)
+    setup_logger(name="eql_d2")
+    cfg = setup_cfg(args)
+    images = list_images(args.input)
+    metadata = category_metadata(cfg)
+    predictor = DefaultPredictor(cfg)
+    os.makedirs(args.output, exist_ok=True)
+    written = []
+    for n, path in enumerate(images, 1):
+        image = read_image(path, format="BGR")
+        instances = predictor(image)["instances"].to("cpu")
+        instances = instances[instances.scores >= args.confidence_threshold]
+        vis = Visualizer(image[:, :, ::-1], metadata, scale=max(1.0, 480 / max(image.shape[:2])),
+                         instance_mode=ColorMode.IMAGE)
+        drawn = vis.draw_instance_predictions(instances)
+        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
+        tmp = atomic_path(out) + ".png"  # the extension tells the writer the format
+        drawn.save(tmp)
+        os.replace(tmp, out)
+        written.append(out)
+        logger.info("[%d/%d] %s: %d detections >= %.2f -> %s", n, len(images), path,
+                    len(instances), args.confidence_threshold, out)
+    return written
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,256 @@
+"""LVIS evaluation that shows each category: standard AP, optional AP-fixed, per-category CSV
+and plots.
+
+:func:`evaluate_lvis` runs ``lvis.LVISEval`` once per task (bbox, segm) and reads both the
+summary numbers detectron2 reports (AP, AP50, AP75, APs/m/l, APr/c/f) and the per-category
+AP out of that same run. :class:`LVISPerCategoryEvaluator` is detectron2's LVISEvaluator
+with that evaluation in place of its own, so ``--eval-only`` and evaluation during training
+also write, per task, into the evaluator's output folder:
+
+- ``per_category_<task>.csv``: category_id, name, frequency, train_image_count, AP,
+  num_detections (and AP_fixed, num_detections_fixed with AP-fixed);
+- ``ap_vs_train_images_<task>.png``: per-category AP against train image count (log x);
+- ``ap_by_frequency_<task>.png``: AP, APr, APc, APf (and their AP-fixed values).
+
+AP-fixed is Dave et al., "Evaluating Large-Vocabulary Object Detectors: The Devil is in the
+Details" (2021): no per-image cap, and only the top K (10,000) detections of each category
+over the whole dataset are kept; it is reported beside standard AP as ``AP-fixed``,
+``APr-fixed``, ... in the same task dict.
+"""
+
+import copy
+import csv
+import itertools
+import logging
+import math
+import os
+from collections import Counter, OrderedDict, defaultdict
+
+import numpy as np
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import LVISEvaluator
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import create_small_table
+
+from .plots import plot_ap_by_frequency, plot_ap_vs_train_images
+from .results_io import atomic_path, write_json_atomic
+
+__all__ = [
+    "LVIS_METRICS",
+    "LVISPerCategoryEvaluator",
+    "evaluate_lvis",
+    "per_category_ap",
+    "top_k_per_category",
+    "train_image_counts_from_metadata",
+]
+
+logger = logging.getLogger(__name__)
+
+LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+CSV_FIELDS = ["category_id", "name", "frequency", "train_image_count", "AP", "num_detections"]
+
+
+def top_k_per_category(results, k):
+    """The `k` highest-scoring detections of each category over the whole result list."""
+    by_category = defaultdict(list)
+    for r in results:
+        by_category[r["category_id"]].append(r)
+    kept = []
+    for dets in by_category.values():
+        dets.sort(key=lambda r: r["score"], reverse=True)
+        kept.extend(dets[:k])
+    return kept
+
+
+def _run_lvis_eval(lvis_gt, results, iou_type, max_dets):
+    """One LVISEval run; `max_dets` < 0 removes the per-image cap. Returns the LVISEval."""
+    from lvis import LVISEval, LVISResults
+
+    # LVISResults writes ids, areas and (for boxes) polygons into the dicts it gets
+    results = [dict(r) for r in results]
+    if iou_type == "segm":
+        # as detectron2: without a bbox, LVIS takes the mask area for the s/m/l ranges
+        for r in results:
+            r.pop("bbox", None)
+    lvis_dt = LVISResults(lvis_gt, results, max_dets=max_dets)
+    lvis_eval = LVISEval(lvis_gt, lvis_dt, iou_type)
+    lvis_eval.params.max_dets = max_dets
+    lvis_eval.run()
+    return lvis_eval
+
+
+def per_category_ap(lvis_eval):
+    """{category_id: AP in [0, 1], NaN without ground truth} from an LVISEval after run().
+
+    The mean over IoU thresholds and recall thresholds of ``eval["precision"]`` for area
+    "all", entries of -1 (no ground truth) left out: what LVISEval averages into AP.
+    """
+    precision = lvis_eval.eval["precision"]  # [T, R, K, A]
+    all_area = lvis_eval.params.area_rng_lbl.index("all")
+    out = {}
+    for k, cat_id in enumerate(lvis_eval.params.cat_ids):
+        p = precision[:, :, k, all_area]
+        p = p[p > -1]
+        out[cat_id] = float(np.mean(p)) if p.size else float("nan")
+    return out
+
+
+def _evaluate_task(lvis_gt, results, iou_type, max_dets):
+    """(metrics in percent, per-category AP in [0, 1], detections per category)."""
+    if not results:
+        return ({m: float("nan") for m in LVIS_METRICS},
+                {c: float("nan") for c in lvis_gt.get_cat_ids()}, Counter())
+    lvis_eval = _run_lvis_eval(lvis_gt, results, iou_type, max_dets)
+    lvis_eval.print_results()
+    summary = lvis_eval.get_results()
+    metrics = {m: float(summary[m] * 100) for m in LVIS_METRICS}
+    counts = Counter(a["category_id"] for a in lvis_eval.lvis_dt.dataset["annotations"])
+    return metrics, per_category_ap(lvis_eval), counts
+
+
+def _train_counts_from_gt(lvis_gt):
+    return {c["id"]: c.get("image_count") for c in lvis_gt.dataset["categories"]}
+
+
+def train_image_counts_from_metadata(train_dataset_name, lvis_gt):
+    """{category_id: train images} from a training dataset's ``class_image_count``, or None
+    when that dataset has no counts or other category names than `lvis_gt`."""
+    if not train_dataset_name:
+        return None
+    meta = MetadataCatalog.get(train_dataset_name)
+    counts, names = meta.get("class_image_count"), meta.get("thing_classes")
+    gt_names = [c["name"] for c in sorted(lvis_gt.dataset["categories"], key=lambda c: c["id"])]
+    if counts is None or names is None or list(names) != gt_names:
+        return None
+    return {c["id"]: c["image_count"] for c in counts}
+
+
+def _write_csv(rows, fields, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k])
+                                     else round(r[k], 4) if isinstance(r[k], float) else r[k])
+                                 for k in fields})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def evaluate_lvis(lvis_gt, results, iou_types=("bbox",), *, max_dets_per_image=300,
+                  ap_fixed_dets_per_class=0, train_image_counts=None, output_dir=None,
+                  title=""):
+    """Evaluate LVIS-format `results` against `lvis_gt` (an ``lvis.LVIS``).
+
+    Args:
+        results: list of LVIS result dicts, category ids as in the annotation JSON.
+        iou_types: tasks, "bbox" and/or "segm".
+        max_dets_per_image: per-image cap of standard AP (LVIS: 300).
+        ap_fixed_dets_per_class: K > 0 also computes AP-fixed (no per-image cap, top K per
+            category over the dataset), reported as "<metric>-fixed".
+        train_image_counts: {category_id: train images} for the CSV and plot; default the
+            ``image_count`` field of the annotation JSON's categories.
+        output_dir: where the per-category CSV and PNG plots go (None: not written).
+        title: prefix of the plot titles (e.g. the dataset name).
+
+    Returns:
+        OrderedDict {task: {metric: value in percent}}, metrics as detectron2 names them.
+        LVISEval runs once per task (twice with AP-fixed).
+    """
+    counts = train_image_counts or _train_counts_from_gt(lvis_gt)
+    cats = sorted(lvis_gt.dataset["categories"], key=lambda c: c["id"])
+    fixed = top_k_per_category(results, ap_fixed_dets_per_class) if ap_fixed_dets_per_class > 0 else None
+    out = OrderedDict()
+    for task in iou_types:
+        logger.info("Evaluating %s with at most %d detections per image", task, max_dets_per_image)
+        metrics, cat_ap, num_dets = _evaluate_task(lvis_gt, results, task, max_dets_per_image)
+        fields = list(CSV_FIELDS)
+        if fixed is not None:
+            logger.info("Evaluating %s AP-fixed: no per-image cap, top %d per category",
+                        task, ap_fixed_dets_per_class)
+            m_fixed, cat_ap_fixed, num_fixed = _evaluate_task(lvis_gt, fixed, task, -1)
+            metrics.update({f"{k}-fixed": v for k, v in m_fixed.items()})
+            fields += ["AP_fixed", "num_detections_fixed"]
+        logger.info("Evaluation results for %s: \n%s", task, create_small_table(metrics))
+        out[task] = metrics
+        if output_dir is None:
+            continue
+        rows = []
+        for c in cats:
+            row = {"category_id": c["id"], "name": c["name"], "frequency": c.get("frequency", ""),
+                   "train_image_count": counts.get(c["id"]) if counts.get(c["id"]) is not None else "",
+                   "AP": cat_ap[c["id"]] * 100, "num_detections": num_dets[c["id"]]}
+            if fixed is not None:
+                row["AP_fixed"] = cat_ap_fixed[c["id"]] * 100
+                row["num_detections_fixed"] = num_fixed[c["id"]]
+            rows.append(row)
+        _write_csv(rows, fields, os.path.join(output_dir, f"per_category_{task}.csv"))
+        head = f"{title} {task}".strip()
+        plot_ap_vs_train_images(
+            rows, os.path.join(output_dir, f"ap_vs_train_images_{task}.png"),
+            f"{head}: AP {metrics['AP']:.1f} (APr {metrics['APr']:.1f}, "
+            f"APc {metrics['APc']:.1f}, APf {metrics['APf']:.1f})")
+        plot_ap_by_frequency(metrics, os.path.join(output_dir, f"ap_by_frequency_{task}.png"),
+                             f"{head}: AP by frequency group")
+    return out
+
+
+class LVISPerCategoryEvaluator(LVISEvaluator):
+    """detectron2's LVISEvaluator whose evaluation also writes per-category outputs.
+
+    Args (besides LVISEvaluator's):
+        max_dets_per_image: per-image cap of standard AP (LVIS: 300).
+        ap_fixed_dets_per_class: K > 0 also reports AP-fixed (see module docstring).
+        train_dataset_name: dataset whose ``class_image_count`` gives the train image count
+            of each category (default: the ``image_count`` of the evaluated JSON's
+            categories, which LVIS val carries from train).
+        per_category_outputs: write the CSV and plots into ``output_dir``.
+        evaluate: False only writes the results file (as for a split without annotations).
+    """
+
+    def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, *,
+                 max_dets_per_image=300, ap_fixed_dets_per_class=0, train_dataset_name=None,
+                 per_category_outputs=True, evaluate=True):
+        super().__init__(dataset_name, tasks, distributed, output_dir,
+                         max_dets_per_image=max_dets_per_image)
+        self._do_evaluation = self._do_evaluation and evaluate
+        self._dataset_name = dataset_name
+        self._ap_fixed_dets_per_class = ap_fixed_dets_per_class
+        self._train_dataset_name = train_dataset_name
+        self._per_category_outputs = per_category_outputs
+
+    def _lvis_results(self, predictions):
+        """Predictions -> LVIS results list with the annotation JSON's category ids."""
+        results = list(itertools.chain(*[x["instances"] for x in predictions]))
+        id_map = self._metadata.get("thing_dataset_id_to_contiguous_id")
+        if id_map is not None:
+            reverse = {v: k for k, v in id_map.items()}
+            for r in results:
+                r["category_id"] = reverse[r["category_id"]]
+        else:  # LVIS-format datasets: class index = category id - 1
+            for r in results:
+                r["category_id"] += 1
+        return results
+
+    def _eval_predictions(self, predictions):
+        results = self._lvis_results(predictions)
+        tasks = self._tasks or self._tasks_from_predictions(results)
+        if self._output_dir:
+            path = os.path.join(self._output_dir, "lvis_instances_results.json")
+            self._logger.info("Saving results to %s", path)
+            write_json_atomic(PathManager.get_local_path(path), results)
+        if not self._do_evaluation:
+            self._logger.info("Annotations are not available for evaluation.")
+            return
+        counts = train_image_counts_from_metadata(self._train_dataset_name, self._lvis_api)
+        write_to = self._output_dir if self._per_category_outputs else None
+        self._results.update(copy.deepcopy(evaluate_lvis(
+            self._lvis_api, results, sorted(tasks),
+            max_dets_per_image=self._max_dets_per_image,
+            ap_fixed_dets_per_class=self._ap_fixed_dets_per_class,
+            train_image_counts=counts, output_dir=write_to, title=self._dataset_name)))

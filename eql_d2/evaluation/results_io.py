@@ -1,0 +1,86 @@
+"""LVIS-format results files: checked reading, atomic writing.
+
+A results file is what ``lvis.LVISResults`` reads and the LVIS evaluation server takes:
+a JSON list of ``{"image_id", "category_id", "score", "bbox": [x, y, w, h]}`` with an
+optional ``"segmentation"`` (compressed RLE), category ids as in the annotation JSON.
+"""
+
+import json
+import numbers
+import os
+
+__all__ = ["read_lvis_results", "check_lvis_results", "write_json_atomic", "atomic_path"]
+
+
+def atomic_path(path):
+    """Temporary name next to `path`; rename it to `path` once it is complete."""
+    return f"{path}.partial-{os.getpid()}"
+
+
+def write_json_atomic(path, obj):
+    """Write `obj` as JSON so that `path` either does not exist or is complete."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _first(items, n=5):
+    items = sorted(items)
+    return f"{items[:n]}{' ...' if len(items) > n else ''} ({len(items)} in all)"
+
+
+def check_lvis_results(results, image_ids, category_ids, source, gt_source="the annotations"):
+    """Raise ValueError naming `source` unless `results` is a valid LVIS results list whose
+    image and category ids all occur in `image_ids` / `category_ids`."""
+    if not isinstance(results, list):
+        raise ValueError(f"{source}: an LVIS results file is a JSON list of detections, "
+                         f"got {type(results).__name__}")
+    image_ids, category_ids = set(image_ids), set(category_ids)
+    bad_images, bad_categories = set(), set()
+    for i, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise ValueError(f"{source}: detection #{i} is {type(r).__name__}, not an object")
+        for key in ("image_id", "category_id", "score"):
+            if key not in r:
+                raise ValueError(f"{source}: detection #{i} has no '{key}'")
+        if not isinstance(r["score"], numbers.Real):
+            raise ValueError(f"{source}: detection #{i} has non-numeric score {r['score']!r}")
+        bbox = r.get("bbox")
+        if bbox is None and "segmentation" not in r:
+            raise ValueError(f"{source}: detection #{i} has neither 'bbox' nor 'segmentation'")
+        if bbox is not None and not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+                                     and all(isinstance(v, numbers.Real) for v in bbox)):
+            raise ValueError(f"{source}: detection #{i} has malformed bbox {bbox!r} "
+                             "(want [x, y, width, height])")
+        seg = r.get("segmentation")
+        if seg is not None and not (isinstance(seg, dict) and "size" in seg and "counts" in seg):
+            raise ValueError(f"{source}: detection #{i} has a segmentation that is not "
+                             "compressed RLE ({'size': [h, w], 'counts': ...})")
+        if r["image_id"] not in image_ids:
+            bad_images.add(r["image_id"])
+        if r["category_id"] not in category_ids:
+            bad_categories.add(r["category_id"])
+    if bad_images:
+        raise ValueError(f"{source}: image ids not in {gt_source}: {_first(bad_images)}")
+    if bad_categories:
+        raise ValueError(f"{source}: category ids not in {gt_source}: {_first(bad_categories)}")
+    return results
+
+
+def read_lvis_results(path, image_ids, category_ids, gt_source="the annotations"):
+    """Read and check an LVIS results JSON (see :func:`check_lvis_results`)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LVIS results file not found: {path}")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return check_lvis_results(results, image_ids, category_ids, path, gt_source)

@@ -1,0 +1,6 @@
+"""Meta-architectures registered in detectron2's META_ARCH_REGISTRY."""
+
+from .atss import ATSS, ATSSHead, atss_match  # noqa: F401
+from .dense_loss import DenseClassificationLoss  # noqa: F401
+from .rcnn import ImageLabelRCNN  # noqa: F401
+from .retinanet import EFLRetinaNet  # noqa: F401

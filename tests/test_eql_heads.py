@@ -1,0 +1,261 @@
+"""EQLROIHeads on a hand-built two-image LVIS-format batch: which loss weights the image-level
+labels change, and the errors a misconfiguration gets."""
+
+import math
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_roi_heads
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+import eql_d2.modeling  # noqa: F401  (registers EQLROIHeads, ImageLabelRCNN)
+from conftest import ROOT
+from eql_d2.config import add_eql_config
+from eql_d2.modeling.roi_heads import EQLFastRCNNOutputLayers, read_image_labels
+
+C = 8
+DATASET = "eqlh_hand_built_train"
+# Frequencies f = count / 100 images; with lambda = 0.05 classes 0, 1, 2 are tail classes.
+IMAGE_COUNTS = [1, 2, 3, 50, 60, 70, 80, 90]
+TAIL = {0, 1, 2}
+LAMBDA = 0.05
+
+# Image A: boxes of classes 0 and 4; verified absent: LVIS ids 2, 7 (classes 1, 6); class 4
+# is not exhaustively annotated. Image B: a box of class 5; verified absent: id 3 (class 2).
+IMAGES = [
+    dict(file_name="a.png", boxes=[[4, 4, 24, 24], [34, 30, 60, 60]], classes=[0, 4],
+         neg_category_ids=[2, 7], not_exhaustive_category_ids=[5]),
+    dict(file_name="b.png", boxes=[[10, 30, 40, 58]], classes=[5],
+         neg_category_ids=[3], not_exhaustive_category_ids=[]),
+]
+VERIFIED = [{0, 4, 1, 6}, {5, 2}]  # positive + verified negative classes, per image
+NOT_EXHAUSTIVE = [{4}, set()]
+
+
+def setup_module():
+    if MetadataCatalog.get(DATASET).get("class_image_count") is None:
+        MetadataCatalog.get(DATASET).set(
+            class_image_count=[{"id": j + 1, "image_count": n} for j, n in enumerate(IMAGE_COUNTS)],
+            num_train_images=100, class_frequency=["r", "r", "r", "c", "c", "f", "f", "f"])
+
+
+def make_cfg(loss, **eql):
+    cfg = get_cfg()
+    add_eql_config(cfg)
+    cfg.merge_from_file(f"{ROOT}/configs/Synthetic-LT/EQL/Base-EQL-RCNN-R18-FPN.yaml")
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = C
+    cfg.DATASETS.TRAIN = (DATASET,)
+    cfg.MODEL.EQL.LOSS = loss
+    cfg.MODEL.EQL.LAMBDA = LAMBDA
+    for k, v in eql.items():
+        cfg.MODEL.EQL[k] = v
+    return cfg
+
+
+def build_heads(cfg):
+    shapes = {f"p{i}": ShapeSpec(channels=64, stride=2 ** i) for i in range(2, 7)}
+    return build_roi_heads(cfg, shapes)
+
+
+def batch():
+    """Model inputs as DatasetMapper makes them (LVIS 1-based ids) and RPN-like proposals."""
+    inputs, proposals = [], []
+    g = torch.Generator().manual_seed(0)
+    for img in IMAGES:
+        inst = Instances((64, 64))
+        inst.gt_boxes = Boxes(torch.tensor(img["boxes"], dtype=torch.float32))
+        inst.gt_classes = torch.tensor(img["classes"])
+        inputs.append({"file_name": img["file_name"], "instances": inst,
+                       "neg_category_ids": img["neg_category_ids"],
+                       "not_exhaustive_category_ids": img["not_exhaustive_category_ids"]})
+        # jittered copies of the boxes (foreground) and random small boxes (mostly background)
+        gt = inst.gt_boxes.tensor.repeat(6, 1) + torch.randint(-2, 3, (6 * len(inst), 4), generator=g)
+        xy = torch.randint(0, 50, (40, 2), generator=g).float()
+        rand = torch.cat([xy, xy + torch.randint(4, 14, (40, 2), generator=g)], dim=1)
+        p = Instances((64, 64))
+        p.proposal_boxes = Boxes(torch.cat([gt.float(), rand]).clamp(0, 64))
+        p.objectness_logits = torch.zeros(len(p))
+        proposals.append(p)
+    return inputs, proposals
+
+
+def sample(heads, inputs, proposals):
+    labels = read_image_labels(inputs, C)
+    targets = [x["instances"] for x in inputs]
+    torch.manual_seed(0)  # same sampled proposals for every call
+    with EventStorage(), heads.image_level_labels(labels):
+        return heads.label_and_sample_proposals(proposals, targets)
+
+
+def cls_grad(heads, sampled, logits):
+    """d loss_cls / d logits through the predictor's own losses() (statistics frozen)."""
+    z = logits.clone().requires_grad_(True)
+    deltas = torch.zeros(len(z), 4 * C)
+    heads.box_predictor.eval()  # EQLv2: same weights for both calls, no statistics update
+    with EventStorage():
+        loss = heads.box_predictor.losses((z, deltas), sampled)["loss_cls"]
+    loss.backward()
+    return z.grad
+
+
+def image_index(sampled):
+    return torch.cat([torch.full((len(p),), i) for i, p in enumerate(sampled)])
+
+
+def expected_changed(sampled, loss):
+    """Entries whose weight the image-level labels change, derived from the raw batch."""
+    labels = torch.cat([p.gt_classes for p in sampled])
+    img = image_index(sampled)
+    mask = torch.zeros(len(labels), C + 1, dtype=torch.bool)
+    for r in range(len(labels)):
+        for j in VERIFIED[int(img[r])]:
+            if j == int(labels[r]):
+                continue  # a positive entry keeps its weight
+            if loss == "eql" and (int(labels[r]) == C or j not in TAIL):
+                continue  # EQL only ever down-weights tail classes in foreground rows
+            mask[r, j] = True
+    return mask
+
+
+@pytest.mark.parametrize("loss", ["eql", "eqlv2"])
+def test_verified_mask_changes_exactly_the_verified_weights(loss):
+    heads = build_heads(make_cfg(loss))
+    if loss == "eqlv2":  # statistics that make every negative weight q_j < 1
+        heads.box_predictor.cls_loss.pos_grad.copy_(torch.linspace(0.1, 0.8, C))
+        heads.box_predictor.cls_loss.neg_grad.fill_(1.0)
+    inputs, proposals = batch()
+    with_labels = sample(heads, inputs, proposals)
+    heads.use_image_level_labels = False
+    without = sample(heads, inputs, proposals)
+    for a, b in zip(with_labels, without):
+        assert torch.equal(a.gt_classes, b.gt_classes)
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+        assert not b.has("gt_verified")
+    labels = torch.cat([p.gt_classes for p in with_labels])
+    assert (labels < C).sum() >= 6 and (labels == C).sum() >= 20  # both kinds of rows present
+
+    verified = torch.cat([p.gt_verified for p in with_labels])
+    img = image_index(with_labels)
+    for i, classes in enumerate(VERIFIED):
+        want = torch.zeros(C, dtype=torch.bool)
+        want[list(classes)] = True
+        assert torch.equal(verified[img == i], want.expand(int((img == i).sum()), C))
+
+    logits = torch.randn(len(labels), C + 1, generator=torch.Generator().manual_seed(1))
+    g_with = cls_grad(heads, with_labels, logits)
+    g_without = cls_grad(heads, without, logits)
+    changed = g_with != g_without
+    want = expected_changed(with_labels, loss)
+    assert want.sum() > 0
+    assert torch.equal(changed, want)
+    if loss == "eql":  # a tail negative in a foreground row goes from weight 0 to weight 1
+        assert torch.all(g_without[want] == 0) and torch.all(g_with[want] != 0)
+    else:  # a verified negative goes from weight q_j to weight 1
+        q = heads.box_predictor.cls_loss.negative_weight
+        cols = want.nonzero()[:, 1]
+        torch.testing.assert_close(g_without[want], g_with[want] * q[cols])
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid", "eql", "eqlv2"])
+def test_not_exhaustive_categories_are_not_negatives_of_background(loss):
+    heads = build_heads(make_cfg(loss, USE_IMAGE_LEVEL_LABELS=False))
+    inputs, proposals = batch()
+    plain = sample(heads, inputs, proposals)
+    heads.ignore_not_exhaustive = True
+    ignoring = sample(heads, inputs, proposals)
+    labels = torch.cat([p.gt_classes for p in ignoring])
+    img = image_index(ignoring)
+    want = torch.zeros(len(labels), C, dtype=torch.bool)
+    for r in range(len(labels)):
+        if labels[r] == C:
+            want[r, list(NOT_EXHAUSTIVE[int(img[r])])] = True
+    assert want.sum() > 0
+    assert torch.equal(torch.cat([p.gt_ignored for p in ignoring]), want)
+
+    logits = torch.randn(len(labels), C + 1, generator=torch.Generator().manual_seed(2))
+    g_plain = cls_grad(heads, plain, logits)
+    g_ign = cls_grad(heads, ignoring, logits)
+    assert torch.all(g_ign[:, :C][want] == 0) and torch.all(g_plain[:, :C][want] != 0)
+    rows = want.any(dim=1)
+    # rows without excluded entries are untouched; in sigmoid-type losses so are the other
+    # entries of the affected rows (in a softmax the partition function changes)
+    assert torch.equal(g_ign[~rows], g_plain[~rows])
+    if loss != "softmax":
+        other = torch.cat([want, torch.zeros(len(labels), 1, dtype=torch.bool)], 1)
+        assert torch.equal(g_ign[~other], g_plain[~other])
+
+
+def test_sigmoid_classifiers_start_at_the_prior_and_eqlv2_scores_with_objectness():
+    for loss in ("sigmoid", "eql", "eqlv2"):
+        pred = build_heads(make_cfg(loss, PRIOR_PROB=0.01)).box_predictor
+        torch.testing.assert_close(torch.sigmoid(pred.cls_score.bias[:C]),
+                                   torch.full((C,), 0.01))
+    bg = torch.sigmoid(pred.cls_score.bias[C])  # EQLv2: objectness starts at the bg share
+    assert math.isclose(float(bg.detach()), 0.75, rel_tol=1e-5)
+    logits = torch.randn(5, C + 1)
+    props = [Instances((64, 64), proposal_boxes=Boxes(torch.zeros(5, 4)))]
+    probs = pred.predict_probs((logits, None), props)[0]
+    torch.testing.assert_close(probs[:, :C], torch.sigmoid(logits[:, :C])
+                               * (1 - torch.sigmoid(logits[:, C:])))
+
+
+def test_eql_frequencies_come_from_dataset_metadata(caplog):
+    with caplog.at_level("INFO", logger="eql_d2"):
+        pred = build_heads(make_cfg("eql")).box_predictor
+    torch.testing.assert_close(pred.cls_loss.freq, torch.tensor(IMAGE_COUNTS) / 100.0)
+    assert int(pred.cls_loss.threshold().sum()) == len(TAIL)
+    tr = 100.0 * sum(IMAGE_COUNTS[:3]) / sum(IMAGE_COUNTS)
+    assert f"3 of 8 categories are tail categories" in caplog.text
+    assert f"TR(lambda) = {tr:.2f}%" in caplog.text
+
+
+def test_configuration_errors_name_the_key():
+    cfg = make_cfg("focal")
+    with pytest.raises(ValueError, match="MODEL.EQL.LOSS must be one of"):
+        build_heads(cfg)
+    cfg = make_cfg("eql")
+    cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE = True
+    with pytest.raises(ValueError, match="USE_SIGMOID_CE"):
+        build_heads(cfg)
+    cfg = make_cfg("eql")
+    cfg.DATASETS.TRAIN = ("eqlh_no_such_metadata",)
+    with pytest.raises(ValueError, match="'eqlh_no_such_metadata' has no class_image_count"):
+        build_heads(cfg)
+
+
+def test_detectron2_federated_loss_stays_reachable_as_sigmoid_baseline():
+    cfg = make_cfg("sigmoid")
+    cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE = True
+    cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS = True
+    cfg.MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES = 4
+    pred = build_heads(cfg).box_predictor
+    assert pred.use_fed_loss and pred.fed_loss_cls_weights.shape == (C,)
+    logits = torch.randn(6, C + 1, requires_grad=True)
+    labels = torch.tensor([0, 4, 8, 8, 8, 8])
+    pred.classification_loss(logits, labels).backward()
+    # detectron2 keeps 4 labels: the present ones (0, 4 and background 8) and 1 sampled
+    # category; only those 3 categories get a gradient
+    assert int((logits.grad[:, :C].abs().sum(0) > 0).sum()) == 3
+    cfg.MODEL.EQL.LOSS = "eql"
+    with pytest.raises(ValueError, match="USE_SIGMOID_CE"):
+        build_heads(cfg)
+
+
+def test_labels_are_required_and_validated():
+    heads = build_heads(make_cfg("eql"))
+    inputs, proposals = batch()
+    targets = [x["instances"] for x in inputs]
+    with EventStorage(), pytest.raises(RuntimeError, match="ImageLabelRCNN"):
+        heads.label_and_sample_proposals(proposals, targets)
+    inputs[1]["neg_category_ids"] = [9]
+    with pytest.raises(ValueError, match="b.png: neg_category_ids has category id 9"):
+        read_image_labels(inputs, C)
+    # a dataset without LVIS's image-level fields: empty sets, only the positives verified
+    del inputs[1]["neg_category_ids"], inputs[1]["not_exhaustive_category_ids"]
+    labels = read_image_labels(inputs, C)
+    assert labels[1].negative.numel() == 0 and labels[1].not_exhaustive.numel() == 0
+    assert isinstance(heads.box_predictor, EQLFastRCNNOutputLayers)

@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""Gradient diagnostics of an EQLv2 or EFL / EQFL model from its checkpoint and metrics.
+
+    python tools/plot_gradients.py --checkpoint output/run/model_final.pth
+
+reads ``config.yaml`` and ``metrics.json`` beside the checkpoint (the files train_net.py
+leaves in OUTPUT_DIR; --config / --metrics point elsewhere) and writes into --output-dir
+(default ``<checkpoint dir>/gradients``):
+
+- ``gradient_ratio_per_category.png`` / ``.csv``: the accumulated gradient ratio
+  g_j = pos_grad_j / neg_grad_j of every category, sorted by train image count (most
+  frequent first), coloured by LVIS frequency group. EQLv2 uses g_j unclamped; EFL clamps it
+  to [0, 1] (Li et al. 2022, eq. 3). Categories without negative gradient yet have no g_j.
+- ``focusing_factor_per_category.png`` (EFL / EQFL): gamma_j = gamma_b + s (1 - g_j), with
+  gamma_b = MODEL.EFL.GAMMA_B and s = MODEL.EFL.SCALE from the saved config.
+- ``gradient_ratio_over_training.png``: the rare / common / frequent means of g_j (and, for
+  EFL, of gamma_j) that the losses log into metrics.json, against the iteration.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+
+import eql_d2.data  # noqa: E402,F401  (registers Synthetic-LT)
+from eql_d2.config import add_eql_config  # noqa: E402
+from eql_d2.data import load_category_metadata  # noqa: E402
+from eql_d2.evaluation.plots import GROUP_COLORS, GROUP_NAMES, save_figure  # noqa: E402
+from eql_d2.evaluation.results_io import atomic_path  # noqa: E402
+
+DENSE_ARCHS = ("ATSS", "EFLRetinaNet")
+
+
+def loss_kind(cfg, config_path):
+    """"eqlv2" or "efl" (EFL and EQFL share the statistics), else a clear error."""
+    if cfg.MODEL.META_ARCHITECTURE in DENSE_ARCHS:
+        if cfg.MODEL.EFL.LOSS in ("efl", "eqfl"):
+            return "efl"
+        loss = f"MODEL.EFL.LOSS {cfg.MODEL.EFL.LOSS!r}"
+    else:
+        if cfg.MODEL.EQL.LOSS == "eqlv2":
+            return "eqlv2"
+        loss = f"MODEL.EQL.LOSS {cfg.MODEL.EQL.LOSS!r}"
+    raise ValueError(f"{config_path}: {cfg.MODEL.META_ARCHITECTURE} with {loss} keeps no gradient "
+                     "statistics; they exist for MODEL.EQL.LOSS eqlv2 and MODEL.EFL.LOSS efl / eqfl")
+
+
+def read_statistics(checkpoint):
+    """(prefix, pos_grad [C], neg_grad [C]) of the loss buffers in a detectron2 checkpoint."""
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"Checkpoint not found: {checkpoint}")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    prefixes = sorted(k[: -len("pos_grad")] for k in state if k.endswith("pos_grad")
+                      and k[: -len("pos_grad")] + "neg_grad" in state)
+    if not prefixes:
+        raise ValueError(f"{checkpoint}: no pos_grad / neg_grad buffers (not an EQLv2 / EFL model?)")
+    if len(prefixes) > 1:
+        raise ValueError(f"{checkpoint}: several gradient statistics ({prefixes}); expected one loss")
+    p = prefixes[0]
+    return p.rstrip("."), state[p + "pos_grad"].double(), state[p + "neg_grad"].double()
+
+
+def read_history(metrics_path, kind):
+    """{scalar name: ([iterations], [values])} of the logged group means."""
+    names = [f"{kind}/gradient_ratio/{g}" for g in "rcf"]
+    if kind == "efl":
+        names += [f"efl/focusing_factor/{g}" for g in "rcf"]
+    history = {n: ([], []) for n in names}
+    with open(metrics_path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{metrics_path}: line {line_no} is not JSON ({e})") from e
+            for n in names:
+                if n in row:
+                    history[n][0].append(row["iteration"])
+                    history[n][1].append(row[n])
+    return {n: v for n, v in history.items() if v[0]}
+
+
+def _bar_by_frequency(rows, key, ylabel, title, path, hline=None):
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(rows) + 2), 3.8))
+    xs = range(len(rows))
+    ys = [r[key] if r[key] is not None else 0.0 for r in rows]
+    ax.bar(xs, ys, width=0.85, color=[GROUP_COLORS.get(r["frequency"], "gray") for r in rows])
+    missing = [i for i, r in enumerate(rows) if r[key] is None]
+    if missing:
+        ax.scatter(missing, [0] * len(missing), marker="x", color="black",
+                   label="no negative gradient yet")
+    for g in "rcf":
+        ax.bar([0], [0], color=GROUP_COLORS[g], label=GROUP_NAMES[g])
+    if hline is not None:
+        ax.axhline(hline, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("categories, most train images first")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlim(-1, len(rows))
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--config", help="default: config.yaml beside the checkpoint")
+    p.add_argument("--metrics", help="default: metrics.json beside the checkpoint")
+    p.add_argument("--output-dir", help="default: <checkpoint dir>/gradients")
+    args = p.parse_args(argv)
+
+    run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    config_path = args.config or os.path.join(run_dir, "config.yaml")
+    metrics_path = args.metrics or os.path.join(run_dir, "metrics.json")
+    out_dir = args.output_dir or os.path.join(run_dir, "gradients")
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"Checkpoint not found: {args.checkpoint}")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"Config not found: {config_path} (pass --config)")
+    cfg = get_cfg()
+    add_eql_config(cfg)
+    cfg.set_new_allowed(True)  # a config saved by a newer eql_d2 may carry more keys
+    cfg.merge_from_file(config_path)
+    kind = loss_kind(cfg, config_path)
+    prefix, pos, neg = read_statistics(args.checkpoint)
+    if not cfg.DATASETS.TRAIN:
+        raise ValueError(f"{config_path}: DATASETS.TRAIN is empty; the category order comes from it")
+    meta = load_category_metadata(cfg.DATASETS.TRAIN[0])
+    names = meta.get("thing_classes")
+    counts = meta.get("class_image_count")
+    groups = meta.get("class_frequency")
+    if names is None or counts is None or groups is None:
+        raise ValueError(f"Dataset '{cfg.DATASETS.TRAIN[0]}' has no category counts / frequencies")
+    if len(names) != pos.numel():
+        raise ValueError(f"{args.checkpoint}: {prefix} has {pos.numel()} categories, dataset "
+                         f"'{cfg.DATASETS.TRAIN[0]}' has {len(names)}")
+
+    ratio = torch.where(neg > 0, pos / neg.clamp_min(1e-300), torch.full_like(pos, math.inf))
+    if kind == "efl":
+        ratio = ratio.clamp(0.0, 1.0)  # clamp(inf) = 1: no statistics, as the loss treats it
+        gamma_b, scale = cfg.MODEL.EFL.GAMMA_B, cfg.MODEL.EFL.SCALE
+        focusing = gamma_b + scale * (1.0 - ratio)
+    rows = []
+    for j, name in enumerate(names):
+        g = float(ratio[j])
+        rows.append({"category_id": counts[j]["id"], "name": name, "frequency": groups[j],
+                     "train_image_count": counts[j]["image_count"],
+                     "pos_grad": float(pos[j]), "neg_grad": float(neg[j]),
+                     "gradient_ratio": None if math.isinf(g) else g})
+        if kind == "efl":
+            rows[-1]["focusing_factor"] = float(focusing[j])
+    rows.sort(key=lambda r: (-r["train_image_count"], r["category_id"]))
+
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "gradient_ratio_per_category.csv")
+    tmp = atomic_path(csv_path)
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+    label = "EQLv2" if kind == "eqlv2" else cfg.MODEL.EFL.LOSS.upper()
+    _bar_by_frequency(rows, "gradient_ratio", "gradient ratio g_j",
+                      f"{label}: accumulated gradient ratio per category ({os.path.basename(args.checkpoint)})",
+                      os.path.join(out_dir, "gradient_ratio_per_category.png"),
+                      hline=cfg.MODEL.EQL.EQLV2.MU if kind == "eqlv2" else None)
+    written = [csv_path, os.path.join(out_dir, "gradient_ratio_per_category.png")]
+    if kind == "efl":
+        _bar_by_frequency(rows, "focusing_factor", "focusing factor gamma_j",
+                          f"{label}: gamma_j = {gamma_b:g} + {scale:g} (1 - g_j)",
+                          os.path.join(out_dir, "focusing_factor_per_category.png"), hline=gamma_b)
+        written.append(os.path.join(out_dir, "focusing_factor_per_category.png"))
+
+    if os.path.isfile(metrics_path):
+        history = read_history(metrics_path, kind)
+        if history:
+            panels = ["gradient_ratio"] + (["focusing_factor"] if kind == "efl" else [])
+            fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+            for ax, panel in zip(axes[0], panels):
+                for g in "rcf":
+                    key = f"{kind}/{panel}/{g}"
+                    if key in history:
+                        ax.plot(*history[key], color=GROUP_COLORS[g], label=GROUP_NAMES[g])
+                ax.set_xlabel("iteration")
+                ax.set_ylabel(f"mean {panel.replace('_', ' ')}")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+            fig.suptitle(f"{label}: group means logged during training", fontsize=10)
+            path = os.path.join(out_dir, "gradient_ratio_over_training.png")
+            save_figure(fig, path)
+            written.append(path)
+        else:
+            print(f"{metrics_path}: no {kind}/gradient_ratio scalars; no plot over training")
+    else:
+        print(f"{metrics_path} not found; no plot over training")
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
