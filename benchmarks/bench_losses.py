@@ -217,7 +217,8 @@ def worker(loss, n, impl, device, reps):
     return {
         "loss": loss, "n": n, "impl": impl, "device": device, "reps": reps,
         "threads": torch.get_num_threads(), "median_s": statistics.median(times),
-        "times_s": times, "cpu_median_s": statistics.median(cpu_times), "warmup_s": warm_s, "peak_increase_bytes": peak,
+        "times_s": times, "cpu_median_s": statistics.median(cpu_times), "warmup_s": warm_s,
+        "peak_increase_bytes": peak,
         "peak_method": "cuda max_memory_allocated" if cuda else
         ("VmHWM after clear_refs" if reset_ok else "ru_maxrss"),
         "first_loss": float(first.detach()), "last_loss": float(out.detach()),
@@ -238,7 +239,8 @@ def _rel(a, b):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--losses", nargs="+", default=["efl", "eqlv2"], choices=["efl", "eqlv2"])
+    ap.add_argument("--losses", nargs="+", default=["efl", "eqlv2"],
+                    choices=["efl", "eqlv2"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[20000, 100000])
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--devices", nargs="+", default=None,

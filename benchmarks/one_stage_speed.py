@@ -53,7 +53,11 @@ def main():
         torch.manual_seed(0)
         models[loss] = build_model(cfg).train()
         opts[loss] = torch.optim.SGD(models[loss].parameters(), lr=1e-3, momentum=0.9)
-    models["efl"].load_state_dict(models["focal"].state_dict())
+    # same seed, same parameters (the losses add buffers only); checked, not assumed
+    focal_params = dict(models["focal"].named_parameters())
+    for name, p in models["efl"].named_parameters():
+        if not torch.equal(p, focal_params[name]):
+            raise RuntimeError(f"initial weights differ at {name}")
 
     def step(loss, batch):
         t = time.perf_counter()

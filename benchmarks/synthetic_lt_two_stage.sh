@@ -14,7 +14,9 @@ PY=${PYTHON:-.venv/bin/python}
 ARCH=${ARCH:-faster}
 OUT=${OUT:-output/benchmarks/synthetic_lt_two_stage_${ARCH}}
 SEED=${SEED:-0}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# One thread: on the shared, loaded 2-core machine an R18 iteration took ~15 s with two
+# threads and ~3 s with one (measured for issue 5, see BENCHMARKS.md).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 CFG=configs/Synthetic-LT/EQL/${ARCH}_rcnn_R18_FPN
 
 # name | config loss | extra options

@@ -73,7 +73,8 @@ def batch():
                        "neg_category_ids": img["neg_category_ids"],
                        "not_exhaustive_category_ids": img["not_exhaustive_category_ids"]})
         # jittered copies of the boxes (foreground) and random small boxes (mostly background)
-        gt = inst.gt_boxes.tensor.repeat(6, 1) + torch.randint(-2, 3, (6 * len(inst), 4), generator=g)
+        jitter = torch.randint(-2, 3, (6 * len(inst), 4), generator=g)
+        gt = inst.gt_boxes.tensor.repeat(6, 1) + jitter
         xy = torch.randint(0, 50, (40, 2), generator=g).float()
         rand = torch.cat([xy, xy + torch.randint(4, 14, (40, 2), generator=g)], dim=1)
         p = Instances((64, 64))
@@ -209,7 +210,7 @@ def test_eql_frequencies_come_from_dataset_metadata(caplog):
     torch.testing.assert_close(pred.cls_loss.freq, torch.tensor(IMAGE_COUNTS) / 100.0)
     assert int(pred.cls_loss.threshold().sum()) == len(TAIL)
     tr = 100.0 * sum(IMAGE_COUNTS[:3]) / sum(IMAGE_COUNTS)
-    assert f"3 of 8 categories are tail categories" in caplog.text
+    assert "3 of 8 categories are tail categories" in caplog.text
     assert f"TR(lambda) = {tr:.2f}%" in caplog.text
 
 

@@ -41,7 +41,8 @@ def datasets(small_synthetic):
 def make_cfg(arch, loss, out, *opts):
     cfg = get_cfg()
     add_eql_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, f"configs/Synthetic-LT/EQL/{arch}_rcnn_R18_FPN_{loss}.yaml"))
+    cfg.merge_from_file(
+        os.path.join(ROOT, f"configs/Synthetic-LT/EQL/{arch}_rcnn_R18_FPN_{loss}.yaml"))
     cfg.merge_from_list([*TINY_RCNN, *FEW_DETECTIONS, "SOLVER.MAX_ITER", "2",
                          "DATASETS.TRAIN", (TRAIN,), "DATASETS.TEST", (VAL,),
                          "MODEL.EQL.PERIOD", "1", "OUTPUT_DIR", out, *opts])

@@ -14,7 +14,13 @@ from eql_d2.losses import (EQLLoss, EQLv2Loss, EqualizedFocalLoss, EqualizedQual
                            FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss,
                            SoftmaxEQLLoss, tail_ratio)
 
-torch.set_num_threads(1)  # tiny tensors; avoids fighting other jobs for the two cores
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread is fastest on a shared machine (restored after)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def rel_close(a, b, rtol=1e-5, atol=0.0):
@@ -521,7 +527,7 @@ def test_state_dict_carries_statistics_and_missing_keys_restart():
     assert "freq" not in EQLLoss(torch.rand(3) / 10).state_dict()
 
 
-def test_buffers_follow_module_dtype_device_and_deepcopy():
+def test_deepcopy_keeps_statistics_and_generator():
     import copy
 
     loss_fn = EqualizedFocalLoss(3)
@@ -529,7 +535,7 @@ def test_buffers_follow_module_dtype_device_and_deepcopy():
     clone = copy.deepcopy(loss_fn)
     assert torch.equal(clone.pos_grad, loss_fn.pos_grad)
     seql = SoftmaxEQLLoss(torch.rand(3) / 10, 1e-2, 0.5, generator=torch.Generator())
-    copy.deepcopy(seql)
+    assert isinstance(copy.deepcopy(seql).generator, torch.Generator)
 
 
 # ----------------------------------------------------------------------------------------
@@ -732,3 +738,11 @@ def test_cpu_worker_pool_gives_the_inline_result(monkeypatch):
         torch.set_num_threads(previous)
     for a, b, c_ in zip(inline, pooled, pooled_again):
         assert torch.equal(a, b) and torch.equal(b, c_)
+
+
+def test_huge_finite_logits_are_not_reported_as_nonfinite():
+    z = torch.tensor([[1e30, -1e30, 3.0], [2.0, 1e30, -1e30]])
+    labels = torch.tensor([0, 3])
+    for loss_fn, args in ((EqualizedFocalLoss(3), (labels, 1.0)), (SigmoidCELoss(), (labels,))):
+        loss = loss_fn(z, *args)
+        assert torch.isfinite(loss) and loss > 1e29

@@ -2,22 +2,24 @@
 
 The published implementations build each loss from autograd ops over [N, C] and collect
 gradient statistics with a backward hook; every op keeps an [N, C] temporary alive until
-backward, and the hook adds more passes. Here each family has one chunk kernel (a plain
+backward, and the hook adds more passes. Here each family has one block kernel (a plain
 function of tensors) that, for a block of rows, returns the loss sum and the per-class
 statistics and writes the gradient of the loss w.r.t. the logits into its slice of a
 preallocated [N, C] tensor. :class:`_FusedLoss` (a custom ``autograd.Function``) runs the
 kernel over row blocks in ``forward`` and hands the stored gradient out in ``backward``.
 Only the gradient outlives the call; temporaries are block-sized.
 
-The kernels are written once and run either eagerly or through ``torch.compile`` (which
-fuses a block's ~25 element-wise ops into one loop). Which one runs is decided per call:
+The kernels are written once and run either eagerly or through ``torch.compile``. Which
+one runs is decided per call:
 
 - the ``use_compile`` argument of the loss module, when it is not None;
 - else the environment variable ``EQL_D2_COMPILE_LOSSES`` (``1``/``0``, ``auto``);
-- else ``auto``: compile on CUDA, eager elsewhere. On these project CPUs (2 threads) a
-  fresh compile takes about 17 s (about 4 s with inductor's on-disk cache), against a
-  measured gain of about 0.3 s per 20000 x 1203 forward, so a short CPU run or a test
-  never pays it back; see BENCHMARKS.md, "Loss fast path (issue 3)".
+- else ``auto``: compile on CUDA, eager elsewhere. On this project's CPUs the compiled
+  kernels ran slower than the eager ones (100000 x 1203, 2 threads: EFL 5.0 s against
+  2.0 s, EQLv2 3.7 s against 1.7 s per step; BENCHMARKS.md, "Loss fast path (issue 3)")
+  and each kernel variant costs a compile of about 10-20 s. On CUDA the eager kernel
+  makes ~20 memory-bound passes per block where the compiled one fuses them; that
+  default is reasoned, not measured (no GPU was available when it was written).
 
 Compilation uses ``dynamic=True`` so the varying row count of the last block (detectors
 see a different N every iteration) does not recompile. If compiling fails (no C++
@@ -54,9 +56,10 @@ _BLOCK = 1 << 22
 # Eager CPU blocks run on a private pool of single-threaded workers, one per intra-op
 # thread, instead of letting every op of a block be an OpenMP parallel region: on a shared
 # machine a region can wait a whole scheduler time slice for a descheduled thread, and a
-# block has ~20 of them (2 threads on a loaded 2-core machine, 20000 x 1203: EFL 3.3 s
-# with OpenMP regions against 1.1 s single-threaded). Blocks are independent and their
-# results are summed in block order, so the result does not depend on the scheduling.
+# block has ~20 of them (2 threads on a loaded 2-core machine, 20000 x 1203 EFL step:
+# 3.3 s with OpenMP regions against 1.0 s on two single-threaded workers). Blocks are
+# independent and their results are summed in block order, so the result does not depend
+# on the scheduling.
 _POOL = None  # (pid, workers, ThreadPoolExecutor)
 _POOL_LOCK = threading.Lock()
 
@@ -158,6 +161,18 @@ def _split_statistics(m, col, has_pos):
     return pos_sum, m.sum(0)
 
 
+def _total(x):
+    """Sum of a block [R, K] through its column sums: a compiled kernel accumulates a flat
+    sum sequentially, which lost 1.8e-5 of a 20000 x 1204 EQLv2 loss in fp32."""
+    return x.sum(0).sum()
+
+
+def _nonfinite_probe(zf):
+    """0 for finite logits, NaN otherwise: added to the loss so that the caller detects an
+    inf/NaN logit from the scalar alone, even where the loss is flat (a -inf negative)."""
+    return (zf * 0.0).sum()
+
+
 def _sigmoid_bce_block(z, labels, verified, pos_weight, neg_weight_fg, neg_weight_bg,
                        num_fg: int, scale, out, want_grad: bool, want_stats: bool):
     """Weighted sigmoid cross-entropy of one row block (EQL eq. 6, EQLv2, plain BCE).
@@ -191,9 +206,7 @@ def _sigmoid_bce_block(z, labels, verified, pos_weight, neg_weight_fg, neg_weigh
         w = w + vf * (1.0 - w)
     w.scatter_(1, col, torch.where(has_pos, pos_weight[col], w.gather(1, col)))
     u = _flip_positives(zf, col, has_pos)
-    # 0 * sum(z) is 0 for finite logits and NaN otherwise, so the caller can detect an
-    # inf/NaN logit from the scalar loss alone, whatever its weight.
-    loss = (w * F.softplus(u)).sum() * scale + zf.sum() * 0.0
+    loss = _total(w * F.softplus(u)) * scale + _nonfinite_probe(zf)
     if not (want_grad or want_stats):
         return loss, None, None
     m = w.mul_(torch.sigmoid(u))
@@ -235,7 +248,7 @@ def _focal_block(z, labels, quality, gamma, weight, alpha, inv_norm, soft: bool,
     a_neg, a_pos = (1.0, 1.0) if alpha is None else (1.0 - alpha, alpha)
     w = (weight * a_neg) * row
     w.scatter_(1, col, torch.where(has_pos, (weight * a_pos)[col] * row, w.gather(1, col)))
-    probe = zf.sum() * 0.0  # NaN iff a logit is not finite, see _sigmoid_bce_block
+    probe = _nonfinite_probe(zf)
     if soft:
         t = torch.zeros_like(zf).scatter_(
             1, col, torch.where(has_pos, quality.to(zf.dtype)[:, None], 0.0))
@@ -249,7 +262,7 @@ def _focal_block(z, labels, quality, gamma, weight, alpha, inv_norm, soft: bool,
                                        d.gather(1, col)))
         focal = torch.exp(gamma * torch.log(d.abs()))  # |d|^gamma, 0 where d = 0
         wf = w * focal
-        loss = (wf * bce).sum() + probe
+        loss = _total(wf * bce) + probe
         if not (want_grad or want_stats):
             return loss, None, None
         # sign(d) |d|^(gamma-1) p (1-p) = |d|^gamma p q / d, taken as 0 at d = 0 (0/0): the
@@ -267,7 +280,7 @@ def _focal_block(z, labels, quality, gamma, weight, alpha, inv_norm, soft: bool,
     nlog_pt = F.softplus(u)          # -log p_t
     log_1m_pt = u.sub_(nlog_pt)      # log(1 - p_t)
     wf = w.mul_(torch.exp(gamma * log_1m_pt))  # w (1 - p_t)^gamma
-    loss = (wf * nlog_pt).sum() + probe
+    loss = _total(wf * nlog_pt) + probe
     if not (want_grad or want_stats):
         return loss, None, None
     m = wf.mul_(gamma * torch.exp(-nlog_pt) * nlog_pt + log_1m_pt.exp_())

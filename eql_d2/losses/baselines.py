@@ -16,10 +16,11 @@ Number = Union[float, int, torch.Tensor]
 
 
 def _width(logits) -> int:
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError("logits must be a 2-D tensor [N, C], got "
-                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
-    return logits.shape[1]
+    """C of logits [N, C]; ValueError naming logits otherwise."""
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+        return logits.shape[1]
+    got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    raise ValueError(f"logits must be a 2-D tensor [N, C], got {got}")
 
 
 class SigmoidCELoss(nn.Module):
