@@ -9,14 +9,19 @@ implementation runs forward + backward + statistics on the same seeded inputs:
 - ``fused-eager``: eql_d2.losses with ``use_compile=False`` (the CPU default);
 - ``fused-compiled``: eql_d2.losses with ``use_compile=True`` (compiled during warm-up).
 
-Every (loss, size, implementation) runs in a fresh subprocess, so peak memory is its own:
-on CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs; ru_maxrss when
-that is unavailable) minus the resident set before the timed steps, which already holds
-the logits; on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before.
-Both sides end each step holding logits.grad, which is counted. Reported: median wall
-time per step over ``--reps`` steps after one warm-up step (and the process CPU time, a
-steadier figure on a shared machine), the peak increase, and the agreement of loss,
-gradient samples and statistics with the reference after the same steps.
+Time: one process per (loss, size) holds the inputs and every implementation, warms each
+up with one step, then runs ``--reps`` rounds in which each implementation does one step,
+in an order that rotates every round. Reported per implementation: the median wall time
+and process CPU time of a step, and the median over rounds of the reference's step time
+divided by its step time in the same round; on a shared machine whose load drifts, that
+per-round ratio is the steadier figure. Agreement of loss, gradient samples and
+statistics with the reference is checked after these identical steps.
+
+Memory: each implementation in a fresh process: one warm-up step, then the peak of one
+step, on CPU as the peak resident set (VmHWM, reset through /proc/self/clear_refs;
+ru_maxrss when that is unavailable) minus the resident set before the step, which already
+holds the logits; on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before.
+Both sides end the step holding logits.grad, which is counted.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_losses.py            # CPU (and CUDA if present)
     python benchmarks/bench_losses.py --sizes 20000 --reps 3       # quicker
@@ -166,14 +171,7 @@ def _peak_kb(reset_ok):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def worker(loss, n, impl, device, reps):
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    logits, labels, normalizer = _inputs(loss, n, dev)
-    fn = _build(loss, impl)
-    z = logits.requires_grad_()
-
+def _step_fn(fn, loss, z, labels, normalizer, cuda):
     def step():
         z.grad = None
         # A fresh view per step, as a detector head's output is: the reference's hook is
@@ -183,16 +181,28 @@ def worker(loss, n, impl, device, reps):
         out.backward()
         if cuda:
             torch.cuda.synchronize()
-        return out
+        return out.detach()
+    return step
 
-    if impl == "fused-compiled":  # compile on a small slice first (dynamic shapes)
+
+def _warm(fn, impl, loss, step, z, labels, normalizer):
+    """One full step; the compiled variant first compiles on a slice (dynamic shapes)."""
+    if impl == "fused-compiled":
         small = z.detach()[:2000].clone().requires_grad_()
         out = fn(small, labels[:2000], normalizer) if loss == "efl" else fn(small, labels[:2000])
         out.backward()
         fn.reset_statistics()
-    t0 = time.perf_counter()
-    first = step()  # warm-up; its statistics feed the next steps, as in training
-    warm_s = time.perf_counter() - t0
+    step()
+
+
+def memory_worker(loss, n, impl, device):
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    z, labels, normalizer = _inputs(loss, n, dev)
+    z.requires_grad_()
+    fn = _build(loss, impl)
+    step = _step_fn(fn, loss, z, labels, normalizer, cuda)
+    _warm(fn, impl, loss, step, z, labels, normalizer)
     z.grad = None
     if cuda:
         torch.cuda.synchronize()
@@ -202,30 +212,47 @@ def worker(loss, n, impl, device, reps):
     else:
         reset_ok = _reset_peak()
         base = _rss_kb() * 1024
-    times, cpu_times = [], []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = step()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _peak_kb(reset_ok) * 1024 - base
-    flat = z.grad.detach().reshape(-1)
-    idx = torch.arange(0, flat.numel(), 7919, device=flat.device)
-    return {
-        "loss": loss, "n": n, "impl": impl, "device": device, "reps": reps,
-        "threads": torch.get_num_threads(), "median_s": statistics.median(times),
-        "times_s": times, "cpu_median_s": statistics.median(cpu_times), "warmup_s": warm_s,
-        "peak_increase_bytes": peak,
-        "peak_method": "cuda max_memory_allocated" if cuda else
-        ("VmHWM after clear_refs" if reset_ok else "ru_maxrss"),
-        "first_loss": float(first.detach()), "last_loss": float(out.detach()),
-        "grad_samples": flat[idx].double().cpu().tolist(),
-        "pos_grad": fn.pos_grad.double().cpu().tolist(),
-        "neg_grad": fn.neg_grad.double().cpu().tolist(),
-    }
+    step()
+    peak = (torch.cuda.max_memory_allocated() if cuda else _peak_kb(reset_ok) * 1024) - base
+    return {"peak_increase_bytes": peak,
+            "peak_method": "cuda max_memory_allocated" if cuda else
+            ("VmHWM after clear_refs" if reset_ok else "ru_maxrss")}
+
+
+def timing_worker(loss, n, device, reps, impls):
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    z, labels, normalizer = _inputs(loss, n, dev)
+    z.requires_grad_()
+    fns = {impl: _build(loss, impl) for impl in impls}
+    steps = {impl: _step_fn(fns[impl], loss, z, labels, normalizer, cuda) for impl in impls}
+    for impl in impls:
+        _warm(fns[impl], impl, loss, steps[impl], z, labels, normalizer)
+    wall = {impl: [] for impl in impls}
+    cpu = {impl: [] for impl in impls}
+    last, grads = {}, {}
+    for r in range(reps):
+        order = impls[r % len(impls):] + impls[:r % len(impls)]
+        for impl in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            last[impl] = steps[impl]()
+            wall[impl].append(time.perf_counter() - t0)
+            cpu[impl].append(time.process_time() - c0)
+            flat = z.grad.reshape(-1)
+            grads[impl] = flat[torch.arange(0, flat.numel(), 7919, device=flat.device)]
+    z.grad = None
+    out = {}
+    for impl in impls:
+        out[impl] = {
+            "wall_s": wall[impl], "cpu_s": cpu[impl],
+            "median_s": statistics.median(wall[impl]),
+            "cpu_median_s": statistics.median(cpu[impl]),
+            "last_loss": float(last[impl]),
+            "grad_samples": grads[impl].double().cpu().tolist(),
+            "pos_grad": fns[impl].pos_grad.double().cpu().tolist(),
+            "neg_grad": fns[impl].neg_grad.double().cpu().tolist(),
+        }
+    return {"threads": torch.get_num_threads(), "impls": out}
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,6 +264,15 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-300)).item()
 
 
+def _run_worker(*args):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr, file=sys.stderr)
+        raise SystemExit(f"worker {' '.join(map(str, args))} failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--losses", nargs="+", default=["efl", "eqlv2"],
@@ -245,41 +281,43 @@ def main():
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--devices", nargs="+", default=None,
                     help="default: cpu, plus cuda when available")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="timed rounds")
     ap.add_argument("--json", help="also write all results to this file")
-    ap.add_argument("--worker", nargs=5, metavar=("LOSS", "N", "IMPL", "DEVICE", "REPS"),
-                    help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        loss, n, impl, device, reps = args.worker
-        print(json.dumps(worker(loss, int(n), impl, device, int(reps))))
+        kind, loss, n, device, *rest = args.worker
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        if kind == "memory":
+            print(json.dumps(memory_worker(loss, int(n), rest[0], device)))
+        else:
+            print(json.dumps(timing_worker(loss, int(n), device, int(rest[0]), rest[1:])))
         return
 
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    impls = [i for i in IMPLS if i in args.impls]
     results = []
     for device in devices:
         for loss in args.losses:
             for n in args.sizes:
-                by_impl = {}
-                for impl in args.impls:
-                    cmd = [sys.executable, os.path.abspath(__file__), "--worker", loss, str(n),
-                           impl, device, str(args.reps)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        print(proc.stderr, file=sys.stderr)
-                        raise SystemExit(f"case {loss} {n} {impl} {device} failed")
-                    res = json.loads(proc.stdout.strip().splitlines()[-1])
-                    by_impl[impl] = res
-                    results.append(res)
+                timing = _run_worker("timing", loss, n, device, args.reps, *impls)
+                case = {"device": device, "loss": loss, "n": n, "reps": args.reps,
+                        "threads": timing["threads"], "impls": timing["impls"]}
+                for impl in impls:
+                    res = case["impls"][impl]
+                    res.update(_run_worker("memory", loss, n, device, impl))
                     print(f"{device:4s} {loss:5s} {n:6d}x{C} {impl:14s} median "
-                          f"{res['median_s']:8.3f} s (process CPU {res['cpu_median_s']:8.3f} s)"
+                          f"{res['median_s']:7.3f} s (process CPU {res['cpu_median_s']:7.3f} s)"
                           f"  peak +{res['peak_increase_bytes'] / 2**20:6.0f} MiB", flush=True)
-                ref = by_impl.get("reference")
-                for impl, res in by_impl.items():
+                ref = case["impls"].get("reference")
+                for impl in impls:
+                    res = case["impls"][impl]
                     if ref is None or impl == "reference":
                         continue
-                    res["speedup"] = ref["median_s"] / res["median_s"]
-                    res["cpu_speedup"] = ref["cpu_median_s"] / res["cpu_median_s"]
+                    res["speedup_per_round"] = statistics.median(
+                        r / f for r, f in zip(ref["wall_s"], res["wall_s"]))
+                    res["cpu_speedup_per_round"] = statistics.median(
+                        r / f for r, f in zip(ref["cpu_s"], res["cpu_s"]))
                     res["memory_ratio"] = res["peak_increase_bytes"] / ref["peak_increase_bytes"]
                     res["agreement"] = {
                         "loss": _rel([res["last_loss"]], [ref["last_loss"]]),
@@ -287,13 +325,14 @@ def main():
                         "pos_grad": _rel(res["pos_grad"], ref["pos_grad"]),
                         "neg_grad": _rel(res["neg_grad"], ref["neg_grad"]),
                     }
-                    print(f"     -> {impl}: {res['speedup']:.1f}x faster "
-                          f"(CPU time {res['cpu_speedup']:.1f}x), "
+                    print(f"     -> {impl}: {res['speedup_per_round']:.1f}x faster (median per "
+                          f"round; CPU time {res['cpu_speedup_per_round']:.1f}x), "
                           f"{res['memory_ratio']:.3f} of the reference's peak memory; max rel "
                           f"diff loss {res['agreement']['loss']:.1e} grad "
                           f"{res['agreement']['grad']:.1e} stats "
                           f"{max(res['agreement']['pos_grad'], res['agreement']['neg_grad']):.1e}",
                           flush=True)
+                results.append(case)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -15,10 +15,10 @@ one runs is decided per call:
 - the ``use_compile`` argument of the loss module, when it is not None;
 - else the environment variable ``EQL_D2_COMPILE_LOSSES`` (``1``/``0``, ``auto``);
 - else ``auto``: compile on CUDA, eager elsewhere. On this project's CPUs the compiled
-  kernels ran slower than the eager ones (100000 x 1203, 2 threads: EFL 5.0 s against
-  2.0 s, EQLv2 3.7 s against 1.7 s per step; BENCHMARKS.md, "Loss fast path (issue 3)")
-  and each kernel variant costs a compile of about 10-20 s. On CUDA the eager kernel
-  makes ~20 memory-bound passes per block where the compiled one fuses them; that
+  kernels ran slower than the eager ones (100000 x 1203, 2 threads, quiet machine: EFL
+  1.53 s against 0.86 s, EQLv2 1.18 s against 0.46 s per step; BENCHMARKS.md, "Loss fast
+  path (issue 3)") and each kernel variant costs a compile of 10-20 s. On CUDA the eager
+  kernel makes ~15 memory-bound passes per block where the compiled one fuses them; that
   default is reasoned, not measured (no GPU was available when it was written).
 
 Compilation uses ``dynamic=True`` so the varying row count of the last block (detectors
@@ -27,7 +27,9 @@ compiler, no Triton, unsupported Python), a warning is issued once and the eager
 is used from then on.
 """
 
+import ctypes
 import os
+import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +86,42 @@ def _cpu_pool(workers: int) -> ThreadPoolExecutor:
             torch.set_num_threads(workers)
             _POOL = (os.getpid(), workers, pool)
         return _POOL[2]
+
+
+# The gradient is the one [N, C] tensor the fast path allocates, and on CPU writing it the
+# first time is page faults: 51 ms for 96 MB here, 10 ms once the range is advised for
+# transparent huge pages (what PyTorch's THP_MEM_ALLOC_ENABLE=1 does for every tensor).
+# The advice changes nothing else; where it is unavailable it is skipped.
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_madvise = None
+
+
+def _advise_huge_pages(t: torch.Tensor) -> None:
+    global _madvise
+    if _madvise is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _madvise = libc.madvise
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first = -(-start // _HUGE_PAGE) * _HUGE_PAGE
+    last = end // _HUGE_PAGE * _HUGE_PAGE
+    if last > first:
+        _madvise(first, last - first, _MADV_HUGEPAGE)  # advisory: the result is ignored
+
+
+def _new_gradient(logits: torch.Tensor) -> torch.Tensor:
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if grad.device.type == "cpu" and sys.platform.startswith("linux") \
+            and grad.numel() * grad.element_size() >= 4 * _HUGE_PAGE:
+        _advise_huge_pages(grad)
+    return grad
 
 
 def resolve_compile(use_compile: Optional[bool], device: torch.device) -> bool:
@@ -330,7 +368,7 @@ class _Job:
         on_cpu = logits.device.type == "cpu"
         block = _EAGER_CPU_BLOCK if on_cpu and not self.use_compile else _BLOCK
         step = max(1, block // max(width, 1))
-        grad = torch.empty_like(logits) if self.want_grad else None
+        grad = _new_gradient(logits) if self.want_grad else None
 
         def block(start):
             end = min(n, start + step)
