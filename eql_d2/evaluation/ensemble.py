@@ -34,6 +34,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from ensemble_boxes import nms, soft_nms, weighted_boxes_fusion
 
+from .results_io import top_k_per
+
 __all__ = ["METHODS", "merge_image", "merge_results", "cap_per_image", "calibrate_quantile"]
 
 logger = logging.getLogger(__name__)
@@ -53,14 +55,7 @@ def calibrate_quantile(results):
 
 def cap_per_image(results, max_dets):
     """The `max_dets` highest-scoring detections of each image."""
-    by_image = defaultdict(list)
-    for r in results:
-        by_image[r["image_id"]].append(r)
-    kept = []
-    for dets in by_image.values():
-        dets.sort(key=lambda r: r["score"], reverse=True)
-        kept.extend(dets[:max_dets])
-    return kept
+    return top_k_per(results, "image_id", max_dets)
 
 
 def _to_normalized(dets, width, height):

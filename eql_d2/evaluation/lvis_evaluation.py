@@ -33,7 +33,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
 from .plots import plot_ap_by_frequency, plot_ap_vs_train_images
-from .results_io import atomic_path, write_json_atomic
+from .results_io import atomic_path, top_k_per, write_json_atomic
 
 __all__ = [
     "LVIS_METRICS",
@@ -52,14 +52,7 @@ CSV_FIELDS = ["category_id", "name", "frequency", "train_image_count", "AP", "nu
 
 def top_k_per_category(results, k):
     """The `k` highest-scoring detections of each category over the whole result list."""
-    by_category = defaultdict(list)
-    for r in results:
-        by_category[r["category_id"]].append(r)
-    kept = []
-    for dets in by_category.values():
-        dets.sort(key=lambda r: r["score"], reverse=True)
-        kept.extend(dets[:k])
-    return kept
+    return top_k_per(results, "category_id", k)
 
 
 def _run_lvis_eval(lvis_gt, results, iou_type, max_dets):

@@ -8,6 +8,7 @@ optional ``"segmentation"`` (compressed RLE), category ids as in the annotation 
 import json
 import numbers
 import os
+from collections import defaultdict
 
 __all__ = ["read_lvis_results", "check_lvis_results", "write_json_atomic", "atomic_path"]
 
@@ -84,3 +85,15 @@ def read_lvis_results(path, image_ids, category_ids, gt_source="the annotations"
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     return check_lvis_results(results, image_ids, category_ids, path, gt_source)
+
+
+def top_k_per(results, key, k):
+    """The `k` highest-scoring results of each value of `key` ("image_id", "category_id")."""
+    groups = defaultdict(list)
+    for r in results:
+        groups[r[key]].append(r)
+    kept = []
+    for dets in groups.values():
+        dets.sort(key=lambda r: r["score"], reverse=True)
+        kept.extend(dets[:k])
+    return kept
