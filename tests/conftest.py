@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,3 +38,13 @@ TINY_RCNN = [
     "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
     "DATALOADER.NUM_WORKERS", "0",
 ]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (restored after): small tensors and tiny
+    models run fastest that way, and OpenMP synchronisation dominates on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

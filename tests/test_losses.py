@@ -14,13 +14,7 @@ from eql_d2.losses import (EQLLoss, EQLv2Loss, EqualizedFocalLoss, EqualizedQual
                            FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss,
                            SoftmaxEQLLoss, tail_ratio)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest on a shared machine (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_close(a, b, rtol=1e-5, atol=0.0):

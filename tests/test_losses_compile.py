@@ -13,13 +13,7 @@ from torch._dynamo.utils import counters
 from eql_d2.losses import COMPILE_ENV, EQLv2Loss, EqualizedFocalLoss, EqualizedQualityFocalLoss
 from eql_d2.losses._fused import resolve_compile
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest on a shared machine (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel_close(a, b, rtol=1e-5):

@@ -29,14 +29,7 @@ FREQ_DATASET = "one_stage_test_train"  # metadata only: gives the models class_f
 MetadataCatalog.get(FREQ_DATASET).set(class_frequency=["r", "r", "c", "f", "f"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: with 2 intra-op threads on a busy 2-core machine, thread
-    synchronisation dominated (two training steps: 11 s with 2 threads, 0.3 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(arch, loss, *opts):
