@@ -3,7 +3,7 @@
 # EQLROIHeads for each classification loss, one seed each, one run after another, then
 # prints AP / APr / APc / APf (bbox) of every run as a Markdown table.
 #
-#   benchmarks/synthetic_lt_two_stage.sh                # Faster R-CNN, 250 iterations each
+#   benchmarks/synthetic_lt_two_stage.sh                # Faster R-CNN, the configs' 200 iterations each
 #   ARCH=mask benchmarks/synthetic_lt_two_stage.sh      # Mask R-CNN (adds segm columns)
 #   OUT=/tmp/b SEED=1 benchmarks/synthetic_lt_two_stage.sh EXTRA_OPT VALUE ...
 #

@@ -89,3 +89,21 @@ def test_synthetic_lt_generated_on_first_use(small_synthetic, tmp_path, monkeypa
     assert os.path.getmtime(os.path.join(root, "lvis_v1_train.json")) >= before
     # no temporary folders are left beside it
     assert sorted(os.listdir(tmp_path)) == ["copy"]
+
+
+def test_json_image_counts_replace_a_disagreeing_registered_table(small_synthetic, caplog):
+    """A count table registered beforehand (as detectron2 does for lvis_*) loses to the JSON."""
+    json_file = os.path.join(small_synthetic, "lvis_v1_train.json")
+    name = "test_slt_train_pre_registered"
+    register_lvis_format(name, json_file, small_synthetic)
+    with open(json_file) as f:
+        cats = json.load(f)["categories"]
+    stale = [{"id": c["id"], "image_count": c["image_count"] + 7} for c in cats]
+    MetadataCatalog.get(name).set(class_image_count=stale, evaluator_type="lvis")
+    with caplog.at_level("WARNING"):
+        meta = load_category_metadata(name)
+    assert [e["image_count"] for e in meta.class_image_count] == [c["image_count"] for c in cats]
+    assert MetadataCatalog.get(name).class_image_count == meta.class_image_count
+    assert meta.evaluator_type == "lvis"  # other keys survive the rebuild
+    assert meta.json_file == json_file
+    assert any(name in r.getMessage() and "8 categories" in r.getMessage() for r in caplog.records)

@@ -146,8 +146,10 @@ _category_lock = threading.Lock()
 def load_category_metadata(dataset_name):
     """Fill `thing_classes`, `class_image_count`, `class_frequency` of a registered dataset.
 
-    Reads them from the dataset's own JSON (for Synthetic-LT, generating it first). For
-    detectron2's built-in LVIS names whose JSON is not on disk, the built-in metadata is kept.
+    Reads them from the dataset's own JSON (for Synthetic-LT, generating it first). When a
+    class_image_count registered earlier (detectron2's built-in LVIS tables) disagrees with
+    the JSON, the JSON's counts replace it, with a warning. For built-in LVIS names whose JSON
+    is not on disk, the built-in metadata is kept.
     Returns the dataset's Metadata.
     """
     meta = MetadataCatalog.get(dataset_name)
@@ -168,14 +170,29 @@ def load_category_metadata(dataset_name):
                 f"{json_file}: category names disagree with the metadata already registered "
                 f"for '{dataset_name}'"
             )
-        # Metadata refuses to overwrite an existing key with a different value
-        meta.set(**{k: v for k, v in info.items() if meta.get(k) is None})
-        if meta.get("class_image_count") != info["class_image_count"]:
+        registered = meta.get("class_image_count")
+        if registered is not None and _image_counts(registered) != _image_counts(info["class_image_count"]):
+            # a table registered beforehand (detectron2's built-in LVIS counts) disagrees with
+            # the annotations being trained on: the JSON wins, for EQL and federated loss alike.
+            # Metadata refuses to overwrite a key, so the entry is rebuilt.
+            differ = sum(a != b for a, b in zip(_image_counts(registered),
+                                                _image_counts(info["class_image_count"])))
             logger.warning(
-                "%s: built-in class_image_count differs from the JSON's; using the built-in one",
-                dataset_name,
-            )
+                "%s: class_image_count registered for this dataset differs from %s for %d "
+                "categories; using the counts of %s", dataset_name, json_file, differ, json_file)
+            kept = {k: v for k, v in meta.as_dict().items() if k != "name"}
+            kept.update(info)
+            MetadataCatalog.remove(dataset_name)
+            meta = MetadataCatalog.get(dataset_name)
+            meta.set(**kept)
+        else:
+            meta.set(**{k: v for k, v in info.items() if meta.get(k) is None})
     return meta
+
+
+def _image_counts(class_image_count):
+    """[(category id, image count)] sorted by id, to compare count tables of any entry type."""
+    return sorted((int(e["id"]), int(e["image_count"])) for e in class_image_count)
 
 
 # ----------------------------------------------------------------------------- Synthetic-LT
