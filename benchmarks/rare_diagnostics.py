@@ -1,0 +1,114 @@
+"""Where do rare categories get lost? Recall and score statistics per frequency group.
+
+For each run folder (a train_net.py OUTPUT_DIR with inference/<dataset>/lvis_instances_results.json)
+and the ground truth of that dataset, prints per LVIS frequency group (r / c / f):
+
+- AP: mean per-category bbox AP (from the run's per_category_bbox.csv);
+- recall: fraction of ground-truth boxes covered (IoU >= 0.5) by a detection of their own
+  category anywhere in the image's output list, whatever its score;
+- TP score: median score of the best such detection;
+- dets/img: detections per image labelled with a category of the group;
+- FP score: median score of the group's detections that match no box of their category.
+
+AP of a category needs its true positives to outrank its false positives across images, so
+"recall high, TP score below FP score" means the classifier finds the objects but ranks them
+badly, while "recall low" means the detector never proposes the category there.
+
+    python benchmarks/rare_diagnostics.py --gt datasets/synthetic_lt/lvis_v1_val.json RUN_DIR ...
+"""
+
+import argparse
+import csv
+import glob
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+
+def _xyxy(boxes):
+    b = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], dim=1)
+
+
+def group_statistics(gt, results, iou_thresh=0.5):
+    """Per-group recall / score statistics of LVIS-format `results` against `gt` (dicts)."""
+    group = {c["id"]: c["frequency"] for c in gt["categories"]}
+    gt_by = defaultdict(list)  # (image, category) -> boxes
+    for a in gt["annotations"]:
+        gt_by[(a["image_id"], a["category_id"])].append(a["bbox"])
+    det_by = defaultdict(list)  # (image, category) -> [(score, box)]
+    for r in results:
+        det_by[(r["image_id"], r["category_id"])].append((r["score"], r["bbox"]))
+
+    stats = {g: {"gt": 0, "found": 0, "tp_scores": [], "fp_scores": [], "dets": 0} for g in "rcf"}
+    for key in set(gt_by) | set(det_by):
+        g = stats[group[key[1]]]
+        gts, dets = gt_by.get(key, []), det_by.get(key, [])
+        g["gt"] += len(gts)
+        g["dets"] += len(dets)
+        if not dets:
+            continue
+        scores = torch.tensor([s for s, _ in dets], dtype=torch.float64)
+        if gts:
+            iou = box_iou(_xyxy(gts), _xyxy([b for _, b in dets])) >= iou_thresh
+        else:
+            iou = torch.zeros(0, len(dets), dtype=torch.bool)
+        for row in iou:
+            if row.any():
+                g["found"] += 1
+                g["tp_scores"].append(float(scores[row].max()))
+        unmatched = ~iou.any(dim=0)
+        g["fp_scores"].extend(scores[unmatched].tolist())
+
+    num_images = len(gt["images"])
+    out = {}
+    for name, g in stats.items():
+        out[name] = {
+            "recall": g["found"] / max(g["gt"], 1),
+            "tp_score": float(np.median(g["tp_scores"])) if g["tp_scores"] else float("nan"),
+            "fp_score": float(np.median(g["fp_scores"])) if g["fp_scores"] else float("nan"),
+            "dets_per_image": g["dets"] / num_images,
+        }
+    return out
+
+
+def group_ap(csv_file):
+    """Mean per-category AP (in %) of each group from a per_category_<task>.csv."""
+    per = defaultdict(list)
+    with open(csv_file) as f:
+        for row in csv.DictReader(f):
+            if row["AP"] not in ("", "nan") and float(row["AP"]) >= 0:  # -1: no ground truth
+                per[row["frequency"]].append(float(row["AP"]))
+    return {g: float(np.mean(v)) if v else float("nan") for g, v in per.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gt", required=True, help="LVIS-format ground-truth JSON")
+    parser.add_argument("runs", nargs="+", help="train_net.py output folders")
+    args = parser.parse_args()
+    with open(args.gt) as f:
+        gt = json.load(f)
+
+    print("| run | group | AP | recall (any score) | TP score | FP score | dets/img |")
+    print("|---|---|---|---|---|---|---|")
+    for run in args.runs:
+        found = glob.glob(os.path.join(run, "inference", "*", "lvis_instances_results.json"))
+        if len(found) != 1:
+            raise SystemExit(f"{run}: expected one inference/*/lvis_instances_results.json, "
+                             f"found {len(found)}")
+        with open(found[0]) as f:
+            results = json.load(f)
+        ap = group_ap(os.path.join(os.path.dirname(found[0]), "per_category_bbox.csv"))
+        for g, s in group_statistics(gt, results).items():
+            print(f"| {os.path.basename(os.path.normpath(run))} | {g} | {ap.get(g, float('nan')):.2f} "
+                  f"| {s['recall']:.3f} | {s['tp_score']:.4f} | {s['fp_score']:.4f} "
+                  f"| {s['dets_per_image']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""benchmarks/rare_diagnostics.py on a hand-built ground truth and result list."""
+
+import importlib.util
+import math
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "rare_diagnostics.py")
+_spec = importlib.util.spec_from_file_location("rare_diagnostics", _PATH)
+rare_diagnostics = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rare_diagnostics)
+
+
+def test_group_statistics_by_hand():
+    gt = {
+        "images": [{"id": 1}, {"id": 2}],
+        "categories": [{"id": 1, "frequency": "r"}, {"id": 2, "frequency": "c"},
+                       {"id": 3, "frequency": "f"}],
+        "annotations": [
+            {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+            {"image_id": 2, "category_id": 1, "bbox": [20, 20, 10, 10]},
+            {"image_id": 1, "category_id": 3, "bbox": [50, 50, 20, 20]},
+        ],
+    }
+    results = [
+        # rare box of image 1 found twice (best score 0.3); image 2's rare box missed:
+        # the only detection there is the wrong place (IoU 0) -> a false positive
+        {"image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10], "score": 0.3},
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 9], "score": 0.1},
+        {"image_id": 2, "category_id": 1, "bbox": [60, 60, 5, 5], "score": 0.7},
+        # frequent box found with IoU 0.81 (>= 0.5) and one with IoU 0.25 (< 0.5, a FP)
+        {"image_id": 1, "category_id": 3, "bbox": [50, 50, 20, 16.2], "score": 0.9},
+        {"image_id": 1, "category_id": 3, "bbox": [50, 50, 10, 10], "score": 0.2},
+        # common category has no ground truth at all: a false positive
+        {"image_id": 2, "category_id": 2, "bbox": [0, 0, 5, 5], "score": 0.05},
+    ]
+    s = rare_diagnostics.group_statistics(gt, results)
+    assert s["r"]["recall"] == 0.5
+    assert s["r"]["tp_score"] == 0.3
+    # the 0.1 detection also matches the found box: not a false positive
+    assert s["r"]["fp_score"] == 0.7
+    assert s["r"]["dets_per_image"] == 1.5
+    assert s["f"]["recall"] == 1.0 and s["f"]["tp_score"] == 0.9
+    assert s["f"]["fp_score"] == 0.2
+    assert s["c"]["recall"] == 0.0 and math.isnan(s["c"]["tp_score"])
+    assert s["c"]["fp_score"] == 0.05 and s["c"]["dets_per_image"] == 0.5
+
+
+def test_group_ap_skips_categories_without_ground_truth(tmp_path):
+    path = tmp_path / "per_category_bbox.csv"
+    path.write_text("category_id,name,frequency,train_image_count,AP,num_detections\n"
+                    "1,a,r,1,2.0,5\n2,b,r,2,4.0,5\n3,c,f,9,-1,0\n4,d,f,9,10.0,3\n")
+    assert rare_diagnostics.group_ap(str(path)) == pytest.approx({"r": 3.0, "f": 10.0})
