@@ -8,7 +8,11 @@ and the ground truth of that dataset, prints per LVIS frequency group (r / c / f
   category anywhere in the image's output list, whatever its score;
 - TP score: median score of the best such detection;
 - dets/img: detections per image labelled with a category of the group;
-- FP score: median score of the group's detections that match no box of their category.
+- FP score: median score of the group's detections that match no box of their category
+  (false positives);
+- FP on objects: fraction of those false positives that cover (IoU >= 0.5) an object of
+  another category, i.e. confusions between categories rather than background;
+- high FP/img: false positives per image scoring above the group's median TP score.
 
 AP of a category needs its true positives to outrank its false positives across images, so
 "recall high, TP score below FP score" means the classifier finds the objects but ranks them
@@ -38,13 +42,16 @@ def group_statistics(gt, results, iou_thresh=0.5):
     """Per-group recall / score statistics of LVIS-format `results` against `gt` (dicts)."""
     group = {c["id"]: c["frequency"] for c in gt["categories"]}
     gt_by = defaultdict(list)  # (image, category) -> boxes
+    gt_image = defaultdict(list)  # image -> [(category, box)]
     for a in gt["annotations"]:
         gt_by[(a["image_id"], a["category_id"])].append(a["bbox"])
+        gt_image[a["image_id"]].append((a["category_id"], a["bbox"]))
     det_by = defaultdict(list)  # (image, category) -> [(score, box)]
     for r in results:
         det_by[(r["image_id"], r["category_id"])].append((r["score"], r["bbox"]))
 
-    stats = {g: {"gt": 0, "found": 0, "tp_scores": [], "fp_scores": [], "dets": 0} for g in "rcf"}
+    stats = {g: {"gt": 0, "found": 0, "tp_scores": [], "fp_scores": [], "fp_on_objects": 0, "dets": 0}
+             for g in "rcf"}
     for key in set(gt_by) | set(det_by):
         g = stats[group[key[1]]]
         gts, dets = gt_by.get(key, []), det_by.get(key, [])
@@ -63,15 +70,22 @@ def group_statistics(gt, results, iou_thresh=0.5):
                 g["tp_scores"].append(float(scores[row].max()))
         unmatched = ~iou.any(dim=0)
         g["fp_scores"].extend(scores[unmatched].tolist())
+        others = [b for c, b in gt_image.get(key[0], []) if c != key[1]]
+        if others and bool(unmatched.any()):
+            fp_boxes = _xyxy([b for (_, b), u in zip(dets, unmatched.tolist()) if u])
+            g["fp_on_objects"] += int((box_iou(fp_boxes, _xyxy(others)) >= iou_thresh).any(dim=1).sum())
 
     num_images = len(gt["images"])
     out = {}
     for name, g in stats.items():
+        tp_median = float(np.median(g["tp_scores"])) if g["tp_scores"] else float("nan")
         out[name] = {
             "recall": g["found"] / max(g["gt"], 1),
-            "tp_score": float(np.median(g["tp_scores"])) if g["tp_scores"] else float("nan"),
+            "tp_score": tp_median,
             "fp_score": float(np.median(g["fp_scores"])) if g["fp_scores"] else float("nan"),
             "dets_per_image": g["dets"] / num_images,
+            "fp_on_objects": g["fp_on_objects"] / max(len(g["fp_scores"]), 1),
+            "high_fp_per_image": sum(f > tp_median for f in g["fp_scores"]) / num_images,
         }
     return out
 
@@ -94,8 +108,9 @@ def main():
     with open(args.gt) as f:
         gt = json.load(f)
 
-    print("| run | group | AP | recall (any score) | TP score | FP score | dets/img |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | group | AP | recall (any score) | TP score | FP score | dets/img "
+          "| FP on objects | high FP/img |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         found = glob.glob(os.path.join(run, "inference", "*", "lvis_instances_results.json"))
         if len(found) != 1:
@@ -107,7 +122,8 @@ def main():
         for g, s in group_statistics(gt, results).items():
             print(f"| {os.path.basename(os.path.normpath(run))} | {g} | {ap.get(g, float('nan')):.2f} "
                   f"| {s['recall']:.3f} | {s['tp_score']:.4f} | {s['fp_score']:.4f} "
-                  f"| {s['dets_per_image']:.1f} |")
+                  f"| {s['dets_per_image']:.1f} | {s['fp_on_objects']:.3f} "
+                  f"| {s['high_fp_per_image']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ def test_group_statistics_by_hand():
         {"image_id": 1, "category_id": 3, "bbox": [50, 50, 10, 10], "score": 0.2},
         # common category has no ground truth at all: a false positive
         {"image_id": 2, "category_id": 2, "bbox": [0, 0, 5, 5], "score": 0.05},
+        # common detection on image 1's rare object: a confusion between categories
+        {"image_id": 1, "category_id": 2, "bbox": [0, 0, 10, 10], "score": 0.5},
     ]
     s = rare_diagnostics.group_statistics(gt, results)
     assert s["r"]["recall"] == 0.5
@@ -44,7 +46,11 @@ def test_group_statistics_by_hand():
     assert s["f"]["recall"] == 1.0 and s["f"]["tp_score"] == 0.9
     assert s["f"]["fp_score"] == 0.2
     assert s["c"]["recall"] == 0.0 and math.isnan(s["c"]["tp_score"])
-    assert s["c"]["fp_score"] == 0.05 and s["c"]["dets_per_image"] == 0.5
+    assert s["c"]["fp_score"] == pytest.approx(0.275) and s["c"]["dets_per_image"] == 1.0
+    assert s["c"]["fp_on_objects"] == 0.5  # the 0.5 one lies on the rare object
+    assert s["r"]["fp_on_objects"] == 0.0 and s["f"]["fp_on_objects"] == 0.0
+    # FP above the median TP score: rare 0.7 > 0.3 (1 of 2 images), frequent 0.2 < 0.9
+    assert s["r"]["high_fp_per_image"] == 0.5 and s["f"]["high_fp_per_image"] == 0.0
 
 
 def test_group_ap_skips_categories_without_ground_truth(tmp_path):
