@@ -6,6 +6,7 @@
 #   benchmarks/synthetic_lt_two_stage.sh                # Faster R-CNN, the configs' 200 iterations each
 #   ARCH=mask benchmarks/synthetic_lt_two_stage.sh      # Mask R-CNN (adds segm columns)
 #   OUT=/tmp/b SEED=1 benchmarks/synthetic_lt_two_stage.sh EXTRA_OPT VALUE ...
+#   ONLY="sigmoid eql" benchmarks/synthetic_lt_two_stage.sh   # a subset of the runs
 #
 # A run whose final_metrics.json exists is not repeated (delete OUT to start over).
 set -euo pipefail
@@ -28,6 +29,15 @@ RUNS=(
   "eql_no_image_labels|eql|MODEL.EQL.USE_IMAGE_LEVEL_LABELS False"
   "eql_ignore_not_exhaustive|eql|MODEL.EQL.IGNORE_NOT_EXHAUSTIVE True"
 )
+
+# ONLY="sigmoid eql" runs (and tabulates) just those names
+if [[ -n ${ONLY:-} ]]; then
+  kept=()
+  for run in "${RUNS[@]}"; do
+    [[ " $ONLY " == *" ${run%%|*} "* ]] && kept+=("$run")
+  done
+  RUNS=("${kept[@]}")
+fi
 
 for run in "${RUNS[@]}"; do
   IFS='|' read -r name loss extra <<<"$run"
