@@ -171,12 +171,12 @@ def load_category_metadata(dataset_name):
                 f"for '{dataset_name}'"
             )
         registered = meta.get("class_image_count")
-        if registered is not None and _image_counts(registered) != _image_counts(info["class_image_count"]):
+        on_disk = _image_counts(info["class_image_count"])
+        if registered is not None and _image_counts(registered) != on_disk:
             # a table registered beforehand (detectron2's built-in LVIS counts) disagrees with
             # the annotations being trained on: the JSON wins, for EQL and federated loss alike.
             # Metadata refuses to overwrite a key, so the entry is rebuilt.
-            differ = sum(a != b for a, b in zip(_image_counts(registered),
-                                                _image_counts(info["class_image_count"])))
+            differ = sum(a != b for a, b in zip(_image_counts(registered), on_disk))
             logger.warning(
                 "%s: class_image_count registered for this dataset differs from %s for %d "
                 "categories; using the counts of %s", dataset_name, json_file, differ, json_file)
