@@ -1,4 +1,4 @@
-"""Fused loss path vs a reference-style implementation: time and peak memory (issue 3).
+"""Fused loss path vs a reference-style implementation: time and peak memory.
 
 For EFL and EQLv2 at N x 1203 (N = 20000 and 100000 by default) and fp32, each
 implementation runs forward + backward + statistics on the same seeded inputs:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-stage losses on Synthetic-LT (issue 5): ATSS with focal / EFL / QFL / EQFL and
+# One-stage losses on Synthetic-LT: ATSS with focal / EFL / QFL / EQFL and
 # RetinaNet with focal / EFL, one seed each, run one after another; then a markdown table
 # of bbox AP / APr / APc / APf and the ATSS+EFL vs ATSS+focal iteration-time comparison.
 #

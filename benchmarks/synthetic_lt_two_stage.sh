@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Two-stage losses on Synthetic-LT (issue 4): trains and evaluates an R18-FPN R-CNN with
+# Two-stage losses on Synthetic-LT: trains and evaluates an R18-FPN R-CNN with
 # EQLROIHeads for each classification loss, one seed each, one run after another, then
 # prints AP / APr / APc / APf (bbox) of every run as a Markdown table.
 #
@@ -16,7 +16,7 @@ ARCH=${ARCH:-faster}
 OUT=${OUT:-output/benchmarks/synthetic_lt_two_stage_${ARCH}}
 SEED=${SEED:-0}
 # One thread: on the shared, loaded 2-core machine an R18 iteration took ~15 s with two
-# threads and ~3 s with one (measured for issue 5, see BENCHMARKS.md).
+# threads and ~3 s with one (measured, see BENCHMARKS.md).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 CFG=configs/Synthetic-LT/EQL/${ARCH}_rcnn_R18_FPN
 

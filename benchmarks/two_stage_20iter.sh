@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Verification of issue 4 on CPU: Faster and Mask R-CNN with EQLROIHeads and each loss train
+# Two-stage heads on CPU: Faster and Mask R-CNN with EQLROIHeads and each loss train
 # ITERS iterations (default 20) on a small Synthetic-LT (8 categories, 64 px, batch 2), then
 # `train_net.py --eval-only` re-evaluates model_final.pth with LVISEvaluator. Prints, per run,
 # the logged total_loss and loss_cls, whether every logged loss is finite, and the eval-only

@@ -17,7 +17,7 @@ one runs is decided per call:
 - else ``auto``: compile on CUDA, eager elsewhere. On this project's CPUs the compiled
   kernels ran slower than the eager ones (100000 x 1203, 2 threads, quiet machine: EFL
   1.53 s against 0.86 s, EQLv2 1.18 s against 0.46 s per step; BENCHMARKS.md, "Loss fast
-  path (issue 3)") and each kernel variant costs a compile of 10-20 s. On CUDA the eager
+  path") and each kernel variant costs a compile of 10-20 s. On CUDA the eager
   kernel makes ~15 memory-bound passes per block where the compiled one fuses them; that
   default is reasoned, not measured (no GPU was available when it was written).
 

@@ -1,6 +1,5 @@
 """Equalized focal loss (EFL) and equalized quality focal loss (EQFL): Li et al.,
-"Equalized Focal Loss for Dense Long-Tailed Object Detection", CVPR 2022
-(shared/seeds/001_f075a473d0612aa4.txt), eq. 2-6."""
+"Equalized Focal Loss for Dense Long-Tailed Object Detection", CVPR 2022, eq. 2-6."""
 
 from typing import Optional, Union
 

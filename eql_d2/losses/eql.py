@@ -1,5 +1,5 @@
 """Equalization loss (EQL): Tan et al., "Equalization Loss for Long-Tailed Object
-Recognition", CVPR 2020 (shared/seeds/002_358b6e8f8520aeed.txt), eq. 6-8."""
+Recognition", CVPR 2020, eq. 6-8."""
 
 from typing import Optional, Sequence, Union
 

@@ -1,6 +1,5 @@
 """Equalization loss v2 (EQLv2): Tan et al., "Equalization Loss v2: A New Gradient Balance
-Approach for Long-Tailed Object Detection", CVPR 2021 (abstract in
-shared/seeds/000_3a21ed9918d4abb7.txt; the formulas follow issue 3)."""
+Approach for Long-Tailed Object Detection", CVPR 2021."""
 
 from typing import Optional
 

@@ -1,0 +1,153 @@
+"""Every shipped config: inherits a Base file, is listed in the README, merges into eql_d2's
+config, builds its model, and carries the settings its name and the papers promise."""
+
+import glob
+import os
+
+import pytest
+import yaml
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import build_model
+
+import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
+from conftest import ROOT
+from eql_d2.config import add_eql_config
+from eql_d2.losses import (EQLLoss, EQLv2Loss, EqualizedFocalLoss, EqualizedQualityFocalLoss,
+                           FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss)
+from eql_d2.modeling.roi_heads import EQLFastRCNNOutputLayers
+
+CONFIG_DIR = os.path.join(ROOT, "configs")
+CONFIGS = sorted(
+    os.path.relpath(p, CONFIG_DIR)
+    for p in glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True)
+    if not os.path.basename(p).startswith("Base-")
+)
+BASES = sorted(
+    os.path.relpath(p, CONFIG_DIR)
+    for p in glob.glob(os.path.join(CONFIG_DIR, "**", "Base-*.yaml"), recursive=True)
+)
+
+EQL_HEAD_LOSSES = {"softmax": SoftmaxCELoss, "sigmoid": SigmoidCELoss, "eql": EQLLoss,
+                   "eqlv2": EQLv2Loss}
+DENSE_LOSSES = {"focal": FocalLoss, "efl": EqualizedFocalLoss, "qfl": QualityFocalLoss,
+                "eqfl": EqualizedQualityFocalLoss}
+
+
+def load(rel):
+    cfg = get_cfg()
+    add_eql_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIG_DIR, rel))
+    return cfg
+
+
+def loss_in_name(rel, names):
+    stem = os.path.splitext(os.path.basename(rel))[0].split("_")
+    found = [n for n in names if n in stem]
+    assert len(found) == 1, f"{rel}: expected one of {names} in the file name"
+    return found[0]
+
+
+def fake_train_set(num_classes):
+    """A registered training set with the metadata the models read, for num_classes."""
+    name = f"cfgtest_train_{num_classes}"
+    meta = MetadataCatalog.get(name)
+    if meta.get("class_image_count") is None:
+        counts = [1 + (j * 37) % 500 for j in range(num_classes)]
+        meta.set(thing_classes=[f"c{j}" for j in range(num_classes)],
+                 class_image_count=[{"id": j + 1, "image_count": n}
+                                    for j, n in enumerate(counts)],
+                 num_train_images=1000,
+                 class_frequency=["r" if n <= 10 else "c" if n <= 100 else "f" for n in counts])
+    return name
+
+
+def test_every_config_is_found():
+    assert len(CONFIGS) >= 30 and len(BASES) >= 5
+
+
+@pytest.mark.parametrize("rel", CONFIGS + BASES)
+def test_inherits_a_base_and_is_listed_in_the_readme(rel):
+    with open(os.path.join(CONFIG_DIR, rel)) as f:
+        raw = yaml.safe_load(f)
+    base = raw.get("_BASE_")
+    if os.path.basename(rel).startswith("Base-") and base is None:
+        return  # a root Base file
+    assert base, f"configs/{rel} has no _BASE_"
+    assert os.path.isfile(os.path.join(CONFIG_DIR, os.path.dirname(rel), base)), (
+        f"configs/{rel}: _BASE_ {base} not found")
+    if not os.path.basename(rel).startswith("Base-"):
+        with open(os.path.join(ROOT, "README.md")) as f:
+            assert f"`{rel}`" in f.read(), f"README's config table does not list {rel}"
+
+
+@pytest.mark.parametrize("rel", CONFIGS)
+def test_settings_promised_by_the_name_and_the_papers(rel):
+    cfg = load(rel)
+    name = os.path.basename(rel)
+    lvis = rel.startswith("LVIS-")
+    one_stage = cfg.MODEL.META_ARCHITECTURE in ("ATSS", "EFLRetinaNet")
+    if lvis:
+        assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
+        assert cfg.DATASETS.TRAIN[0].startswith("lvis_v1" if "v1" in rel else "lvis_v0.5")
+        if one_stage:
+            head = cfg.MODEL.ATSS if cfg.MODEL.META_ARCHITECTURE == "ATSS" else cfg.MODEL.RETINANET
+            assert head.SCORE_THRESH_TEST == 0.0 and head.PRIOR_PROB == 0.001
+            assert cfg.SOLVER.WARMUP_ITERS == 6000
+            assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == 35
+            assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR) == (16, 0.02)
+            assert min(cfg.INPUT.MIN_SIZE_TRAIN) == 640 and max(cfg.INPUT.MIN_SIZE_TRAIN) == 800
+            # 24 epochs of LVIS v1's 100,170 train images at batch 16
+            assert cfg.SOLVER.MAX_ITER == round(24 * 100170 / 16)
+        else:
+            assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.0001
+    rfs = cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+    if "_rfs" in name:
+        assert rfs and cfg.DATALOADER.REPEAT_THRESHOLD == 0.001
+    elif lvis:
+        assert not rfs, f"{rel}: repeat factor sampling without _rfs in the name"
+    if cfg.MODEL.META_ARCHITECTURE == "ATSS":
+        assert list(cfg.MODEL.ATSS.ANCHOR_SCALES) == [6.0, 8.0]
+        assert list(cfg.MODEL.ATSS.IN_FEATURES) == ["p3", "p4", "p5", "p6", "p7"]
+        assert cfg.MODEL.ATSS.NORM == "GN"
+        if lvis:
+            assert cfg.MODEL.ATSS.TOPK == 18
+    if one_stage:
+        assert cfg.MODEL.EFL.LOSS == loss_in_name(rel, list(DENSE_LOSSES))
+        if cfg.MODEL.EFL.LOSS in ("efl", "eqfl"):
+            assert (cfg.MODEL.EFL.GAMMA_B, cfg.MODEL.EFL.SCALE) == (2.0, 8.0)
+    elif cfg.MODEL.ROI_HEADS.NAME == "EQLROIHeads":
+        assert cfg.MODEL.META_ARCHITECTURE == "ImageLabelRCNN"
+        assert cfg.MODEL.EQL.LOSS == loss_in_name(rel, list(EQL_HEAD_LOSSES))
+        assert cfg.MODEL.MASK_ON == name.startswith("mask_rcnn")
+        if cfg.MODEL.EQL.LOSS == "eqlv2":
+            e = cfg.MODEL.EQL.EQLV2
+            assert (e.GAMMA, e.MU, e.ALPHA) == (12.0, 0.8, 4.0)
+        if rel.startswith("LVIS-v0.5/EQL/"):  # the EQL paper's LVIS v0.5 setting
+            assert cfg.MODEL.EQL.LAMBDA == 1.76e-3 and cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK
+    else:  # detectron2's own StandardROIHeads baselines
+        assert cfg.MODEL.ROI_HEADS.NAME == "StandardROIHeads"
+        sigmoid = loss_in_name(rel, ["softmax", "sigmoid"]) == "sigmoid"
+        assert cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE == sigmoid
+
+
+@pytest.mark.parametrize("rel", CONFIGS)
+def test_builds_its_model(rel, one_thread):
+    cfg = load(rel)
+    one_stage = cfg.MODEL.META_ARCHITECTURE in ("ATSS", "EFLRetinaNet")
+    num_classes = (cfg.MODEL.ATSS.NUM_CLASSES if cfg.MODEL.META_ARCHITECTURE == "ATSS"
+                   else cfg.MODEL.RETINANET.NUM_CLASSES if one_stage
+                   else cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    # The real training sets need their JSON on disk; a stand-in with the same number of
+    # categories gives the models the metadata (frequencies, groups) they read at build time.
+    cfg.DATASETS.TRAIN = (fake_train_set(num_classes),)
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    if one_stage:
+        criterion = model.cls_loss.criterion
+        assert type(criterion) is DENSE_LOSSES[cfg.MODEL.EFL.LOSS]
+    else:
+        predictor = model.roi_heads.box_predictor
+        assert predictor.num_classes == num_classes
+        if isinstance(predictor, EQLFastRCNNOutputLayers):
+            assert type(predictor.cls_loss) is EQL_HEAD_LOSSES[cfg.MODEL.EQL.LOSS]
