@@ -1,5 +1,5 @@
-"""Softmax equalization loss (SEQL): Tan et al., "Equalization Loss for Long-Tailed Object Recognition", CVPR 2020,
-section 3.3, eq. 9-11."""
+"""Softmax equalization loss (SEQL): Tan et al., "Equalization Loss for Long-Tailed Object
+Recognition", CVPR 2020, section 3.3, eq. 9-11."""
 
 from typing import Optional, Sequence, Union
 
