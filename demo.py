@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -24,7 +23,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import eql_d2.data  # noqa: F401  (registers Synthetic-LT)
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
-from eql_d2.config import add_eql_config
+from eql_d2.config import get_eql_cfg
 from eql_d2.data import load_category_metadata
 from eql_d2.evaluation.results_io import atomic_path
 
@@ -49,14 +48,9 @@ def list_images(inputs):
 
 
 def setup_cfg(args):
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"Config file not found: {args.config_file}")
     if not os.path.isfile(args.weights):
         raise FileNotFoundError(f"Weights file not found: {args.weights}")
-    cfg = get_cfg()
-    add_eql_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_eql_cfg(args.config_file, args.opts)
     cfg.MODEL.WEIGHTS = args.weights
     cfg.freeze()
     return cfg

@@ -11,24 +11,18 @@
 import json
 import os
 
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import eql_d2.data  # noqa: F401  (registers Synthetic-LT)
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
-from eql_d2.config import add_eql_config
+from eql_d2.config import get_eql_cfg
 from eql_d2.engine import AtomicCheckpointer, Trainer, prepare_datasets
 
 
 def setup(args):
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"Config file not found: {args.config_file}")
-    cfg = get_cfg()
-    add_eql_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_eql_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup configures detectron2's loggers only; eql_d2's (EQL's tail ratio at

@@ -16,21 +16,18 @@ import sys
 import time
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eql_d2.modeling  # noqa: E402,F401
-from eql_d2.config import add_eql_config  # noqa: E402
+from eql_d2.config import get_eql_cfg  # noqa: E402
 from eql_d2.engine import prepare_datasets  # noqa: E402
 
 
 def load_cfg(path):
-    cfg = get_cfg()
-    add_eql_config(cfg)
-    cfg.merge_from_file(path)
+    cfg = get_eql_cfg(path)
     cfg.DATALOADER.NUM_WORKERS = 0
     return cfg
 

@@ -1,18 +1,35 @@
-"""eql_d2's config keys. Call ``add_eql_config(cfg)`` on detectron2's default config.
+"""eql_d2's config keys. Call ``add_eql_config(cfg)`` on detectron2's default config, or
+start from ``get_eql_cfg(config_file, opts)``.
 
 Every key has its default here with a one-line comment; each concern has its own node
 and its own ``_add_*_config`` function below.
 """
 
-from detectron2.config import CfgNode as CN  # noqa: F401  (used by the node functions)
+import os
 
-__all__ = ["add_eql_config"]
+from detectron2.config import CfgNode as CN  # noqa: F401  (used by the node functions)
+from detectron2.config import get_cfg
+
+__all__ = ["add_eql_config", "get_eql_cfg"]
 
 
 def add_eql_config(cfg):
     """Add every eql_d2 key, with its default, to a detectron2 config (in place)."""
     for add in _NODES:
         add(cfg)
+
+
+def get_eql_cfg(config_file=None, opts=()):
+    """detectron2's default config with every eql_d2 key, then `config_file` (a YAML and its
+    ``_BASE_`` chain) and then `opts` (``[KEY, VALUE, ...]`` overrides) merged in. Not frozen."""
+    cfg = get_cfg()
+    add_eql_config(cfg)
+    if config_file is not None:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"Config file not found: {config_file}")
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
 
 
 # One function per config node, appended in the order they are defined below.

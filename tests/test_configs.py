@@ -6,13 +6,12 @@ import os
 
 import pytest
 import yaml
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from conftest import ROOT
-from eql_d2.config import add_eql_config
+from eql_d2.config import get_eql_cfg
 from eql_d2.losses import (EQLLoss, EQLv2Loss, EqualizedFocalLoss, EqualizedQualityFocalLoss,
                            FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss)
 from eql_d2.modeling.roi_heads import EQLFastRCNNOutputLayers
@@ -35,9 +34,7 @@ DENSE_LOSSES = {"focal": FocalLoss, "efl": EqualizedFocalLoss, "qfl": QualityFoc
 
 
 def load(rel):
-    cfg = get_cfg()
-    add_eql_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIG_DIR, rel))
+    cfg = get_eql_cfg(os.path.join(CONFIG_DIR, rel))
     return cfg
 
 

@@ -202,15 +202,12 @@ def test_member_spec_errors(tmp_path):
 def save_random_model(config, opts, path):
     """Weights of a freshly initialized model: enough to run the whole inference path."""
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from eql_d2.config import add_eql_config
+    from eql_d2.config import get_eql_cfg
     from eql_d2.engine import prepare_datasets
 
-    cfg = get_cfg()
-    add_eql_config(cfg)
-    cfg.merge_from_file(config)
+    cfg = get_eql_cfg(config)
     cfg.merge_from_list(opts)
     prepare_datasets(cfg)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -267,18 +264,15 @@ def test_dense_tta_views_map_back_to_the_image():
     """TTA = per-class NMS over the views' detections mapped back to the image: checked
     against the model run by hand on the image and on its mirror image."""
     import torch
-    from detectron2.config import get_cfg
     from detectron2.layers import batched_nms
     from detectron2.modeling import build_model
     from detectron2.modeling.test_time_augmentation import DatasetMapperTTA
 
     import eql_d2.modeling  # noqa: F401
-    from eql_d2.config import add_eql_config
+    from eql_d2.config import get_eql_cfg
     from eql_d2.evaluation.tta import DenseDetectorWithTTA, build_tta_model
 
-    cfg = get_cfg()
-    add_eql_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "Synthetic-LT", "atss_R18_FPN_efl.yaml"))
+    cfg = get_eql_cfg(os.path.join(ROOT, "configs", "Synthetic-LT", "atss_R18_FPN_efl.yaml"))
     cfg.merge_from_list(["DATASETS.TRAIN", "()", "MODEL.ATSS.NUM_CLASSES", "8",
                          "TEST.DETECTIONS_PER_IMAGE", "20"])
     torch.manual_seed(0)

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_roi_heads
@@ -14,7 +13,7 @@ from detectron2.utils.events import EventStorage
 
 import eql_d2.modeling  # noqa: F401  (registers EQLROIHeads, ImageLabelRCNN)
 from conftest import ROOT
-from eql_d2.config import add_eql_config
+from eql_d2.config import get_eql_cfg
 from eql_d2.modeling.roi_heads import EQLFastRCNNOutputLayers, read_image_labels
 
 C = 8
@@ -44,9 +43,7 @@ def setup_module():
 
 
 def make_cfg(loss, **eql):
-    cfg = get_cfg()
-    add_eql_config(cfg)
-    cfg.merge_from_file(f"{ROOT}/configs/Synthetic-LT/EQL/Base-EQL-RCNN-R18-FPN.yaml")
+    cfg = get_eql_cfg(f"{ROOT}/configs/Synthetic-LT/EQL/Base-EQL-RCNN-R18-FPN.yaml")
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = C
     cfg.DATASETS.TRAIN = (DATASET,)
     cfg.MODEL.EQL.LOSS = loss

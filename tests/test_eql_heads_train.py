@@ -12,12 +12,11 @@ import shutil
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
 import eql_d2.modeling  # noqa: F401  (registers EQLROIHeads, ImageLabelRCNN)
 from conftest import ROOT, TINY_RCNN, run_train_net
-from eql_d2.config import add_eql_config
+from eql_d2.config import get_eql_cfg
 from eql_d2.data import load_category_metadata, register_lvis_format
 from eql_d2.engine import AtomicCheckpointer, Trainer
 
@@ -39,9 +38,7 @@ def datasets(small_synthetic):
 
 
 def make_cfg(arch, loss, out, *opts):
-    cfg = get_cfg()
-    add_eql_config(cfg)
-    cfg.merge_from_file(
+    cfg = get_eql_cfg(
         os.path.join(ROOT, f"configs/Synthetic-LT/EQL/{arch}_rcnn_R18_FPN_{loss}.yaml"))
     cfg.merge_from_list([*TINY_RCNN, *FEW_DETECTIONS, "SOLVER.MAX_ITER", "2",
                          "DATASETS.TRAIN", (TRAIN,), "DATASETS.TEST", (VAL,),

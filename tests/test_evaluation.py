@@ -7,11 +7,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
-from eql_d2.config import add_eql_config
+from eql_d2.config import get_eql_cfg
 from eql_d2.evaluation import LVISPerCategoryEvaluator, build_evaluator, evaluate_lvis
 from eql_d2.evaluation.lvis_evaluation import per_category_ap, top_k_per_category
 from lvis_cases import box_ann, category, det, image, per_category_case, write_json
@@ -144,8 +143,7 @@ def test_evaluator_from_config_writes_outputs(tmp_path):
     name = register(f"eqltest_eval_{os.getpid()}_{tmp_path.name}", gt_path)
     train = register(f"{name}_train", gt_path, thing_classes=["alpha", "beta", "gamma", "delta"],
                      class_image_count=[{"id": i, "image_count": 10 * i} for i in range(1, 5)])
-    cfg = get_cfg()
-    add_eql_config(cfg)
+    cfg = get_eql_cfg()
     cfg.DATASETS.TRAIN = (train,)
     cfg.TEST.EVAL.AP_FIXED = True
     out_dir = str(tmp_path / "inference")

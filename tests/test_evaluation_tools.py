@@ -7,10 +7,9 @@ import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 
-from eql_d2.config import add_eql_config
+from eql_d2.config import get_eql_cfg
 from lvis_cases import per_category_case, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +35,7 @@ def gradient_run(tmp_path, arch, loss_opts):
         register_lvis_format(name, write_json(tmp_path / "train.json", gt), str(tmp_path))
     run = tmp_path / "run"
     run.mkdir()
-    cfg = get_cfg()
-    add_eql_config(cfg)
+    cfg = get_eql_cfg()
     cfg.merge_from_list(["MODEL.META_ARCHITECTURE", arch, "DATASETS.TRAIN", f"('{name}',)",
                          *loss_opts])
     (run / "config.yaml").write_text(cfg.dump())
@@ -101,9 +99,7 @@ def test_demo_writes_visualizations(tmp_path, small_synthetic):
     import eql_d2.modeling  # noqa: F401
 
     demo = load("demo.py", "demo_script")
-    cfg = get_cfg()
-    add_eql_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "Synthetic-LT", "atss_R18_FPN_focal.yaml"))
+    cfg = get_eql_cfg(os.path.join(ROOT, "configs", "Synthetic-LT", "atss_R18_FPN_focal.yaml"))
     cfg.merge_from_list(["DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
                          "MODEL.ATSS.NUM_CLASSES", "8", "INPUT.MIN_SIZE_TEST", "64",
                          "INPUT.MAX_SIZE_TEST", "64", "TEST.DETECTIONS_PER_IMAGE", "5"])

@@ -9,7 +9,6 @@ import statistics
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
@@ -17,7 +16,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import eql_d2.modeling  # noqa: F401  (registers ATSS, EFLRetinaNet)
-from eql_d2.config import add_eql_config
+from eql_d2.config import get_eql_cfg
 from eql_d2.modeling.meta_arch import DenseClassificationLoss, atss_match
 from eql_d2.modeling.meta_arch.dense_loss import decode_positives
 
@@ -33,9 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(arch, loss, *opts):
-    cfg = get_cfg()
-    add_eql_config(cfg)
-    cfg.merge_from_file(BASE)
+    cfg = get_eql_cfg(BASE)
     cfg.merge_from_list([
         "MODEL.META_ARCHITECTURE", arch, "MODEL.EFL.LOSS", loss,
         "MODEL.ATSS.NUM_CLASSES", str(NUM_CLASSES), "MODEL.RETINANET.NUM_CLASSES", str(NUM_CLASSES),

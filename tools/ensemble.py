@@ -39,7 +39,6 @@ from collections import OrderedDict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402
 from detectron2.engine import launch  # noqa: E402
 from detectron2.evaluation import inference_on_dataset  # noqa: E402
@@ -49,7 +48,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import eql_d2.data  # noqa: E402,F401  (registers Synthetic-LT)
 import eql_d2.modeling  # noqa: E402,F401  (registers eql_d2's models)
-from eql_d2.config import add_eql_config  # noqa: E402
+from eql_d2.config import get_eql_cfg  # noqa: E402
 from eql_d2.data import load_category_metadata  # noqa: E402
 from eql_d2.engine.trainer import NUM_CLASSES_KEYS, prepare_datasets  # noqa: E402
 from eql_d2.evaluation import (LVISPerCategoryEvaluator, evaluate_lvis,  # noqa: E402
@@ -106,10 +105,7 @@ def parse_member(text, index):
 
 
 def member_cfg(spec, args):
-    cfg = get_cfg()
-    add_eql_config(cfg)
-    cfg.merge_from_file(spec["config"])
-    cfg.merge_from_list(args.opts)
+    cfg = get_eql_cfg(spec["config"], args.opts)
     cfg.MODEL.WEIGHTS = spec["weights"]
     cfg.DATASETS.TEST = (args.dataset,)
     cfg.OUTPUT_DIR = os.path.join(args.output_dir, "members", spec["name"])
