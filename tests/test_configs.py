@@ -99,9 +99,10 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
         else:
             assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.0001
     rfs = cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+    if rfs:  # LVIS's t = 0.001 is 100 of ~100k train images; Synthetic-LT keeps that boundary
+        assert cfg.DATALOADER.REPEAT_THRESHOLD == (0.001 if lvis else 0.046)
     if "_rfs" in name:
-        # LVIS's t = 0.001 is 100 of ~100k train images; Synthetic-LT keeps that boundary
-        assert rfs and cfg.DATALOADER.REPEAT_THRESHOLD == (0.001 if lvis else 0.046)
+        assert rfs
     elif lvis:
         assert not rfs, f"{rel}: repeat factor sampling without _rfs in the name"
     if cfg.MODEL.META_ARCHITECTURE == "ATSS":
