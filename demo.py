@@ -7,7 +7,9 @@
 --input takes image files and/or folders (their .png/.jpg/.jpeg/.bmp files, not recursive).
 Each image gets ``<output>/<name>.png`` with boxes, masks (when the model predicts them),
 class names and scores drawn by detectron2's Visualizer; the category names come from the
-config's first test (else train) dataset.
+config's first test dataset with categories, else from a training set whose names are
+already registered or whose JSON is on disk, else the drawing shows class indices. The
+model itself needs only the config and the weights: the training data need not exist.
 """
 
 import argparse
@@ -57,10 +59,24 @@ def setup_cfg(args):
 
 
 def category_metadata(cfg):
-    for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
+    """Metadata with the class names to draw (see the module docstring)."""
+    for name in cfg.DATASETS.TEST:
         meta = load_category_metadata(name)
         if meta.get("thing_classes"):
             return meta
+    for name in cfg.DATASETS.TRAIN:
+        meta = MetadataCatalog.get(name)
+        if meta.get("thing_classes"):
+            return meta
+        # only names are wanted: a training JSON that is not there is no error
+        json_file = meta.get("json_file")
+        if json_file and os.path.isfile(json_file):
+            meta = load_category_metadata(name)
+            if meta.get("thing_classes"):
+                return meta
+    logger.warning("No dataset of the config gives category names (DATASETS.TEST %s, "
+                   "DATASETS.TRAIN %s): detections are labelled by class index",
+                   list(cfg.DATASETS.TEST), list(cfg.DATASETS.TRAIN))
     return MetadataCatalog.get("__unnamed")
 
 

@@ -54,7 +54,9 @@ def write_metrics(cfg, results, name):
 
 def main(args):
     cfg = setup(args)
-    prepare_datasets(cfg)
+    # evaluation needs only the test sets: a trained model's config and checkpoint hold the
+    # rest, so the training JSON may be absent
+    prepare_datasets(cfg, training=not args.eval_only)
     if args.eval_only:
         weights = cfg.MODEL.WEIGHTS
         if not weights or not (os.path.isfile(weights) or "://" in weights):

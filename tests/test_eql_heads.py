@@ -219,9 +219,13 @@ def test_configuration_errors_name_the_key():
     cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE = True
     with pytest.raises(ValueError, match="USE_SIGMOID_CE"):
         build_heads(cfg)
+    # inconsistent training metadata still fails at build time; absent metadata does not
+    # (inference takes the frequencies from the checkpoint: tests/test_inference_without_
+    # training_data.py)
     cfg = make_cfg("eql")
-    cfg.DATASETS.TRAIN = ("eqlh_no_such_metadata",)
-    with pytest.raises(ValueError, match="'eqlh_no_such_metadata' has no class_image_count"):
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = C + 1
+    with pytest.raises(ValueError, match=f"class_image_count for {C} categories, but "
+                                         f"MODEL.ROI_HEADS.NUM_CLASSES = {C + 1}"):
         build_heads(cfg)
 
 

@@ -39,7 +39,7 @@ from collections import OrderedDict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.data import build_detection_test_loader  # noqa: E402
+from detectron2.data import MetadataCatalog, build_detection_test_loader  # noqa: E402
 from detectron2.engine import launch  # noqa: E402
 from detectron2.evaluation import inference_on_dataset  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -118,8 +118,23 @@ def member_cfg(spec, args):
     return cfg
 
 
+def _training_categories(name):
+    """Category names of training set `name`, or None when they cannot be had without it:
+    names already registered, else read from its JSON if that is on disk. A member runs
+    from its config and weights alone, so a training set that is gone is no error."""
+    meta = MetadataCatalog.get(name)
+    if meta.get("thing_classes") is None:
+        json_file = meta.get("json_file")
+        if not json_file or not os.path.isfile(json_file):
+            return None
+        meta = load_category_metadata(name)
+    names = meta.get("thing_classes")
+    return None if names is None else list(names)
+
+
 def check_model_member(spec, cfg, dataset_names, dataset_source):
-    """Raise ValueError unless the member's model predicts the dataset's categories."""
+    """Raise ValueError unless the member's model predicts the dataset's categories: its
+    class count, and the category names of its training sets where those can be read."""
     where = f"member '{spec['name']}' ({spec['config']})"
     key = NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
     if key is None:
@@ -132,8 +147,11 @@ def check_model_member(spec, cfg, dataset_names, dataset_source):
         raise ValueError(f"{where}: {key} = {node}, but {dataset_source} has "
                          f"{len(dataset_names)} categories")
     for train in cfg.DATASETS.TRAIN:
-        names = load_category_metadata(train).get("thing_classes")
-        if names is not None and list(names) != list(dataset_names):
+        names = _training_categories(train)
+        if names is None:
+            logger.info("%s: the categories of its training set '%s' are not available; "
+                        "only their number is checked", where, train)
+        elif names != list(dataset_names):
             diff = next((i for i, (a, b) in enumerate(zip(names, dataset_names)) if a != b),
                         min(len(names), len(dataset_names)))
             raise ValueError(
@@ -157,7 +175,7 @@ def run_model_members(args):
         cfg = member_cfg(spec, args)
         logger.info("Member %d/%d '%s': %s with %s%s", n + 1, len(specs), spec["name"],
                     spec["config"], spec["weights"], " + TTA" if spec["tta"] else "")
-        prepare_datasets(cfg)
+        prepare_datasets(cfg, training=False)
         model = build_model(cfg)
         DetectionCheckpointer(model).load(spec["weights"])
         model.eval()

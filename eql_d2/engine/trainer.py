@@ -28,7 +28,11 @@ def _cfg_get(cfg, dotted):
 
 
 def check_num_classes(cfg):
-    """Raise ValueError when the model's class count disagrees with a configured dataset."""
+    """Raise ValueError when the model's class count disagrees with a configured dataset.
+
+    Reads the datasets' metadata as it stands and loads nothing: a training set whose
+    metadata was not loaded (inference, see :func:`prepare_datasets`) is not checked.
+    """
     key = NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
     if key is None:
         return
@@ -44,14 +48,21 @@ def check_num_classes(cfg):
             )
 
 
-def prepare_datasets(cfg):
-    """Generate Synthetic-LT if needed and load category metadata of every configured dataset.
+def prepare_datasets(cfg, *, training=True):
+    """Generate Synthetic-LT if needed and load the category metadata of the datasets used.
 
-    Runs before the model is built, because losses such as EQL read class frequencies from
-    the training set's metadata. On several processes per machine, local rank 0 generates
-    and the others wait.
+    training=True: DATASETS.TRAIN and DATASETS.TEST. Runs before the model is built, because
+    losses such as EQL read class frequencies from the training sets' metadata (their JSON
+    must exist then).
+    training=False (evaluation, inference): DATASETS.TEST only. The training sets are not
+    loaded, generated, or required to be registered: a trained model takes what it needs
+    from its checkpoint (EQL's frequencies) and config.
+
+    On several processes per machine, local rank 0 generates and the others wait.
     """
-    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    names = list(cfg.DATASETS.TEST)
+    if training:
+        names = list(cfg.DATASETS.TRAIN) + names
     if comm.get_local_rank() == 0:
         for name in names:
             load_category_metadata(name)

@@ -107,7 +107,11 @@ def _train_counts_from_gt(lvis_gt):
 
 def train_image_counts_from_metadata(train_dataset_name, lvis_gt):
     """{category_id: train images} from a training dataset's ``class_image_count``, or None
-    when that dataset has no counts or other category names than `lvis_gt`."""
+    when that dataset has no counts or other category names than `lvis_gt`.
+
+    Reads the MetadataCatalog only: evaluation without the training data (``--eval-only``
+    of a model whose training set is not loaded, registered or on disk) gets None, and the
+    evaluated JSON's ``image_count`` is used instead."""
     if not train_dataset_name:
         return None
     meta = MetadataCatalog.get(train_dataset_name)

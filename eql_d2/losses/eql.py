@@ -50,8 +50,8 @@ class EQLLoss(nn.Module):
 
     Args:
         freq: [C] image-level frequency f_j of each class (images with class j / images),
-            in [0, 1]. Kept as a non-persistent buffer (it comes from the dataset, not
-            from training), so it follows ``.to(device)`` but is not in state_dict.
+            in [0, 1]. Kept as a buffer, so it follows ``.to(device)`` and is saved in
+            state_dict: a trained model carries the frequencies it was trained with.
         lambda_: threshold lambda >= 0 (default 1.76e-3, the paper's lambda_c covering
             LVIS v0.5 rare and common classes). lambda_ = 0 gives plain sigmoid CE.
         use_compile: run the fused kernel through torch.compile (True/False); None reads
@@ -68,7 +68,7 @@ class EQLLoss(nn.Module):
         self.lambda_ = check_scalar("lambda_", lambda_, low=0.0)
         self.num_classes = freq.numel()
         self.use_compile = use_compile
-        self.register_buffer("freq", freq.float(), persistent=False)
+        self.register_buffer("freq", freq.float())
 
     def threshold(self) -> torch.Tensor:
         """T_lambda(f_j) [C], bool: True for tail classes (f_j < lambda)."""

@@ -12,7 +12,7 @@ from torch import nn
 
 from ...losses import (EqualizedFocalLoss, EqualizedQualityFocalLoss, FocalLoss,
                        QualityFocalLoss)
-from ..stats_logging import put_group_means
+from ..stats_logging import logging_due, put_group_means
 
 __all__ = ["DenseClassificationLoss", "TopKFirstDecoding", "box_quality", "decode_positives"]
 
@@ -20,7 +20,9 @@ logger = logging.getLogger(__name__)
 
 
 def _train_class_frequency(cfg):
-    """LVIS groups ("r"/"c"/"f") of the first training set, or None when it has none."""
+    """LVIS groups ("r"/"c"/"f") of the first training set, or None when its metadata has
+    none. Reads the MetadataCatalog only: a model built for inference, whose training set is
+    neither loaded nor perhaps registered, gets None (the groups only label training logs)."""
     if not cfg.DATASETS.TRAIN:
         return None
     return MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("class_frequency")
@@ -73,6 +75,7 @@ class DenseClassificationLoss(nn.Module):
         self.num_classes = num_classes
         self.class_frequency = None if class_frequency is None else list(class_frequency)
         self.period = int(period)
+        self._warned_no_groups = False
         if loss == "focal":
             self.criterion = FocalLoss(gamma=gamma_b, alpha=alpha)
         elif loss == "efl":
@@ -85,9 +88,6 @@ class DenseClassificationLoss(nn.Module):
                                                        scale=scale)
         else:
             self.criterion = FocalLoss(gamma=0.0, alpha=None)
-        if self.equalized and self.class_frequency is None and self.period > 0:
-            logger.warning("MODEL.EFL.LOSS %s: the training set has no class_frequency "
-                           "metadata, so g^j / gamma^j are not logged by group", loss)
 
     @classmethod
     def from_config(cls, cfg, num_classes):
@@ -128,6 +128,15 @@ class DenseClassificationLoss(nn.Module):
 
     def _log_statistics(self):
         if self.class_frequency is None:
+            # said once, when training starts: a model built for inference has no groups
+            # and needs none
+            if self.period > 0 and not self._warned_no_groups:
+                self._warned_no_groups = True
+                logger.warning("MODEL.EFL.LOSS %s: the training set has no class_frequency "
+                               "metadata, so g^j / gamma^j are not logged by group",
+                               self.loss_name)
+            return
+        if not logging_due(self.period):
             return
         put_group_means("efl/gradient_ratio", self.criterion.gradient_ratio,
                         self.class_frequency, self.period)

@@ -11,7 +11,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import (FastRCNNOutputLayers,
 from torch import nn
 
 from ...losses import EQLLoss, EQLv2Loss, SigmoidCELoss, SoftmaxCELoss
-from ..stats_logging import put_group_means
+from ..stats_logging import logging_due, put_group_means
 from .category_frequency import category_frequencies, frequency_groups
 
 __all__ = ["EQLFastRCNNOutputLayers", "exclude_entries", "LOSSES"]
@@ -58,6 +58,13 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
 
     Inference: softmax or sigmoid probabilities, or for EQLv2 sigmoid(z_j) (1 -
     sigmoid(z_obj)); then detectron2's per-class NMS, score threshold and top-k.
+
+    Built for inference, the predictor needs nothing from the training data: EQL's category
+    frequencies are a buffer of the checkpoint (``cls_loss.freq``), and the r/c/f groups only
+    label statistics logged while training. A predictor built without frequencies (its
+    training sets' metadata not loaded) takes them from the checkpoint it loads, and refuses
+    to train if none arrived. Loading a checkpoint saved before the frequencies were stored
+    keeps the training data's, with a warning.
     """
 
     @configurable
@@ -65,13 +72,14 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
                  lambda_: float = 1.76e-3, prior_prob: float = 0.001,
                  eqlv2_gamma: float = 12.0, eqlv2_mu: float = 0.8, eqlv2_alpha: float = 4.0,
                  class_groups=None, log_period: int = 20, background_fraction: float = 0.75,
-                 **kwargs):
+                 train_datasets=(), **kwargs):
         """
         Args:
             input_shape, kwargs: as for ``FastRCNNOutputLayers`` (``use_sigmoid_ce`` is set
                 from ``loss``; ``use_fed_loss`` only with ``loss="sigmoid"``).
             loss: "softmax", "sigmoid", "eql" or "eqlv2".
-            class_freq: [C] image-level frequency of each category (needed by "eql").
+            class_freq: [C] image-level frequency of each category, for "eql". None: not
+                known yet; the checkpoint loaded next must hold them before training.
             lambda_: EQL threshold lambda.
             prior_prob: initial probability of each category for sigmoid-type losses.
             eqlv2_gamma, eqlv2_mu, eqlv2_alpha: EQLv2 hyper-parameters.
@@ -80,6 +88,7 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
             log_period: log those means every this many iterations.
             background_fraction: expected share of background proposals in a sampled
                 batch (1 - ROI_HEADS.POSITIVE_FRACTION); EQLv2's objectness bias starts there.
+            train_datasets: DATASETS.TRAIN, named in messages only.
         """
         if loss not in LOSSES:
             raise ValueError(f"MODEL.EQL.LOSS must be one of {', '.join(LOSSES)}; got {loss!r}")
@@ -95,6 +104,8 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
         super().__init__(input_shape, **kwargs)
         self.loss = loss
         self.log_period = int(log_period)
+        self.train_datasets = tuple(train_datasets)
+        self._warned_no_groups = False
         c = self.num_classes
         if loss != "softmax":
             bias = -math.log((1.0 - prior_prob) / prior_prob)
@@ -113,16 +124,25 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
         elif loss == "sigmoid":
             self.cls_loss = SigmoidCELoss()
         elif loss == "eql":
+            self._frequencies_known = class_freq is not None
             if class_freq is None:
-                raise ValueError("MODEL.EQL.LOSS eql needs the category frequencies (class_freq)")
-            self.cls_loss = EQLLoss(class_freq, lambda_)
-            if self.cls_loss.num_classes != c:
-                raise ValueError(f"class_freq has {self.cls_loss.num_classes} entries, but "
-                                 f"MODEL.ROI_HEADS.NUM_CLASSES = {c}")
-            tail = int(self.cls_loss.threshold().sum())
-            logger.info("EQL: lambda = %g; %d of %d categories are tail categories (f < lambda); "
-                        "tail ratio TR(lambda) = %.2f%%", lambda_, tail, c,
-                        100.0 * self.cls_loss.tail_ratio())
+                # NaN marks "unknown" in the buffer too, so a checkpoint saved from this
+                # model is not mistaken for one that holds frequencies.
+                self.cls_loss = EQLLoss(torch.zeros(c), lambda_)
+                self.cls_loss.freq.fill_(float("nan"))
+                logger.info("EQL: lambda = %g; the category frequencies of DATASETS.TRAIN %s are "
+                            "not in their metadata: they come from the checkpoint",
+                            lambda_, list(self.train_datasets))
+            else:
+                self.cls_loss = EQLLoss(class_freq, lambda_)
+                if self.cls_loss.num_classes != c:
+                    raise ValueError(f"class_freq has {self.cls_loss.num_classes} entries, but "
+                                     f"MODEL.ROI_HEADS.NUM_CLASSES = {c}")
+                tail = int(self.cls_loss.threshold().sum())
+                logger.info("EQL: lambda = %g; %d of %d categories are tail categories "
+                            "(f < lambda); tail ratio TR(lambda) = %.2f%%", lambda_, tail, c,
+                            100.0 * self.cls_loss.tail_ratio())
+            self.register_load_state_dict_pre_hook(_frequencies_from_checkpoint)
         else:
             self.cls_loss = EQLv2Loss(c, eqlv2_gamma, eqlv2_mu, eqlv2_alpha)
             logger.info("EQLv2: gamma = %g, mu = %g, alpha = %g, %d categories", eqlv2_gamma,
@@ -148,14 +168,39 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
             log_period=e.PERIOD,
             background_fraction=1.0 - cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION,
         )
+        ret["train_datasets"] = tuple(cfg.DATASETS.TRAIN)
+        # Only what the training sets' metadata already holds is used: building a model for
+        # inference must not need (or read) the training JSON. prepare_datasets loads it
+        # before a training run.
         if loss == "eql":
-            ret["class_freq"] = category_frequencies(cfg.DATASETS.TRAIN, num_classes)
-        if loss == "eqlv2" and e.PERIOD > 0:
-            if not cfg.DATASETS.TRAIN:
-                raise ValueError("MODEL.EQL.PERIOD > 0 logs EQLv2 statistics per LVIS group, "
-                                 "read from DATASETS.TRAIN[0], which is empty")
-            ret["class_groups"] = frequency_groups(cfg.DATASETS.TRAIN[0], num_classes)
+            ret["class_freq"] = category_frequencies(cfg.DATASETS.TRAIN, num_classes,
+                                                     required=False)
+        if loss == "eqlv2" and e.PERIOD > 0 and cfg.DATASETS.TRAIN:
+            ret["class_groups"] = frequency_groups(cfg.DATASETS.TRAIN[0], num_classes,
+                                                   required=False)
         return ret
+
+    @property
+    def frequencies_known(self) -> bool:
+        """Whether EQL's category frequencies are set (from the training data or a
+        checkpoint); always True for the other losses, which have none."""
+        return self.loss != "eql" or self._frequencies_known
+
+    def _check_before_training(self):
+        if not self.frequencies_known:
+            raise ValueError(
+                "MODEL.EQL.LOSS eql cannot train this model: its category frequencies are "
+                "unknown. They come from the metadata (class_image_count, num_train_images) of "
+                f"DATASETS.TRAIN {list(self.train_datasets)}, which was not loaded when the "
+                "model was built, and the loaded checkpoint (if any) had none. Call "
+                "eql_d2.engine.prepare_datasets(cfg) before building the model "
+                "(train_net.py does)")
+        if (self.loss == "eqlv2" and self.class_groups is None and self.log_period > 0
+                and not self._warned_no_groups):
+            self._warned_no_groups = True
+            logger.warning("MODEL.EQL.PERIOD = %d, but DATASETS.TRAIN %s has no class_frequency "
+                           "(r/c/f) in its metadata: EQLv2 statistics are not logged by group",
+                           self.log_period, list(self.train_datasets))
 
     @property
     def uses_verified(self) -> bool:
@@ -179,7 +224,8 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
         if self.loss == "eql":
             return self.cls_loss(logits[:, :-1], gt_classes, verified)
         loss = self.cls_loss(logits, gt_classes, verified)
-        if self.class_groups is not None and self.training and torch.is_grad_enabled():
+        if (self.class_groups is not None and self.training and torch.is_grad_enabled()
+                and logging_due(self.log_period)):
             put_group_means("eqlv2/gradient_ratio", self.cls_loss.gradient_ratio,
                             self.class_groups, self.log_period)
             put_group_means("eqlv2/negative_weight", self.cls_loss.negative_weight,
@@ -188,6 +234,7 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
 
     def losses(self, predictions, proposals):
         """Same outputs as ``FastRCNNOutputLayers.losses``, with :meth:`classification_loss`."""
+        self._check_before_training()
         scores, proposal_deltas = predictions
         if proposals:
             gt_classes = cat([p.gt_classes for p in proposals], dim=0)
@@ -233,3 +280,45 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
         # fast_rcnn_inference expects [R, C+1] and drops the last column.
         probs = torch.cat([probs, torch.sigmoid(scores[:, -1:])], dim=1)
         return probs.split([len(p) for p in proposals], dim=0)
+
+
+def _frequencies_from_checkpoint(module, state_dict, prefix, local_metadata, strict,
+                                 missing_keys, unexpected_keys, error_msgs):
+    """load_state_dict pre-hook of an "eql" predictor: settle where ``cls_loss.freq`` comes from.
+
+    - The predictor was built with the training data's frequencies: those stay (training
+      derives them from the data). A checkpoint without them (saved before they were
+      stored) or with other values gets a warning; its entry is replaced by the data's.
+    - Built without them: a checkpoint's finite [C] values in [0, 1] are taken; otherwise
+      the model still predicts (inference never reads them) and training will refuse.
+
+    `state_dict` is load_state_dict's own copy, so editing it changes nothing of the caller's.
+    """
+    key = prefix + "cls_loss.freq"
+    saved = state_dict.get(key)
+    current = module.cls_loss.freq
+    valid = (isinstance(saved, torch.Tensor) and saved.shape == current.shape
+             and bool(torch.isfinite(saved).all()) and bool(((saved >= 0) & (saved <= 1)).all()))
+    if module._frequencies_known:
+        if not valid:
+            logger.warning("%s: the checkpoint has no EQL category frequencies (%s); keeping "
+                           "those of DATASETS.TRAIN %s", key,
+                           "saved before checkpoints held them" if saved is None else
+                           "its entry is not C finite values in [0, 1]",
+                           list(module.train_datasets))
+        elif not torch.equal(saved.to(current), current):
+            logger.warning("%s: the checkpoint's EQL category frequencies differ from those of "
+                           "DATASETS.TRAIN %s for %d of %d categories; training uses the data's",
+                           key, list(module.train_datasets),
+                           int((saved.to(current) != current).sum()), current.numel())
+        state_dict[key] = current.detach().clone()
+    elif valid:
+        module._frequencies_known = True
+    else:
+        logger.warning("%s: neither the checkpoint nor DATASETS.TRAIN %s's metadata give EQL's "
+                       "category frequencies; the model predicts as usual but cannot train",
+                       key, list(module.train_datasets))
+        if saved is not None:
+            # an invalid entry (for instance the NaN of a model saved without frequencies)
+            # must not overwrite the buffer's NaN with something that looks like data
+            state_dict[key] = current.detach().clone()
