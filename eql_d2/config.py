@@ -117,6 +117,18 @@ def _add_atss_config(cfg):
 _NODES.append(_add_atss_config)
 
 
+def _add_dataloader_config(cfg):
+    """DATALOADER: checks and fault tolerance of eql_d2's resumable training loader."""
+    # check before training that every training image file exists (a stat per image)
+    cfg.DATALOADER.CHECK_IMAGE_FILES = True
+    # training images that may fail to load (replaced by another sample, with a warning)
+    # per process before training stops with an error naming them
+    cfg.DATALOADER.MAX_FAILED_IMAGES = 20
+
+
+_NODES.append(_add_dataloader_config)
+
+
 def _add_eval_config(cfg):
     """TEST.EVAL: LVIS evaluation outputs (eql_d2.evaluation.LVISPerCategoryEvaluator)."""
     cfg.TEST.EVAL = CN()

@@ -20,11 +20,12 @@ def small_synthetic(tmp_path_factory):
     return str(out)
 
 
-def run_train_net(args, env_extra=None, timeout=600):
-    """Run train_net.py in a fresh process; returns CompletedProcess (text output)."""
-    env = dict(os.environ, OMP_NUM_THREADS="2", **(env_extra or {}))
+def run_train_net(args, env_extra=None, timeout=600, script="train_net.py"):
+    """Run train_net.py (or another script of the repository) in a fresh process; returns
+    CompletedProcess (text output)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train_net.py"), *args],
+        [sys.executable, os.path.join(ROOT, script), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -37,6 +38,22 @@ TINY_RCNN = [
     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
     "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
     "DATALOADER.NUM_WORKERS", "0",
+]
+
+
+# Overrides that shrink the Synthetic-LT one-stage configs (ATSS, RetinaNet) the same way.
+TINY_ONE_STAGE = [
+    "MODEL.ATSS.NUM_CLASSES", "8", "MODEL.RETINANET.NUM_CLASSES", "8",
+    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ATSS.NUM_CONVS", "1", "MODEL.RETINANET.NUM_CONVS", "1",
+    "MODEL.EFL.PERIOD", "1",
+    # at 64 px P7 is 1x1, and GroupNorm refuses one value per group on a batch of one image
+    # (evaluation); the GN head is covered by tests/test_one_stage.py
+    "MODEL.ATSS.NORM", "", "MODEL.RETINANET.NORM", "",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.STEPS", "()",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+    "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "50",
 ]
 
 

@@ -32,18 +32,21 @@ def _batches():
     return out
 
 
-def _run(rows):
-    """Train the three stateful losses for STEPS steps on ``rows`` of each global batch."""
+def _run(rows, normalizer=11.0):
+    """Train the three stateful losses for STEPS steps on ``rows`` of each global batch.
+
+    ``normalizer``: of EFL / EQFL; a worker holding 1 / world_size of the batch passes the
+    whole batch's divided by world_size, as the dense detectors' normalizer averaged over
+    workers is."""
     losses = {"eqlv2": EQLv2Loss(C), "efl": EqualizedFocalLoss(C),
               "eqfl": EqualizedQualityFocalLoss(C, scale=4.0)}
     for logits, labels, ignore, quality, objectness in _batches():
         focal_labels = torch.where(ignore, -1, labels)
         z = logits[rows].clone().requires_grad_()
         zo = torch.cat([logits, objectness], 1)[rows].clone().requires_grad_()
-        # The normalizer is the caller's choice; all runs use the same value.
         losses["eqlv2"](zo, labels[rows]).backward()
-        losses["efl"](z, focal_labels[rows], 11.0).backward()
-        losses["eqfl"](z, focal_labels[rows], quality[rows], 11.0).backward()
+        losses["efl"](z, focal_labels[rows], normalizer).backward()
+        losses["eqfl"](z, focal_labels[rows], quality[rows], normalizer).backward()
     return {name: torch.stack([m.pos_grad, m.neg_grad]) for name, m in losses.items()}
 
 
@@ -52,7 +55,7 @@ def _worker(rank, world_size, init_method, out_dir):
     try:
         torch.set_num_threads(1)
         half = N // world_size
-        stats = _run(slice(rank * half, (rank + 1) * half))
+        stats = _run(slice(rank * half, (rank + 1) * half), normalizer=11.0 / world_size)
         torch.save(stats, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

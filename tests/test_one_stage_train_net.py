@@ -7,21 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, run_train_net
-
-TINY_ONE_STAGE = [
-    "MODEL.ATSS.NUM_CLASSES", "8", "MODEL.RETINANET.NUM_CLASSES", "8",
-    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ATSS.NUM_CONVS", "1", "MODEL.RETINANET.NUM_CONVS", "1",
-    "MODEL.EFL.PERIOD", "1",
-    # at 64 px P7 is 1x1, and GroupNorm refuses one value per group on a batch of one image
-    # (evaluation); the GN head is covered by tests/test_one_stage.py
-    "MODEL.ATSS.NORM", "", "MODEL.RETINANET.NORM", "",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1",
-    "SOLVER.STEPS", "()",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-    "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "50",
-]
+from conftest import ROOT, TINY_ONE_STAGE, run_train_net
 
 
 @pytest.mark.parametrize("config", ["atss_R18_FPN_efl.yaml", "retinanet_R18_FPN_efl.yaml"])

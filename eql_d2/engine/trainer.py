@@ -1,14 +1,21 @@
+import logging
 import weakref
 
-from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer
+from detectron2.data import DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data.samplers import RepeatFactorTrainingSampler
+from detectron2.engine import (AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase,
+                               create_ddp_model)
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..data import load_category_metadata
 from ..evaluation import build_evaluator
+from ..data.train_loader import ResumableTrainLoader, check_image_files
 from .checkpoint import AtomicCheckpointer
+from .hooks import SeedEachIteration
 
-__all__ = ["Trainer", "prepare_datasets", "check_num_classes", "NUM_CLASSES_KEYS"]
+__all__ = ["Trainer", "prepare_datasets", "check_num_classes", "wrap_distributed",
+           "NUM_CLASSES_KEYS"]
 
 # Which config key holds the number of foreground classes, per meta-architecture.
 NUM_CLASSES_KEYS = {
@@ -73,19 +80,94 @@ def prepare_datasets(cfg, *, training=True):
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with LVIS/COCO evaluators by dataset type and atomic checkpoints."""
+    """DefaultTrainer with LVIS/COCO evaluators by dataset type, atomic checkpoints, the
+    resumable training loader and distributed training on CPU.
+
+    - Several processes without CUDA: the model is wrapped in DistributedDataParallel
+      without device ids (gloo), as torch requires for CPU modules; on CUDA as detectron2 does.
+    - The training loader is :class:`~eql_d2.data.train_loader.ResumableTrainLoader`; the
+      checkpoint's ``trainer`` entry carries its state (``data_stream``), and
+      :class:`~eql_d2.engine.hooks.SeedEachIteration` seeds the RNGs of every iteration, so
+      ``--resume`` continues the run it resumes (see README, "What --resume guarantees").
+    """
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__, except the DDP wrapper and the checkpointer.
+        TrainerBase.__init__(self)
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = wrap_distributed(model)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """The resumable loader over DATASETS.TRAIN with detectron2's DatasetMapper; image
+        files are checked to exist first (DATALOADER.CHECK_IMAGE_FILES)."""
+        dicts = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=(cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+                           if cfg.MODEL.KEYPOINT_ON else 0),
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
+        if cfg.DATALOADER.CHECK_IMAGE_FILES:
+            check_image_files(dicts, cfg.DATASETS.TRAIN)
+        sampler = cfg.DATALOADER.SAMPLER_TRAIN
+        repeat_factors = None
+        if sampler == "RepeatFactorTrainingSampler":
+            repeat_factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+                dicts, cfg.DATALOADER.REPEAT_THRESHOLD, sqrt=cfg.DATALOADER.REPEAT_SQRT)
+        # A seed shared by every process: the configured one, else one drawn on rank 0
+        # (a resumed run then takes the checkpoint's).
+        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        return ResumableTrainLoader(
+            dicts, DatasetMapper(cfg, True), total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            seed=seed, sampler=sampler, repeat_factors=repeat_factors,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            max_failed_images=cfg.DATALOADER.MAX_FAILED_IMAGES,
+            rank=comm.get_rank(), world_size=comm.get_world_size())
+
+    @property
+    def train_loader(self):
+        return self._trainer.data_loader
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
-        # DefaultTrainer.__init__ made self.checkpointer just before calling build_hooks;
-        # replace it here so the checkpoint hooks hold the atomic one.
-        self.checkpointer = AtomicCheckpointer(
-            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
-        return super().build_hooks()
+        hooks = super().build_hooks()
+        # first, so that every other hook's before_step already sees the seeded RNGs
+        return [SeedEachIteration(self.train_loader)] + hooks
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["data_stream"] = self.train_loader.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "data_stream" in state_dict:
+            self.train_loader.load_state_dict(state_dict["data_stream"])
+        else:
+            logging.getLogger(__name__).warning(
+                "The checkpoint has no training data-stream state (written by an older "
+                "version): the sample stream starts again from its beginning")
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        self.train_loader.start_iter = self.start_iter
 
     def train(self):
         """Train, then return the final evaluation results (DefaultTrainer returns them
@@ -94,3 +176,13 @@ class Trainer(DefaultTrainer):
         if results is None:
             results = getattr(self, "_last_eval_results", None)
         return results
+
+
+def wrap_distributed(model):
+    """DistributedDataParallel over the process group when there are several processes:
+    detectron2's wrapper on CUDA, no device ids for CPU modules (gloo)."""
+    if comm.get_world_size() == 1:
+        return model
+    if next(model.parameters()).device.type == "cuda":
+        return create_ddp_model(model, broadcast_buffers=False)
+    return create_ddp_model(model, broadcast_buffers=False, device_ids=None)

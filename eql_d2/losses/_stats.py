@@ -8,11 +8,14 @@ from torch import nn
 __all__ = ["GradientStatistics"]
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over the default process group, when one is initialized (in place)."""
+def _all_reduce_sum(t: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    """Sum (or average) ``t`` over the default process group, when one is initialized
+    (in place)."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if mean:
+            t /= dist.get_world_size()
     return t
 
 
@@ -27,7 +30,10 @@ class GradientStatistics(nn.Module):
     in training mode with gradients enabled. Each call sums that step's statistics over the
     default process group (``all_reduce``, SUM) before adding them, so every worker holds the
     same buffers, equal to those of one worker seeing the whole global batch. Every worker
-    must therefore run the same number of training forwards.
+    must therefore run the same number of training forwards. Subclasses whose statistics
+    include the loss's normalizer set ``_STATS_MEAN_OVER_WORKERS``: DDP applies the mean of
+    the workers' gradients, and with a normalizer averaged over workers that mean, not the
+    sum, equals one worker's gradient on the whole batch.
 
     Loading a state_dict that lacks the buffers (a checkpoint from an older model or another
     loss) does not fail: the statistics restart from zero, as for a fresh model, and a
@@ -36,6 +42,7 @@ class GradientStatistics(nn.Module):
     """
 
     _STAT_NAMES = ("pos_grad", "neg_grad")
+    _STATS_MEAN_OVER_WORKERS = False
 
     def __init__(self, num_classes: int):
         super().__init__()
@@ -54,7 +61,7 @@ class GradientStatistics(nn.Module):
     def _accumulate(self, step_stats: torch.Tensor) -> None:
         """Add one step's statistics, step_stats [2, C] (row 0 positives, row 1 negatives)."""
         step = step_stats.to(device=self.pos_grad.device, dtype=self.pos_grad.dtype).contiguous()
-        _all_reduce_sum(step)
+        _all_reduce_sum(step, mean=self._STATS_MEAN_OVER_WORKERS)
         self.pos_grad.add_(step[0])
         self.neg_grad.add_(step[1])
 

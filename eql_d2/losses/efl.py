@@ -18,6 +18,8 @@ Number = Union[float, int, torch.Tensor]
 class _EqualizedFocalBase(GradientStatistics):
     """Focusing/weighting factors from accumulated gradients, shared by EFL and EQFL."""
 
+    _STATS_MEAN_OVER_WORKERS = True  # the statistics include 1 / normalizer
+
     def __init__(self, num_classes: int, gamma_b: float, scale: float,
                  use_compile: Optional[bool]):
         super().__init__(check_num_classes(num_classes))
@@ -82,8 +84,9 @@ class EqualizedFocalLoss(_EqualizedFocalBase):
     entries of each class and over workers. g^j starts at 1 (no statistics: neg_grad_j =
     0), so the first step is the focal loss. A loss weight applied by the caller outside
     this module is not part of the statistics; as a constant it cancels in g^j. With DDP
-    and a normalizer averaged over workers, each step's sums are world_size times those of
-    one process given the whole batch and the total normalizer; g^j is unchanged.
+    and a normalizer averaged over workers (as the dense detectors here use), each step's
+    sums are averaged over workers, as DDP averages gradients, so they equal those of one
+    process given the whole batch.
 
     Logging: :attr:`gradient_ratio` (g^j), :attr:`focusing_factor` (gamma^j),
     :attr:`weighting_factor` (gamma^j / gamma_b), each a tensor [C] for the next step.

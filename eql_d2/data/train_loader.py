@@ -1,0 +1,288 @@
+"""Training data loader whose batches depend only on (seed, iteration): exact resume.
+
+detectron2's training loader keeps its position and randomness in the running processes
+(the sampler's generator, one RNG per data-loader worker), so ``--resume`` starts the
+sample stream again from its beginning and augments differently. Here:
+
+- The global sample stream is the one of detectron2's ``TrainingSampler`` or
+  ``RepeatFactorTrainingSampler`` for one seed. Every rank computes the same stream; it is
+  indices only, so skipping to any point is cheap (LVIS v1, 16 images x 180k iterations:
+  2.9M indices).
+- Global batch k is the next ``SOLVER.IMS_PER_BATCH`` samples of that stream (with
+  ``DATALOADER.ASPECT_RATIO_GROUPING``: the k-th bucket of landscape or portrait images to
+  fill up, by the dataset's ``width`` / ``height``). Rank r trains on the r-th equal slice
+  of it, so one process with 4 images per batch and two with 2 each see the same images.
+- The sample at stream position p is read and augmented with python, numpy and torch RNGs
+  seeded from (seed, p), whichever process or worker maps it; the RNG state of the
+  training process is restored afterwards.
+
+A resumed run therefore continues with exactly the batches the uninterrupted run would have
+produced, for any ``DATALOADER.NUM_WORKERS``. :meth:`ResumableTrainLoader.state_dict` is
+what a checkpoint stores.
+
+Images that fail to load (missing or corrupt file) during training are logged and replaced
+by another sample chosen from (seed, p), so the replacement is the same on resume; after
+more than ``max_failed_images`` failures in a process, training stops with an error naming
+them. :func:`check_image_files` finds missing files before training starts.
+"""
+
+import contextlib
+import logging
+import os
+import random
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.utils.data as torchdata
+from detectron2.data.build import trivial_batch_collator
+from detectron2.data.common import DatasetFromList
+from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
+
+__all__ = ["ResumableTrainLoader", "check_image_files", "derive_seed", "seeded_rngs", "SAMPLERS",
+           "SEED_TRAIN_STEP"]
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler")
+
+# First word of every derived seed: keeps the streams of different uses independent.
+SEED_AUGMENT, SEED_REPLACE, SEED_TRAIN_STEP, SEED_LOADER = 1, 2, 3, 4
+
+# Errors of reading / decoding an image file (PIL raises OSError for truncated files and
+# SyntaxError for some malformed headers; a missing file is a FileNotFoundError).
+_IMAGE_ERRORS = (OSError, SyntaxError)
+
+# Key under which a mapped sample carries the failures that preceded it back to the
+# training process (workers cannot log to the trainer's failure count).
+_FAILED_KEY = "_eql_d2_failed_images"
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed from non-negative integers; different tuples give independent streams
+    (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """Seed python's, numpy's and torch's (CPU) global RNGs for the block, then restore them."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def check_image_files(dataset_dicts: Sequence[dict], dataset_names: Sequence[str]) -> None:
+    """Raise FileNotFoundError listing the first missing ``file_name``s and their count."""
+    missing = [d["file_name"] for d in dataset_dicts if not os.path.isfile(d["file_name"])]
+    if missing:
+        shown = "\n  ".join(missing[:10])
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(dataset_dicts)} training images of {list(dataset_names)} "
+            f"do not exist (first {min(len(missing), 10)}):\n  {shown}\n"
+            "Fix the image root or the files; set DATALOADER.CHECK_IMAGE_FILES False to skip "
+            "this check.")
+
+
+def global_batches(indices: Iterator[int], batch_size: int,
+                   landscape: Optional[np.ndarray] = None) -> Iterator[List[Tuple[int, int]]]:
+    """Consecutive global batches of ``(dataset index, stream position)`` pairs.
+
+    landscape [num images] bool or None: when given, images are grouped by orientation and
+    a batch is emitted whenever one orientation's bucket is full (detectron2's
+    aspect-ratio grouping, applied to the global stream).
+    """
+    if landscape is None:
+        position = 0
+        while True:
+            ids = [next(indices) for _ in range(batch_size)]
+            yield [(i, position + k) for k, i in enumerate(ids)]
+            position += batch_size
+    buckets: Tuple[list, list] = ([], [])
+    for position, i in enumerate(indices):
+        bucket = buckets[int(landscape[i])]
+        bucket.append((i, position))
+        if len(bucket) == batch_size:
+            yield list(bucket)
+            bucket.clear()
+
+
+class _RankBatches:
+    """Batch sampler: this rank's slice of every global batch, from batch ``start`` on."""
+
+    def __init__(self, stream_fn, total_batch_size, landscape, rank, world_size, start):
+        self.stream_fn = stream_fn
+        self.total_batch_size = total_batch_size
+        self.landscape = landscape
+        self.per_rank = total_batch_size // world_size
+        self.rank = rank
+        self.start = start
+
+    def __iter__(self):
+        lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+        batches = global_batches(self.stream_fn(), self.total_batch_size, self.landscape)
+        for k, batch in enumerate(batches):
+            if k >= self.start:
+                yield batch[lo:hi]
+
+
+class _SeededMapDataset(torchdata.Dataset):
+    """Maps ``(dataset index, stream position)`` to a model input, with RNGs seeded from the
+    position, replacing samples whose image cannot be read."""
+
+    def __init__(self, dataset, mapper, seed, max_attempts):
+        self.dataset = dataset
+        self.mapper = mapper
+        self.seed = seed
+        self.max_attempts = max_attempts
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, position = item
+        failures = []
+        for attempt in range(self.max_attempts):
+            record = self.dataset[index]
+            try:
+                with seeded_rngs(derive_seed(SEED_AUGMENT, self.seed, position, attempt)):
+                    data = self.mapper(record)
+            except _IMAGE_ERRORS as e:
+                failures.append((record.get("file_name", f"dataset index {index}"),
+                                 f"{type(e).__name__}: {e}"))
+                index = derive_seed(SEED_REPLACE, self.seed, position, attempt) % len(self.dataset)
+                continue
+            if failures:
+                data[_FAILED_KEY] = failures
+            return data
+        listed = "\n  ".join(f"{f}: {e}" for f, e in failures)
+        raise RuntimeError(f"{self.max_attempts} images in a row failed to load at stream "
+                           f"position {position}:\n  {listed}")
+
+
+class ResumableTrainLoader:
+    """Iterable of training batches (lists of model inputs) for one rank; see module doc.
+
+    Args:
+        dataset_dicts: detectron2 dataset dicts (``width`` / ``height`` used for grouping).
+        mapper: callable dict -> model input (detectron2's ``DatasetMapper``).
+        total_batch_size: images per global batch, divisible by ``world_size``.
+        seed: seed of the sample stream and of every derived RNG (non-negative).
+        sampler: "TrainingSampler" or "RepeatFactorTrainingSampler".
+        repeat_factors: [num images] tensor for ``RepeatFactorTrainingSampler``.
+        aspect_ratio_grouping: group batches by orientation.
+        num_workers: data-loader worker processes (0: map in this process).
+        max_failed_images: failures tolerated in this process before training stops.
+        rank, world_size: this process's place in the job.
+    """
+
+    def __init__(self, dataset_dicts, mapper, *, total_batch_size: int, seed: int,
+                 sampler: str = "TrainingSampler", repeat_factors=None,
+                 aspect_ratio_grouping: bool = True, num_workers: int = 0,
+                 max_failed_images: int = 20, rank: int = 0, world_size: int = 1):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"DATALOADER.SAMPLER_TRAIN {sampler!r} is not supported by the "
+                             f"resumable loader; use one of {', '.join(SAMPLERS)}")
+        if (sampler == "RepeatFactorTrainingSampler") != (repeat_factors is not None):
+            raise ValueError("repeat_factors go with RepeatFactorTrainingSampler only")
+        if total_batch_size <= 0 or total_batch_size % world_size:
+            raise ValueError(f"SOLVER.IMS_PER_BATCH = {total_batch_size} must be a positive "
+                             f"multiple of the number of processes ({world_size})")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        if not dataset_dicts:
+            raise ValueError("the training dataset is empty")
+        self.num_images = len(dataset_dicts)
+        self.total_batch_size = int(total_batch_size)
+        self.sampler = sampler
+        self.repeat_factors = repeat_factors
+        self.num_workers = int(num_workers)
+        self.max_failed_images = int(max_failed_images)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.seed = int(seed)
+        self.landscape = None
+        if aspect_ratio_grouping:
+            if all("width" in d and "height" in d for d in dataset_dicts):
+                self.landscape = np.array([d["width"] > d["height"] for d in dataset_dicts])
+            else:
+                logger.warning("Some training dataset dicts lack width/height: batches are "
+                               "not grouped by aspect ratio")
+        # serialized like detectron2's loader: workers share the dicts without copy-on-read
+        self._dataset = DatasetFromList(list(dataset_dicts), copy=False, serialize=True)
+        self._mapper = mapper
+        self.start_iter = 0
+        self.failed_images: List[Tuple[str, str]] = []
+
+    def _index_stream(self):
+        """The global, infinite index stream (detectron2's sampler, before rank slicing)."""
+        if self.sampler == "TrainingSampler":
+            return TrainingSampler(self.num_images, seed=self.seed)._infinite_indices()
+        return RepeatFactorTrainingSampler(self.repeat_factors, seed=self.seed)._infinite_indices()
+
+    def state_dict(self) -> Dict:
+        """What a checkpoint needs to continue this stream (positions come from the
+        trainer's iteration)."""
+        return {"seed": self.seed, "sampler": self.sampler, "num_images": self.num_images,
+                "total_batch_size": self.total_batch_size, "world_size": self.world_size,
+                "num_failed_images": len(self.failed_images)}
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Continue the stream of a checkpoint: take its seed after checking that it
+        describes the same stream. A different number of processes keeps the stream
+        (global batches are split anew) but not the per-rank random draws: warned."""
+        for key, ours in (("sampler", self.sampler), ("num_images", self.num_images),
+                          ("total_batch_size", self.total_batch_size)):
+            if state.get(key) != ours:
+                name = {"sampler": "DATALOADER.SAMPLER_TRAIN",
+                        "num_images": "number of training images (DATASETS.TRAIN)",
+                        "total_batch_size": "SOLVER.IMS_PER_BATCH"}[key]
+                raise ValueError(
+                    f"Cannot resume the training sample stream: the checkpoint's {name} is "
+                    f"{state.get(key)!r}, this run's is {ours!r}. Resume with the original "
+                    "setting, or start a new run (without --resume) from the checkpoint's "
+                    "weights (MODEL.WEIGHTS).")
+        if state.get("world_size") != self.world_size:
+            logger.warning(
+                "Resuming a run of %s processes with %s: the sample stream continues where it "
+                "stopped, but per-process random draws (e.g. proposal sampling) differ from "
+                "the original run's", state.get("world_size"), self.world_size)
+        if int(state["seed"]) != self.seed:
+            logger.info("Training sample stream: seed %d from the checkpoint (this run's "
+                        "was %d)", int(state["seed"]), self.seed)
+        self.seed = int(state["seed"])
+
+    def __iter__(self):
+        batches = _RankBatches(self._index_stream, self.total_batch_size, self.landscape,
+                               self.rank, self.world_size, self.start_iter)
+        dataset = _SeededMapDataset(self._dataset, self._mapper, self.seed,
+                                    max_attempts=self.max_failed_images + 1)
+        # Worker seeds come from this generator, not from the training process's torch RNG.
+        generator = torch.Generator()
+        generator.manual_seed(derive_seed(SEED_LOADER, self.seed, self.rank, self.start_iter))
+        loader = torchdata.DataLoader(dataset, batch_sampler=batches,
+                                      num_workers=self.num_workers,
+                                      collate_fn=trivial_batch_collator, generator=generator)
+        for batch in loader:
+            for data in batch:
+                self._record_failures(data.pop(_FAILED_KEY, ()))
+            yield batch
+
+    def _record_failures(self, failures):
+        for file_name, error in failures:
+            self.failed_images.append((file_name, error))
+            logger.warning("Training image could not be read and was replaced by another "
+                           "sample (%d so far, limit DATALOADER.MAX_FAILED_IMAGES = %d): %s (%s)",
+                           len(self.failed_images), self.max_failed_images, file_name, error)
+        if len(self.failed_images) > self.max_failed_images:
+            listed = "\n  ".join(f"{f}: {e}" for f, e in self.failed_images[:50])
+            raise RuntimeError(
+                f"{len(self.failed_images)} training images failed to load, more than "
+                f"DATALOADER.MAX_FAILED_IMAGES = {self.max_failed_images}:\n  {listed}")
+
