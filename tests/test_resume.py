@@ -1,0 +1,83 @@
+"""Exact resume: a run SIGKILLed after its second checkpoint and resumed with --resume ends
+bit-identical to the run that was never interrupted (weights, loss statistics, optimizer
+state, final metrics), with repeat factor sampling and data-loader workers too."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_RCNN, run_train_net
+
+CFG = os.path.join(ROOT, "configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_eqlv2.yaml")
+# 10 iterations, a checkpoint every 2 (after iterations 1, 3, 5, 7, 9)
+SCHEDULE = ["SOLVER.MAX_ITER", "10", "SOLVER.CHECKPOINT_PERIOD", "2", "SEED", "5",
+            "TEST.EVAL_PERIOD", "0"]
+VARIANTS = {
+    "training_sampler": [],
+    "rfs_two_workers": ["DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler",
+                        "DATALOADER.REPEAT_THRESHOLD", "0.3", "DATALOADER.NUM_WORKERS", "2"],
+}
+
+
+def _args(variant, out):
+    return ["--config-file", CFG, *TINY_RCNN, *SCHEDULE, *VARIANTS[variant], "OUTPUT_DIR", out]
+
+
+def _last_checkpoint(out):
+    try:
+        with open(os.path.join(out, "last_checkpoint")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _kill_after(args, out, env, checkpoint, timeout=600):
+    """Run train_net.py and SIGKILL it as soon as `checkpoint` is the last checkpoint."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_net.py"), *args],
+                            cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while _last_checkpoint(out) != checkpoint and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    err = proc.communicate()[1]
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_killed_and_resumed_run_ends_bit_identical(variant, small_synthetic, tmp_path):
+    env = {"EQL_D2_SYNTHETIC_ROOT": small_synthetic, "OMP_NUM_THREADS": "1"}
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    proc = run_train_net(_args(variant, whole), env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    _kill_after(_args(variant, resumed), resumed, env, "model_0000003.pth")
+    assert not os.path.exists(os.path.join(resumed, "model_final.pth"))
+    proc = run_train_net(["--resume", *_args(variant, resumed)], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # it continued from the checkpoint (not from iteration 0)
+    assert "Starting training from iteration" in proc.stdout + proc.stderr
+    start = int((proc.stdout + proc.stderr).split("Starting training from iteration ")[1].split()[0])
+    assert 4 <= start <= 9
+
+    a, b = (torch.load(os.path.join(d, "model_final.pth"), map_location="cpu",
+                       weights_only=False) for d in (whole, resumed))
+    assert set(a["model"]) == set(b["model"])
+    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differ, differ[:10]
+    stats = [k for k in a["model"] if k.endswith(("pos_grad", "neg_grad"))]
+    assert stats and all(a["model"][k].sum() > 0 for k in stats)
+    opt_a, opt_b = (c["trainer"]["_trainer"]["optimizer"]["state"] for c in (a, b))
+    assert opt_a.keys() == opt_b.keys()
+    assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
+    assert a["trainer"]["data_stream"] == b["trainer"]["data_stream"]
+    with open(os.path.join(whole, "final_metrics.json")) as f1, \
+            open(os.path.join(resumed, "final_metrics.json")) as f2:
+        assert json.load(f1) == json.load(f2)
