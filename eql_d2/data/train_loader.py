@@ -163,8 +163,10 @@ class _SeededMapDataset(torchdata.Dataset):
                 data[_FAILED_KEY] = failures
             return data
         listed = "\n  ".join(f"{f}: {e}" for f, e in failures)
-        raise RuntimeError(f"{self.max_attempts} images in a row failed to load at stream "
-                           f"position {position}:\n  {listed}")
+        raise RuntimeError(
+            f"{len(failures)} training images in a row failed to load (stream position "
+            f"{position}), more than DATALOADER.MAX_FAILED_IMAGES = {self.max_attempts - 1}:"
+            f"\n  {listed}")
 
 
 class ResumableTrainLoader:
