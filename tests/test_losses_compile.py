@@ -4,6 +4,7 @@ Compiling on CPU takes several seconds per kernel variant (less with inductor's 
 cache), so this file covers the three training variants only.
 """
 
+import functools
 import warnings
 
 import pytest
@@ -75,22 +76,120 @@ def test_compile_switch(monkeypatch):
         resolve_compile(None, cpu)
 
 
-def test_compile_failure_falls_back_to_eager(monkeypatch):
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()  # the tests below compile with their own backends
+    yield
+    torch._dynamo.reset()
+
+
+def _compile_with(monkeypatch, backend):
+    """Make the loss kernels compile through Dynamo with ``backend`` (no C++ compiler needed)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(real_compile, backend=backend))
+
+
+def test_compile_failure_falls_back_to_eager_naming_the_cause(monkeypatch, fresh_dynamo):
+    from torch._inductor.exc import InvalidCxxCompiler
+
     from eql_d2.losses import _fused
 
-    def broken_compile(fn, **kwargs):
-        def run(*args):
-            raise RuntimeError("no C++ compiler")
-        return run
+    attempts = []
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    kernel = _fused._Kernel(_fused._focal_block)
-    monkeypatch.setattr(_fused, "focal_kernel", kernel)
+    def no_compiler(gm, example_inputs):  # what inductor meets without a C++ compiler
+        attempts.append(1)
+        raise InvalidCxxCompiler("g++")
+
+    _compile_with(monkeypatch, no_compiler)
+    monkeypatch.setattr(_fused, "focal_kernel", _fused._Kernel(_fused._focal_block))
     logits, labels, _, _ = _batch(50, 6, 0)
     expected = EqualizedFocalLoss(6, use_compile=False)(logits, labels, 2.0)
-    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+    with pytest.warns(RuntimeWarning, match="BackendCompilerFailed.*Compiler: g\+\+ is not found"):
         first = EqualizedFocalLoss(6, use_compile=True)(logits, labels, 2.0)
+    assert attempts
+    tried = len(attempts)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once, then eager silently
         second = EqualizedFocalLoss(6, use_compile=True)(logits, labels, 2.0)
+    assert len(attempts) == tried  # no second compile attempt
     assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+@pytest.mark.parametrize("failure", ["entry point", "unsupported", "triton missing",
+                                     "cpp compile error"])
+def test_compile_time_failures_fall_back(monkeypatch, failure):
+    from torch._dynamo.exc import Unsupported
+    from torch._inductor.exc import CppCompileError, InductorError, TritonMissing
+
+    from eql_d2.losses import _fused
+
+    exc = {"entry point": RuntimeError("torch.compile is not supported on Python 3.99"),
+           "unsupported": Unsupported("call_function: data-dependent branch"),
+           "triton missing": TritonMissing(None),
+           "cpp compile error": InductorError(CppCompileError(["g++", "k.cpp"], "k.cpp:1: error"),
+                                              None)}[failure]
+
+    def fake_compile(fn, **kwargs):
+        if failure == "entry point":
+            raise exc
+
+        def run(*args):
+            raise exc
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    kernel = _fused._Kernel(lambda x: x * 2)
+    with pytest.warns(RuntimeWarning, match=type(exc).__name__):
+        out = kernel(True, torch.ones(3))
+    assert torch.equal(out, torch.full((3,), 2.0)) and kernel._failed
+
+
+def test_runtime_error_inside_compiled_kernel_propagates(monkeypatch, fresh_dynamo):
+    """Dynamo compiles the kernel (eager backend), which then fails while running: the
+    error reaches the caller, and the compiled kernel keeps being used."""
+    from eql_d2.losses import _fused
+
+    graphs = []
+
+    def counting_eager(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    _compile_with(monkeypatch, counting_eager)
+
+    def pick(z, idx):
+        return z.gather(1, idx) * 2
+
+    kernel = _fused._Kernel(pick)
+    z = torch.arange(12.0).reshape(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            kernel(True, z, torch.tensor([[0], [9], [1]]))  # index 9 of 4 columns
+        assert not kernel._failed and graphs  # it was compiled, then failed to run
+        out = kernel(True, z, torch.tensor([[0], [3], [1]]))
+    assert torch.equal(out, torch.tensor([[0.0], [14.0], [18.0]])) and not kernel._failed
+
+
+@pytest.mark.parametrize("error", ["oom", "oom while compiling", "device assert"])
+def test_runtime_failures_are_not_compile_failures(monkeypatch, error):
+    from torch._inductor.exc import InductorError
+
+    from eql_d2.losses import _fused
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    exc = {"oom": oom, "oom while compiling": InductorError(oom, None),
+           "device assert": RuntimeError("CUDA error: device-side assert triggered")}[error]
+
+    def fake_compile(fn, **kwargs):
+        def run(*args):
+            raise exc
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    kernel = _fused._Kernel(lambda x: x * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(type(exc)):
+            kernel(True, torch.ones(3))
+    assert not kernel._failed

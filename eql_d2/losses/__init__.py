@@ -10,9 +10,13 @@
 
 The sigmoid and focal families run through a fused kernel (loss, gradient and gradient
 statistics in one pass); set ``use_compile`` or ``EQL_D2_COMPILE_LOSSES`` to choose
-torch.compile or eager (default: compile on CUDA only). Nothing here imports detectron2.
+torch.compile or eager (default: compile on CUDA only). Half-precision logits get the
+gradient autocast would give them. A training step reads nothing back from the GPU:
+input checks that need tensor values run on CPU tensors, and on GPU tensors only with
+``EQL_D2_DEBUG_CHECKS=1``. Nothing here imports detectron2.
 """
 
+from ._checks import DEBUG_CHECKS_ENV
 from ._fused import COMPILE_ENV
 from .baselines import FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss
 from .efl import EqualizedFocalLoss, EqualizedQualityFocalLoss
@@ -22,6 +26,7 @@ from .seql import SoftmaxEQLLoss
 
 __all__ = [
     "COMPILE_ENV",
+    "DEBUG_CHECKS_ENV",
     "EQLLoss",
     "EQLv2Loss",
     "EqualizedFocalLoss",

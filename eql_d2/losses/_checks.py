@@ -2,15 +2,27 @@
 
 Every check raises ``ValueError`` with the argument's name first, so a caller sees which
 input was wrong. Nothing is broadcast: shapes must match exactly.
+
+Checks of types, shapes, dtypes and devices need no tensor values and always run. Checks
+that read values (label range, quality range, a tensor normalizer, finiteness of the
+logits or of the loss) need those values on the host; for a tensor on an accelerator that
+is a device synchronisation, which a training iteration must not pay. They therefore run
+when the tensor is on the CPU (reading it is a memory access), and for tensors on other
+devices only when the environment variable ``EQL_D2_DEBUG_CHECKS`` is ``1`` (read at each
+call). Without it, out-of-range labels or non-finite logits on a GPU are not reported by
+the losses: run a few iterations with ``EQL_D2_DEBUG_CHECKS=1`` to validate a new data
+pipeline. Hyper-parameters and per-class vectors are checked once, when a loss is built.
 """
 
 import math
+import os
 from numbers import Real
 from typing import Optional, Sequence, Union
 
 import torch
 
 __all__ = [
+    "DEBUG_CHECKS_ENV",
     "check_class_vector",
     "check_logits",
     "check_labels",
@@ -21,7 +33,27 @@ __all__ = [
     "check_num_classes",
     "check_finite_logits",
     "raise_if_nonfinite",
+    "reads_values",
 ]
+
+DEBUG_CHECKS_ENV = "EQL_D2_DEBUG_CHECKS"
+
+
+def _values_on_host(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values costs no device synchronisation."""
+    return t.device.type == "cpu"
+
+
+def reads_values(t: torch.Tensor) -> bool:
+    """Whether a check may read ``t``'s values: on the host, or with ``EQL_D2_DEBUG_CHECKS=1``."""
+    if _values_on_host(t):
+        return True
+    env = os.environ.get(DEBUG_CHECKS_ENV, "0").strip().lower()
+    if env in ("", "0", "false", "no", "off"):
+        return False
+    if env in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{DEBUG_CHECKS_ENV} must be 1 or 0, got {env!r}")
 
 
 def check_scalar(name: str, value, *, low=None, high=None, low_open=False) -> float:
@@ -81,7 +113,7 @@ def check_logits(logits, width: int, what: str = "C") -> None:
 def check_labels(labels, logits: torch.Tensor, low: int, high: int) -> None:
     """labels: integer tensor [N] on logits' device with values in [low, high].
 
-    The range test reads two numbers back from the device (one synchronisation).
+    The range is checked where :func:`reads_values` allows it (two numbers read back).
     """
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -92,7 +124,7 @@ def check_labels(labels, logits: torch.Tensor, low: int, high: int) -> None:
                          f"got {tuple(labels.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"labels must be on logits' device {logits.device}, got {labels.device}")
-    if labels.numel():
+    if labels.numel() and reads_values(labels):
         lo, hi = torch.aminmax(labels)
         lo, hi = torch.stack([lo, hi]).tolist()
         if lo < low or hi > high:
@@ -115,7 +147,10 @@ def check_verified(verified, logits: torch.Tensor, num_classes: int) -> None:
 
 
 def check_quality(quality, labels: torch.Tensor, logits: torch.Tensor, num_classes: int) -> None:
-    """quality: floating tensor [N]; finite and in [0, 1] on foreground rows (others unused)."""
+    """quality: floating tensor [N]; finite and in [0, 1] on foreground rows (others unused).
+
+    The range is checked where :func:`reads_values` allows it.
+    """
     if not isinstance(quality, torch.Tensor):
         raise ValueError(f"quality must be a torch.Tensor, got {type(quality).__name__}")
     if not quality.is_floating_point():
@@ -126,7 +161,7 @@ def check_quality(quality, labels: torch.Tensor, logits: torch.Tensor, num_class
     if quality.device != logits.device:
         raise ValueError(f"quality must be on logits' device {logits.device}, "
                          f"got {quality.device}")
-    if quality.numel():
+    if quality.numel() and reads_values(quality):
         fg = (labels >= 0) & (labels < num_classes)
         ok = (quality >= 0) & (quality <= 1)  # False for NaN
         if bool((fg & ~ok).any()):
@@ -136,8 +171,10 @@ def check_quality(quality, labels: torch.Tensor, logits: torch.Tensor, num_class
 def check_normalizer(normalizer, logits: torch.Tensor) -> Union[float, torch.Tensor]:
     """A positive finite number (float or one-element tensor).
 
-    Returns the float, or the tensor reshaped to 0-dim on logits' device (one value is
-    read back for the check).
+    Returns a float, or a 0-dim tensor on logits' device. A tensor whose value can be read
+    (:func:`reads_values`) is checked; one on the host is returned as a float when the
+    logits are elsewhere, which spares a synchronous host-to-device copy. A tensor on the
+    logits' device is passed on as it is: its value stays on the device.
     """
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1:
@@ -145,8 +182,15 @@ def check_normalizer(normalizer, logits: torch.Tensor) -> Union[float, torch.Ten
                              f"got shape {tuple(normalizer.shape)}")
         if normalizer.dtype == torch.bool or normalizer.is_complex():
             raise ValueError(f"normalizer must be real, got dtype {normalizer.dtype}")
-        value = normalizer.detach().reshape(()).to(logits.device)
+        value = normalizer.detach().reshape(())
+        if not reads_values(value):
+            if value.device != logits.device:
+                raise ValueError(f"normalizer must be a number, a CPU tensor or on logits' "
+                                 f"device {logits.device}, got {value.device}")
+            return value
         checked = value.item()
+        if value.device != logits.device:
+            value = checked
     else:
         value = checked = normalizer
     if isinstance(checked, bool) or not isinstance(checked, Real):
@@ -160,13 +204,17 @@ def raise_if_nonfinite(loss: torch.Tensor, logits: torch.Tensor) -> None:
     """Called on a computed loss: a non-finite logit makes it NaN or inf.
 
     Checking the scalar costs one read back instead of a pass over [N, C]; only when it is
-    not finite are the logits inspected, so a genuine overflow is not misreported.
+    not finite are the logits inspected, so a genuine overflow is not misreported. Runs
+    where :func:`reads_values` allows it.
     """
+    if not reads_values(loss):
+        return
     if not bool(torch.isfinite(loss)) and not bool(torch.isfinite(logits).all()):
         raise ValueError("logits must be finite: found NaN or inf")
 
 
 def check_finite_logits(logits: torch.Tensor) -> None:
-    """Direct check, for the softmax losses (a -inf logit can leave their value finite)."""
-    if not bool(torch.isfinite(logits).all()):
+    """Direct check, for the softmax losses (a -inf logit can leave their value finite).
+    Runs where :func:`reads_values` allows it."""
+    if reads_values(logits) and not bool(torch.isfinite(logits).all()):
         raise ValueError("logits must be finite: found NaN or inf")

@@ -23,11 +23,26 @@ one runs is decided per call:
 
 Compilation uses ``dynamic=True`` so the varying row count of the last block (detectors
 see a different N every iteration) does not recompile. If compiling fails (no C++
-compiler, no Triton, unsupported Python), a warning is issued once and the eager kernel
-is used from then on.
+compiler, no Triton, a construct Dynamo cannot trace, unsupported Python), a warning
+naming the cause is issued once and the eager kernel is used from then on. Errors raised
+while a compiled kernel runs (a CUDA out-of-memory error, a device assert) propagate like
+those of the eager kernel.
+
+Mixed precision: float16 and bfloat16 logits are computed in float32, and the gradient
+stays float32 until backward has applied the upstream gradient (under
+``torch.amp.GradScaler``, the loss scale); only then is it rounded to the logits' dtype,
+once. This is what autograd does for the reference formula under autocast, where
+``binary_cross_entropy_with_logits`` runs in float32; rounding the unscaled gradient
+would flush the small gradients of easy negatives to zero. The float32 gradient costs
+4 bytes per logit until backward (float32 logits: no extra memory).
+
+Nothing here reads a device tensor back to the host during training (no ``.item()``, no
+data-dependent shapes, no host-to-device copies of constants): on CUDA a training step
+queues its kernels without waiting for the device.
 """
 
 import ctypes
+import importlib
 import os
 import sys
 import threading
@@ -39,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import _checks
 from ._checks import raise_if_nonfinite
 
 __all__ = ["COMPILE_ENV", "compute_dtype", "focal_family_loss", "resolve_compile",
@@ -116,8 +132,8 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
         _madvise(first, last - first, _MADV_HUGEPAGE)  # advisory: the result is ignored
 
 
-def _new_gradient(logits: torch.Tensor) -> torch.Tensor:
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+def _new_gradient(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    grad = torch.empty(logits.shape, dtype=dtype, device=logits.device)
     if grad.device.type == "cpu" and sys.platform.startswith("linux") \
             and grad.numel() * grad.element_size() >= 4 * _HUGE_PAGE:
         _advise_huge_pages(grad)
@@ -137,25 +153,84 @@ def resolve_compile(use_compile: Optional[bool], device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _compile_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a call of a ``torch.compile``'d kernel, says that compiling
+    failed (and eager can run instead) rather than that running the kernel failed.
+
+    Compilation errors reach the caller as ``torch._dynamo.exc`` exceptions: Dynamo's own
+    (``Unsupported`` for a construct it cannot trace, ``InternalTorchDynamoError``, ...) and
+    ``BackendCompilerFailed`` / inductor's ``InductorError`` wrapping whatever the backend
+    raised (``InvalidCxxCompiler``, ``CppCompileError``, ``TritonMissing``, lowering errors).
+    The inductor and Triton-availability errors are matched directly too, in case one
+    arrives unwrapped. Once compiled, the kernel runs as generated code and its errors (a
+    CUDA OOM, a device assert, any RuntimeError) are the plain exceptions: those are not
+    compilation failures. Neither is an out-of-memory error met while compiling
+    (autotuning allocates): memory is the program's problem, not the compiler's.
+    """
+    if _out_of_memory(exc):
+        return False
+    kinds = []
+    for module_name, names in (
+            ("torch._dynamo.exc", ("TorchDynamoException", "TritonUnavailableError")),
+            ("torch._inductor.exc", ("InvalidCxxCompiler", "CppCompileError", "OperatorIssue",
+                                     "TritonMissing", "GPUTooOldForTriton"))):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        kinds += [getattr(module, n) for n in names if isinstance(getattr(module, n, None), type)]
+    return isinstance(exc, tuple(kinds))
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is, wraps or was caused by an out-of-memory error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+            return True
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+    return False
+
+
+def _describe(exc: BaseException, limit: int = 600) -> str:
+    """``Type: message`` on one line, cut at ``limit`` characters."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 class _Kernel:
-    """A chunk kernel and its lazily built ``torch.compile`` twin."""
+    """A chunk kernel and its lazily built ``torch.compile`` twin.
+
+    A compilation failure (see :func:`_compile_failure`) warns once, naming its cause, and
+    the eager kernel runs from then on; any other exception propagates.
+    """
 
     def __init__(self, fn: Callable):
         self.fn = fn
         self._compiled = None
         self._failed = False
 
+    def _fall_back(self, exc: BaseException) -> None:
+        self._failed = True
+        warnings.warn(f"torch.compile of the {self.fn.__name__} loss kernel failed "
+                      f"({_describe(exc)}); using the eager kernel from now on.",
+                      RuntimeWarning, stacklevel=4)
+
     def __call__(self, use_compile: bool, *args):
         if use_compile and not self._failed:
-            try:
-                if self._compiled is None:
+            if self._compiled is None:
+                try:
                     self._compiled = torch.compile(self.fn, dynamic=True)
+                except Exception as exc:  # no usable compiler stack at all (e.g. Python version)
+                    self._fall_back(exc)
+                    return self.fn(*args)
+            try:
                 return self._compiled(*args)
-            except Exception as exc:  # any compiler/toolchain failure: keep training eagerly
-                self._failed = True
-                warnings.warn(f"torch.compile of the {self.fn.__name__} loss kernel failed "
-                              f"({type(exc).__name__}: {exc}); using the eager kernel.",
-                              RuntimeWarning, stacklevel=3)
+            except Exception as exc:
+                if not _compile_failure(exc):
+                    raise
+                self._fall_back(exc)
         return self.fn(*args)
 
 
@@ -179,12 +254,9 @@ def _flip_positives(zf, col, has_pos):
     return u.scatter_(1, col, torch.where(has_pos, -z_at, z_at))
 
 
-def _write_gradient(out, m, col, has_pos, scale=None):
-    """out = m with the sign of the positive entries flipped (times ``scale``)."""
-    if scale is None:
-        out.copy_(m)
-    else:
-        torch.mul(m, scale, out=out)
+def _write_gradient(out, m, col, has_pos):
+    """out = m with the sign of the positive entries flipped."""
+    out.copy_(m)
     at = out.gather(1, col)
     out.scatter_(1, col, torch.where(has_pos, -at, at))
 
@@ -207,8 +279,34 @@ def _total(x):
 
 def _nonfinite_probe(zf):
     """0 for finite logits, NaN otherwise: added to the loss so that the caller detects an
-    inf/NaN logit from the scalar alone, even where the loss is flat (a -inf negative)."""
-    return (zf * 0.0).sum()
+    inf/NaN logit from the scalar alone, even where the loss is flat (a -inf negative, a
+    +inf positive). One read of the block, no [R, K] temporary; min and max of finite
+    values are finite, so huge finite logits do not trip it."""
+    lo, hi = torch.aminmax(zf)
+    return (lo + hi) * 0.0
+
+
+# Rows per column product in _column_log_sums: a product of up to 125 factors in
+# [0.5, 1] stays above 2^-125, in float32's normal range.
+_PRODUCT_ROWS = 120
+
+
+def _column_log_sums(m):
+    """sum_i log(m_ij) [K] for m [R, K] with entries in [0.5, 1] (consumes nothing).
+
+    Eager: the log of column products over chunks of ``_PRODUCT_ROWS`` rows. A log costs
+    about ten multiplications on CPU (BENCHMARKS.md, "Loss fast path: mixed precision
+    and EQLv2 CPU speed"), and each multiplication adds one rounding, as the rounding of
+    m_ij itself does: the error is that of summing the logs. Compiled: the per-entry
+    logs, which the compiler fuses into the reduction (no chunk loop to specialise on R).
+    """
+    if torch.compiler.is_compiling():
+        return torch.log(m).sum(0)
+    total = None
+    for start in range(0, m.shape[0], _PRODUCT_ROWS):
+        part = torch.log(m[start:start + _PRODUCT_ROWS].prod(0))
+        total = part if total is None else total.add_(part)
+    return total
 
 
 def _sigmoid_bce_block(z, labels, verified, pos_weight, neg_weight_fg, neg_weight_bg,
@@ -225,54 +323,84 @@ def _sigmoid_bce_block(z, labels, verified, pos_weight, neg_weight_fg, neg_weigh
     With u = z for a negative entry and -z for a positive one (the logit of the wrong
     answer), BCE = softplus(u) and |dBCE/dz| = sigmoid(u).
 
+    The [R, K] passes treat every entry as a negative, on s = sigmoid(z) with the R
+    positive entries set to 0 (so that column sums of s are sums over negatives); the
+    positive entries are then computed and corrected on [R, 1]. BCE of a negative is
+    softplus(z) = relu(z) - log(max(s, 1 - s)), from the sigmoid the gradient needs
+    anyway. Its absolute error (~1e-7 in fp32 for a tiny BCE) is that of
+    F.binary_cross_entropy_with_logits, which also takes the log of a sum near 1. At a
+    zeroed positive entry it reads relu(z), which the correction removes. Where the
+    negative weights are q_j (or 1 on verified entries) only column sums of the BCE are
+    needed, and the logs are taken of column products (:func:`_column_log_sums`).
+
     Returns (scale * sum_ij w_ij BCE_ij, pos [K], neg [K]) with pos/neg the sums of
     |w_ij dBCE/dz_ij| (unscaled) over positive/negative entries, or None when not wanted;
-    writes scale * w_ij dBCE/dz_ij into ``out`` [R, K] when ``want_grad``.
+    writes scale * w_ij dBCE/dz_ij into ``out`` [R, K] (compute dtype) when ``want_grad``.
     """
     zf = z.to(pos_weight.dtype)
-    rows, width = zf.shape
+    width = zf.shape[1]
     col, has_pos = _positive_entries(labels, width)
-    # Without verified and with one negative weight per class (EQLv2, plain BCE) the
-    # weights are a row vector except at the R positive entries: no [R, K] weight tensor.
-    uniform = neg_weight_bg is None and verified is None
-    if not uniform:
-        if neg_weight_bg is None:
-            w = torch.empty_like(zf).copy_(neg_weight_fg)  # a fresh tensor: scattered below
-        else:
-            fg = (labels < num_fg).to(zf.dtype)[:, None]
-            w = neg_weight_bg + fg * (neg_weight_fg - neg_weight_bg)
-        if verified is not None:
-            vf = verified.to(zf.dtype)
-            if vf.shape[1] < width:  # columns past C (objectness) are never verified
-                vf = torch.cat([vf, vf.new_zeros(rows, width - vf.shape[1])], dim=1)
-            w = w + vf * (1.0 - w)
-        w.scatter_(1, col, torch.where(has_pos, pos_weight[col], w.gather(1, col)))
-    u = _flip_positives(zf, col, has_pos)
-    sig = torch.sigmoid(u)  # |dBCE/dz|
-    # BCE = softplus(u) = relu(u) - log(sigmoid(|u|)), with sigmoid(|u|) = max(s, 1 - s):
-    # one log on the sigmoid the gradient needs anyway, about half the cost of softplus
-    # on CPU. Its absolute error (~1e-7 in fp32 for a tiny BCE) is that of
-    # F.binary_cross_entropy_with_logits, which also takes the log of a sum near 1.
-    bce = torch.relu(u).sub_(torch.log(torch.maximum(sig, 1.0 - sig)))
-    if uniform:
-        q_at = neg_weight_fg[col]  # [R, 1]: the weight the entry at col has if negative
-        w_at = torch.where(has_pos, pos_weight[col], q_at)
-        loss = (bce.sum(0) * neg_weight_fg).sum() + ((w_at - q_at) * bce.gather(1, col)).sum()
+    pos_f = has_pos.to(zf.dtype)
+    z_at = zf.gather(1, col)
+    probe = _nonfinite_probe(zf)
+
+    # Negative weights: q_j (EQLv2, plain BCE: a row vector, no [R, K] tensor), q_j or 1
+    # on verified entries (EQLv2 with a mask), or per row (EQL: background rows differ).
+    one = torch.ones((), dtype=zf.dtype, device=zf.device)
+    vf = None if verified is None else verified.to(zf.dtype)
+    kv = 0 if verified is None else verified.shape[1]  # columns past C are never verified
+    w = None
+    if neg_weight_bg is not None:
+        fg = (labels < num_fg).to(zf.dtype)[:, None]
+        w = neg_weight_bg + fg * (neg_weight_fg - neg_weight_bg)
+    elif vf is not None:
+        w = torch.empty_like(zf).copy_(neg_weight_fg)
+    if vf is not None:
+        w[:, :kv].lerp_(one, vf)  # 1 where verified
+    q_at = neg_weight_fg[col] if w is None else w.gather(1, col)  # [R, 1] as counted below
+
+    s = torch.sigmoid(zf, out=out) if want_grad else torch.sigmoid(zf)
+    s.scatter_(1, col, s.gather(1, col) * (1.0 - pos_f))  # positives out of the [R, K] sums
+    m = torch.rsub(s, 1.0)
+    torch.maximum(m, s, out=m)  # max(s, 1 - s) = sigmoid(|z|), in [0.5, 1]
+    relu = torch.clamp(zf, min=0.0)
+    if neg_weight_bg is None:
+        # Weights q_j, and 1 = q_j + (1 - q_j) on verified entries: the BCE sum needs only
+        # column sums, so the logs can be taken of column products.
+        neg_bce = ((relu.sum(0) - _column_log_sums(m)) * neg_weight_fg).sum()
+        if vf is not None:
+            m_v = m[:, :kv].sub_(1.0).mul_(vf).add_(1.0)  # m on verified entries, else 1
+            bce_v = relu[:, :kv].mul_(vf).sum(0) - _column_log_sums(m_v)
+            neg_bce = neg_bce + (bce_v * (1.0 - neg_weight_fg[:kv])).sum()
     else:
-        loss = _total(w * bce)
-    loss = loss * scale + _nonfinite_probe(zf)
+        neg_bce = _total(relu.sub_(m.log_()).mul_(w))
+    del m, relu
+    # The positive entries: BCE softplus(-z), weight r; the [R, K] sum counted q relu(z).
+    r_at = pos_weight[col]
+    pos_bce = (pos_f * (r_at * F.softplus(-z_at) - q_at * torch.clamp(z_at, min=0.0))).sum()
+    loss = (neg_bce + pos_bce) * scale + probe
     if not (want_grad or want_stats):
         return loss, None, None
-    if uniform:
-        sig_at = sig.gather(1, col)
-        m = sig.mul_(neg_weight_fg).scatter_(1, col, w_at * sig_at)
+    m_at = pos_f * r_at * torch.sigmoid(-z_at)  # |w dBCE/dz| of the positive entries
+    # The gradient of a negative is s (w scale), with the product w scale formed first in
+    # both branches: an entry whose weight is q_j gets the same bits with or without a
+    # verified mask elsewhere.
+    neg = None
+    if w is None:
+        if want_stats:
+            neg = s.sum(0) * neg_weight_fg
+        s.mul_(neg_weight_fg * scale)
     else:
-        m = w.mul_(sig)
+        s.mul_(w.mul_(scale))
+        if want_stats:
+            neg = s.sum(0) / scale
     if want_grad:
-        _write_gradient(out, m, col, has_pos, scale)
+        s.scatter_(1, col, torch.where(has_pos, -(m_at * scale), s.gather(1, col)))
     if not want_stats:
         return loss, None, None
-    return (loss, *_split_statistics(m, col, has_pos))
+    pos = torch.zeros(width, dtype=zf.dtype, device=zf.device).index_add_(0, col[:, 0],
+                                                                          m_at[:, 0])
+    return loss, pos, neg
 
 
 def _focal_block(z, labels, quality, gamma, weight, alpha, inv_norm, soft: bool, out,
@@ -368,7 +496,10 @@ class _Job:
         on_cpu = logits.device.type == "cpu"
         block = _EAGER_CPU_BLOCK if on_cpu and not self.use_compile else _BLOCK
         step = max(1, block // max(width, 1))
-        grad = _new_gradient(logits) if self.want_grad else None
+        # The gradient is kept in the compute dtype: for half-precision logits it gets
+        # their dtype only in backward, after the upstream gradient (a loss scale) is
+        # applied, as autograd of the float32 formula under autocast does.
+        grad = _new_gradient(logits, compute) if self.want_grad else None
 
         def block(start):
             end = min(n, start + step)
@@ -412,6 +543,7 @@ class _FusedLoss(torch.autograd.Function):
             # graph is retained, so the returned gradient is then the only reference and
             # becomes logits.grad (a leaf) or flows upstream without a copy.
             ctx.save_for_backward(grad)
+        ctx.logits_dtype = logits.dtype
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
@@ -419,10 +551,17 @@ class _FusedLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
         (grad,) = ctx.saved_tensors
-        # On CPU reading the upstream scale is free: skip the pass over [N, C] for the
-        # usual 1. Elsewhere scale in place unless a retained graph still needs the
-        # saved gradient.
-        if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+        if grad.dtype != ctx.logits_dtype:
+            # Half-precision logits: scale in the compute dtype, then round once. Rounding
+            # the unscaled gradient first would flush small entries (easy negatives) to
+            # zero before a mixed-precision loss scale could lift them.
+            return torch.mul(grad, grad_loss,
+                             out=torch.empty(grad.shape, dtype=ctx.logits_dtype,
+                                             device=grad.device)), None
+        # Where the upstream scale can be read without a device synchronisation (on the
+        # CPU), skip the pass over [N, C] for the usual 1. Elsewhere scale in place unless
+        # a retained graph still needs the saved gradient.
+        if _checks._values_on_host(grad_loss) and grad_loss.item() == 1.0:
             return grad, None
         if _keeps_graph():
             return grad * grad_loss, None
@@ -459,7 +598,8 @@ def sigmoid_bce_loss(logits, labels, verified, pos_weight, neg_weight_fg, neg_we
     """
     dtype = compute_dtype(logits)
     dev = logits.device
-    scale = torch.tensor(1.0 / max(logits.shape[0], 1), dtype=dtype, device=dev)
+    # torch.full fills on the device; torch.tensor would copy from the host and wait.
+    scale = torch.full((), 1.0 / max(logits.shape[0], 1), dtype=dtype, device=dev)
     consts = [None if t is None else t.to(device=dev, dtype=dtype)
               for t in (pos_weight, neg_weight_fg, neg_weight_bg)]
     loss, stats = fused_loss(sigmoid_bce_kernel, logits, (labels, verified),
@@ -479,9 +619,14 @@ def focal_family_loss(logits, labels, quality, gamma, weight, alpha: Optional[fl
     """
     dtype = compute_dtype(logits)
     dev = logits.device
-    a = None if alpha is None else torch.tensor(alpha, dtype=dtype, device=dev)
+    # Constants are filled on the device (torch.tensor would copy from the host and wait).
+    a = None if alpha is None else torch.full((), alpha, dtype=dtype, device=dev)
+    if isinstance(normalizer, torch.Tensor):
+        inv_norm = torch.reciprocal(normalizer.to(device=dev, dtype=dtype))
+    else:
+        inv_norm = torch.full((), 1.0 / normalizer, dtype=dtype, device=dev)
     consts = (gamma.to(device=dev, dtype=dtype), weight.to(device=dev, dtype=dtype), a,
-              1.0 / torch.as_tensor(normalizer, dtype=dtype, device=dev), quality is not None)
+              inv_norm, quality is not None)
     loss, stats = fused_loss(focal_kernel, logits, (labels, quality), consts,
                              want_stats=want_stats, use_compile=use_compile)
     raise_if_nonfinite(loss, logits)

@@ -27,7 +27,7 @@ class SoftmaxEQLLoss(nn.Module):
     is never dropped. The loss is the mean over samples; gamma = 0 is softmax
     cross-entropy exactly. The draws use ``generator`` when given (its device is used for
     drawing, then the mask is moved to the logits' device), else the global RNG; only the
-    tail columns are drawn.
+    tail columns are drawn. The tail is found once, from ``freq`` at construction.
 
     Args:
         freq: [C] image-level frequency f_k of each class, in [0, 1] (non-persistent
@@ -53,6 +53,10 @@ class SoftmaxEQLLoss(nn.Module):
         self.generator = generator
         self.num_classes = freq.numel()
         self.register_buffer("freq", freq.float(), persistent=False)
+        # The tail columns, found once: per call, nonzero would read the mask back from
+        # the device (a synchronisation). freq is fixed at construction.
+        self.register_buffer("tail", torch.nonzero(self.freq < self.lambda_).flatten(),
+                             persistent=False)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         c = self.num_classes
@@ -62,12 +66,13 @@ class SoftmaxEQLLoss(nn.Module):
         n = logits.shape[0]
         if n == 0:
             return logits.sum() * 0.0
-        tail = torch.nonzero(self.freq < self.lambda_).flatten()
+        tail = self.tail
         if self.gamma == 0 or tail.numel() == 0:
             return F.cross_entropy(logits, labels)
         draw_device = self.generator.device if self.generator is not None else logits.device
         beta = torch.rand(n, tail.numel(), generator=self.generator,
                           device=draw_device) < self.gamma
+        # A generator on another device draws there; the copy is the caller's choice.
         beta = beta.to(logits.device)
         tail = tail.to(logits.device)
         # w~ = 0 exactly where beta = 1 on a tail class that is not the label.

@@ -1,12 +1,49 @@
-"""Per-frequency-group summaries of per-category loss statistics for EventStorage."""
+"""Training statistics for EventStorage, read from the device only on logging iterations.
+
+Reading a tensor on the GPU into a Python number waits for the device. These helpers let
+a head log per-iteration quantities without doing so on every iteration: callers test
+:func:`logging_due` before computing anything, and the values are read once, on the
+iterations that are logged.
+"""
+
+import functools
+from typing import Sequence, Tuple
 
 import torch
 from detectron2.utils.events import get_event_storage
 
-__all__ = ["put_group_means"]
+__all__ = ["WRITER_PERIOD", "logging_due", "put_group_means", "put_scalar_periodically"]
+
+# detectron2's DefaultTrainer writes metrics every 20 iterations (PeriodicWriter).
+WRITER_PERIOD = 20
+
+_GROUPS = ("r", "c", "f")
 
 
-def put_group_means(name, values, class_frequency, period=1):
+def logging_due(period: int) -> bool:
+    """Whether this iteration logs statistics of period ``period`` (``storage.iter %
+    period == 0``; never for period <= 0). Must run inside an EventStorage."""
+    return period > 0 and get_event_storage().iter % period == 0
+
+
+@functools.lru_cache(maxsize=16)
+def _group_index(class_frequency: Tuple[str, ...]) -> Tuple[Tuple[str, torch.Tensor], ...]:
+    """(group, category indices [C_g]) for each LVIS group with categories, computed once
+    per grouping."""
+    unknown = sorted({g for g in class_frequency if g not in _GROUPS})
+    if unknown:
+        raise ValueError(f"class_frequency entries must be 'r', 'c' or 'f', got {unknown}")
+    out = []
+    for group in _GROUPS:
+        idx = torch.tensor([i for i, g in enumerate(class_frequency) if g == group],
+                           dtype=torch.long)
+        if idx.numel():
+            out.append((group, idx))
+    return tuple(out)
+
+
+def put_group_means(name: str, values: torch.Tensor, class_frequency: Sequence[str],
+                    period: int = 1) -> None:
     """Log the mean of `values` over rare / common / frequent categories.
 
     Args:
@@ -16,20 +53,35 @@ def put_group_means(name, values, class_frequency, period=1):
             metadata's ``class_frequency``.
         period: log only on iterations that are multiples of it (0 or less: never).
 
-    The scalars reach ``metrics.json`` and TensorBoard through detectron2's writers.
-    Groups without categories are skipped. Must run inside an EventStorage.
+    The scalars (``smoothing_hint=False``: the value of the logged iteration) reach
+    ``metrics.json`` and TensorBoard through detectron2's writers. Groups without
+    categories are skipped. On other iterations nothing is computed or read; callers
+    whose ``values`` cost work to build should test :func:`logging_due` first. Must run
+    inside an EventStorage.
     """
     if len(class_frequency) != values.numel():
         raise ValueError(
             f"class_frequency has {len(class_frequency)} entries but {name} has {values.numel()}"
         )
-    storage = get_event_storage()
-    if period <= 0 or storage.iter % period != 0:
+    if not logging_due(period):
         return
-    values = values.detach().float().cpu()
-    groups = {}
-    for group in ("r", "c", "f"):
-        mask = torch.tensor([g == group for g in class_frequency], dtype=torch.bool)
-        if mask.any():
-            groups[f"{name}/{group}"] = values[mask].mean().item()
-    storage.put_scalars(smoothing_hint=False, **groups)
+    groups = _group_index(tuple(class_frequency))
+    values = values.detach().float().cpu()  # one read back, on logging iterations only
+    get_event_storage().put_scalars(
+        smoothing_hint=False,
+        **{f"{name}/{group}": values[idx].mean().item() for group, idx in groups})
+
+
+def put_scalar_periodically(name: str, value: torch.Tensor,
+                            period: int = WRITER_PERIOD) -> None:
+    """Put the 0-dim tensor ``value`` as scalar ``name`` on the iterations where
+    :func:`logging_due` (``period``, by default the writers' period); elsewhere it is not
+    read.
+
+    The scalar is that iteration's value (``smoothing_hint=False``), recorded at its own
+    iteration: a writer's median over the last 20 entries would otherwise mix values that
+    are ``period`` iterations apart.
+    """
+    if logging_due(period):
+        get_event_storage().put_scalar(name, value.detach().float().cpu().item(),
+                                       smoothing_hint=False)

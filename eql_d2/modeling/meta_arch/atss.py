@@ -23,10 +23,10 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils import comm
-from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
+from ..stats_logging import put_scalar_periodically
 from .dense_loss import (DenseClassificationLoss, TopKFirstDecoding, box_quality,
                          decode_positives)
 
@@ -295,7 +295,7 @@ class ATSS(TopKFirstDecoding, DenseDetector):
         gt_labels = torch.stack(gt_labels)  # (N, R)
         pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
         num_pos = pos_mask.sum()
-        get_event_storage().put_scalar("num_pos_anchors", num_pos.item() / num_images)
+        put_scalar_periodically("num_pos_anchors", num_pos / num_images)
         normalizer = _all_reduce_mean(num_pos.float()).clamp(min=1.0)
 
         pred_boxes, target_boxes = decode_positives(

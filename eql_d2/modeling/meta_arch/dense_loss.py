@@ -12,7 +12,7 @@ from torch import nn
 
 from ...losses import (EqualizedFocalLoss, EqualizedQualityFocalLoss, FocalLoss,
                        QualityFocalLoss)
-from ..stats_logging import put_group_means
+from ..stats_logging import logging_due, put_group_means
 
 __all__ = ["DenseClassificationLoss", "TopKFirstDecoding", "box_quality", "decode_positives"]
 
@@ -135,6 +135,8 @@ class DenseClassificationLoss(nn.Module):
                 logger.warning("MODEL.EFL.LOSS %s: the training set has no class_frequency "
                                "metadata, so g^j / gamma^j are not logged by group",
                                self.loss_name)
+            return
+        if not logging_due(self.period):
             return
         put_group_means("efl/gradient_ratio", self.criterion.gradient_ratio,
                         self.class_frequency, self.period)

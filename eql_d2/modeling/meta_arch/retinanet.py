@@ -6,9 +6,9 @@ from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch import RetinaNet
-from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..stats_logging import put_scalar_periodically
 from .dense_loss import (DenseClassificationLoss, TopKFirstDecoding, box_quality,
                          decode_positives)
 
@@ -56,9 +56,12 @@ class EFLRetinaNet(TopKFirstDecoding, RetinaNet):
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R)
         pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
-        num_pos_anchors = pos_mask.sum().item()
-        get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / num_images)
-        normalizer = self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)
+        num_pos_anchors = pos_mask.sum()
+        put_scalar_periodically("num_pos_anchors", num_pos_anchors / num_images)
+        # detectron2's EMA of max(num_pos_anchors, 1), kept on the device (in float64, as
+        # detectron2's Python floats) so that no iteration waits to read the count
+        normalizer = self._ema_update("loss_normalizer", num_pos_anchors.clamp(min=1).double(),
+                                      100).float()
 
         logits = cat(pred_logits, dim=1)
         quality = None

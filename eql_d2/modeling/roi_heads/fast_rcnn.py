@@ -11,7 +11,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import (FastRCNNOutputLayers,
 from torch import nn
 
 from ...losses import EQLLoss, EQLv2Loss, SigmoidCELoss, SoftmaxCELoss
-from ..stats_logging import put_group_means
+from ..stats_logging import logging_due, put_group_means
 from .category_frequency import category_frequencies, frequency_groups
 
 __all__ = ["EQLFastRCNNOutputLayers", "exclude_entries", "LOSSES"]
@@ -224,7 +224,8 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
         if self.loss == "eql":
             return self.cls_loss(logits[:, :-1], gt_classes, verified)
         loss = self.cls_loss(logits, gt_classes, verified)
-        if self.class_groups is not None and self.training and torch.is_grad_enabled():
+        if (self.class_groups is not None and self.training and torch.is_grad_enabled()
+                and logging_due(self.log_period)):
             put_group_means("eqlv2/gradient_ratio", self.cls_loss.gradient_ratio,
                             self.class_groups, self.log_period)
             put_group_means("eqlv2/negative_weight", self.cls_loss.negative_weight,
