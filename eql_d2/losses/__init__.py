@@ -5,6 +5,8 @@
 - :class:`EQLv2Loss`: gradient-guided re-weighting with an objectness column (CVPR 2021).
 - :class:`EqualizedFocalLoss`, :class:`EqualizedQualityFocalLoss`: EFL and EQFL
   (Li et al., CVPR 2022, eq. 2-6).
+- :class:`SeesawLoss`: seesaw loss with an objectness branch (Wang et al., CVPR 2021).
+- :class:`FederatedLoss`: sigmoid CE over sampled classes (Zhou et al., 2021).
 - Baselines: :class:`SigmoidCELoss`, :class:`FocalLoss`, :class:`QualityFocalLoss`,
   :class:`SoftmaxCELoss`.
 
@@ -20,8 +22,10 @@ from ._checks import DEBUG_CHECKS_ENV
 from ._fused import COMPILE_ENV
 from .baselines import FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss
 from .efl import EqualizedFocalLoss, EqualizedQualityFocalLoss
+from .federated import FederatedLoss
 from .eql import EQLLoss, tail_ratio
 from .eqlv2 import EQLv2Loss
+from .seesaw import SeesawLoss
 from .seql import SoftmaxEQLLoss
 
 __all__ = [
@@ -31,8 +35,10 @@ __all__ = [
     "EQLv2Loss",
     "EqualizedFocalLoss",
     "EqualizedQualityFocalLoss",
+    "FederatedLoss",
     "FocalLoss",
     "QualityFocalLoss",
+    "SeesawLoss",
     "SigmoidCELoss",
     "SoftmaxCELoss",
     "SoftmaxEQLLoss",
