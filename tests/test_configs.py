@@ -12,6 +12,7 @@ from detectron2.modeling import build_model
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from conftest import ROOT
 from eql_d2.config import get_eql_cfg
+from eql_d2.data.synthetic import PRESETS, rfs_threshold
 from eql_d2.losses import (EQLLoss, EQLv2Loss, EqualizedFocalLoss, EqualizedQualityFocalLoss,
                            FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss)
 from eql_d2.modeling.roi_heads import EQLFastRCNNOutputLayers
@@ -31,6 +32,8 @@ EQL_HEAD_LOSSES = {"softmax": SoftmaxCELoss, "sigmoid": SigmoidCELoss, "eql": EQ
                    "eqlv2": EQLv2Loss}
 DENSE_LOSSES = {"focal": FocalLoss, "efl": EqualizedFocalLoss, "qfl": QualityFocalLoss,
                 "eqfl": EqualizedQualityFocalLoss}
+# the one-stage meta-architectures and the config node of their head
+ONE_STAGE_HEADS = {"ATSS": "ATSS", "EFLRetinaNet": "RETINANET", "EFLFCOS": "FCOS"}
 
 
 def load(rel):
@@ -83,12 +86,12 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
     cfg = load(rel)
     name = os.path.basename(rel)
     lvis = rel.startswith("LVIS-")
-    one_stage = cfg.MODEL.META_ARCHITECTURE in ("ATSS", "EFLRetinaNet")
+    one_stage = cfg.MODEL.META_ARCHITECTURE in ONE_STAGE_HEADS
     if lvis:
         assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
         assert cfg.DATASETS.TRAIN[0].startswith("lvis_v1" if "v1" in rel else "lvis_v0.5")
         if one_stage:
-            head = cfg.MODEL.ATSS if cfg.MODEL.META_ARCHITECTURE == "ATSS" else cfg.MODEL.RETINANET
+            head = cfg.MODEL[ONE_STAGE_HEADS[cfg.MODEL.META_ARCHITECTURE]]
             assert head.SCORE_THRESH_TEST == 0.0 and head.PRIOR_PROB == 0.001
             assert cfg.SOLVER.WARMUP_ITERS == 6000
             assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == 35
@@ -99,8 +102,11 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
         else:
             assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.0001
     rfs = cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
-    if rfs:  # LVIS's t = 0.001 is 100 of ~100k train images; Synthetic-LT keeps that boundary
-        assert cfg.DATALOADER.REPEAT_THRESHOLD == (0.001 if lvis else 0.046)
+    if rfs:  # LVIS's t = 0.001 is 100 of ~100k train images; the generated sets keep that boundary
+        expected = (0.001 if lvis else
+                    rfs_threshold(PRESETS["synthetic_lvis"]) if rel.startswith("Synthetic-LVIS/")
+                    else 0.046)
+        assert cfg.DATALOADER.REPEAT_THRESHOLD == expected
     if "_rfs" in name:
         assert rfs
     elif lvis:
@@ -111,12 +117,15 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
         assert cfg.MODEL.ATSS.NORM == "GN"
         if lvis:
             assert cfg.MODEL.ATSS.TOPK == 18
+    if cfg.MODEL.META_ARCHITECTURE == "EFLFCOS":  # the paper's FCOS: with center sampling
+        assert list(cfg.MODEL.FCOS.IN_FEATURES) == ["p3", "p4", "p5", "p6", "p7"]
+        assert cfg.MODEL.FCOS.NORM == "GN" and cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS == 1.5
     if one_stage:
         assert cfg.MODEL.EFL.LOSS == loss_in_name(rel, list(DENSE_LOSSES))
         if cfg.MODEL.EFL.LOSS in ("efl", "eqfl"):
             assert (cfg.MODEL.EFL.GAMMA_B, cfg.MODEL.EFL.SCALE) == (2.0, 8.0)
     elif cfg.MODEL.ROI_HEADS.NAME == "EQLROIHeads":
-        assert cfg.MODEL.META_ARCHITECTURE == "ImageLabelRCNN"
+        assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
         assert cfg.MODEL.EQL.LOSS == loss_in_name(rel, list(EQL_HEAD_LOSSES))
         assert cfg.MODEL.MASK_ON == name.startswith("mask_rcnn")
         if cfg.MODEL.EQL.LOSS == "eqlv2":
@@ -133,10 +142,9 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
 @pytest.mark.parametrize("rel", CONFIGS)
 def test_builds_its_model(rel, one_thread):
     cfg = load(rel)
-    one_stage = cfg.MODEL.META_ARCHITECTURE in ("ATSS", "EFLRetinaNet")
-    num_classes = (cfg.MODEL.ATSS.NUM_CLASSES if cfg.MODEL.META_ARCHITECTURE == "ATSS"
-                   else cfg.MODEL.RETINANET.NUM_CLASSES if one_stage
-                   else cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    one_stage = cfg.MODEL.META_ARCHITECTURE in ONE_STAGE_HEADS
+    num_classes = (cfg.MODEL[ONE_STAGE_HEADS[cfg.MODEL.META_ARCHITECTURE]].NUM_CLASSES
+                   if one_stage else cfg.MODEL.ROI_HEADS.NUM_CLASSES)
     # The real training sets need their JSON on disk; a stand-in with the same number of
     # categories gives the models the metadata (frequencies, groups) they read at build time.
     cfg.DATASETS.TRAIN = (fake_train_set(num_classes),)

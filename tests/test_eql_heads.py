@@ -11,10 +11,11 @@ from detectron2.modeling import build_roi_heads
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-import eql_d2.modeling  # noqa: F401  (registers EQLROIHeads, ImageLabelRCNN)
+import eql_d2.modeling  # noqa: F401  (registers EQLROIHeads)
 from conftest import ROOT
 from eql_d2.config import get_eql_cfg
-from eql_d2.modeling.roi_heads import EQLFastRCNNOutputLayers, read_image_labels
+from eql_d2.data.image_labels import image_label_masks, read_image_labels
+from eql_d2.modeling.roi_heads import EQLFastRCNNOutputLayers
 
 C = 8
 DATASET = "eqlh_hand_built_train"
@@ -81,11 +82,24 @@ def batch():
     return inputs, proposals
 
 
+def with_image_labels(inputs):
+    """The ground truth as ImageLabelDatasetMapper leaves it: image-level masks as fields."""
+    targets = []
+    for x in inputs:
+        inst = x["instances"]
+        record = dict(x, annotations=[{"category_id": int(c)} for c in inst.gt_classes])
+        verified, not_exhaustive = image_label_masks(record, C)
+        inst = Instances(inst.image_size, **inst.get_fields())
+        inst.gt_verified = verified.expand(len(inst), C)
+        inst.gt_not_exhaustive = not_exhaustive.expand(len(inst), C)
+        targets.append(inst)
+    return targets
+
+
 def sample(heads, inputs, proposals):
-    labels = read_image_labels(inputs, C)
-    targets = [x["instances"] for x in inputs]
+    targets = with_image_labels(inputs)
     torch.manual_seed(0)  # same sampled proposals for every call
-    with EventStorage(), heads.image_level_labels(labels):
+    with EventStorage():
         return heads.label_and_sample_proposals(proposals, targets)
 
 
@@ -251,7 +265,7 @@ def test_labels_are_required_and_validated():
     heads = build_heads(make_cfg("eql"))
     inputs, proposals = batch()
     targets = [x["instances"] for x in inputs]
-    with EventStorage(), pytest.raises(RuntimeError, match="ImageLabelRCNN"):
+    with EventStorage(), pytest.raises(RuntimeError, match="ImageLabelDatasetMapper"):
         heads.label_and_sample_proposals(proposals, targets)
     inputs[1]["neg_category_ids"] = [9]
     with pytest.raises(ValueError, match="b.png: neg_category_ids has category id 9"):

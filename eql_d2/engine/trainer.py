@@ -10,6 +10,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data import load_category_metadata
 from ..evaluation import build_evaluator
+from ..data.dataset_mapper import ImageLabelDatasetMapper
 from ..data.train_loader import ResumableTrainLoader, check_image_files
 from .checkpoint import AtomicCheckpointer
 from .hooks import SeedEachIteration
@@ -24,6 +25,7 @@ NUM_CLASSES_KEYS = {
     "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
     "EFLRetinaNet": "MODEL.RETINANET.NUM_CLASSES",
     "ATSS": "MODEL.ATSS.NUM_CLASSES",
+    "EFLFCOS": "MODEL.FCOS.NUM_CLASSES",
 }
 
 
@@ -131,12 +133,21 @@ class Trainer(DefaultTrainer):
         # (a resumed run then takes the checkpoint's).
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         return ResumableTrainLoader(
-            dicts, DatasetMapper(cfg, True), total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            dicts, cls.build_train_mapper(cfg), total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
             seed=seed, sampler=sampler, repeat_factors=repeat_factors,
             aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
             num_workers=cfg.DATALOADER.NUM_WORKERS,
             max_failed_images=cfg.DATALOADER.MAX_FAILED_IMAGES,
             rank=comm.get_rank(), world_size=comm.get_world_size())
+
+    @classmethod
+    def build_train_mapper(cls, cfg):
+        """Two-stage detectors: detectron2's DatasetMapper plus the LVIS image-level labels
+        on the ground truth (:class:`~eql_d2.data.ImageLabelDatasetMapper`), which the EQL
+        ROI heads read from their proposals. Others: detectron2's DatasetMapper."""
+        if NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE) == "MODEL.ROI_HEADS.NUM_CLASSES":
+            return ImageLabelDatasetMapper(cfg, True, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+        return DatasetMapper(cfg, True)
 
     @property
     def train_loader(self):

@@ -2,5 +2,5 @@
 
 from .category_frequency import category_frequencies, frequency_groups  # noqa: F401
 from .fast_rcnn import LOSSES, EQLFastRCNNOutputLayers, exclude_entries  # noqa: F401
-from .image_labels import ImageLabels, read_image_labels  # noqa: F401
-from .roi_heads import EQLROIHeads  # noqa: F401
+from .roi_heads import EQLROIHeads, attach_image_labels  # noqa: F401
+from .cascade import EQLCascadeROIHeads  # noqa: F401

@@ -1,7 +1,6 @@
 """StandardROIHeads with the EQL box predictor and LVIS image-level category exclusion."""
 
-import contextlib
-from typing import List, Optional
+from typing import List
 
 import torch
 from detectron2.config import configurable
@@ -9,26 +8,61 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Instances
 
 from .fast_rcnn import EQLFastRCNNOutputLayers
-from .image_labels import ImageLabels
 
-__all__ = ["EQLROIHeads"]
+__all__ = ["EQLROIHeads", "attach_image_labels"]
+
+
+def attach_image_labels(proposals: List[Instances], targets: List[Instances], num_classes: int,
+                        use_verified: bool, ignore_not_exhaustive: bool) -> None:
+    """Give labelled proposals the image-level masks their loss reads (in place).
+
+    The image's ``gt_verified`` / ``gt_not_exhaustive`` rows (added to the ground truth by
+    :class:`~eql_d2.data.ImageLabelDatasetMapper`; every row the image's vector) become
+
+    - ``gt_verified`` [R, C]: kept when ``use_verified``, dropped otherwise;
+    - ``gt_ignored`` [R, C] (``ignore_not_exhaustive``): the not-exhaustive categories on
+      background proposals, which are then not negatives there.
+
+    An image whose ground truth lacks the fields (no instances) gets all-False masks. A
+    batch where images with instances lack them was not mapped for this: an error says so.
+    """
+    c = num_classes
+    needed = use_verified or ignore_not_exhaustive
+    for props, target in zip(proposals, targets):
+        have = target.has("gt_verified") and target.has("gt_not_exhaustive")
+        if needed and not have and len(target) > 0:
+            raise RuntimeError(
+                "MODEL.EQL.USE_IMAGE_LEVEL_LABELS / IGNORE_NOT_EXHAUSTIVE need each training "
+                "image's LVIS image-level labels on its ground truth (fields gt_verified, "
+                "gt_not_exhaustive), which eql_d2.data.ImageLabelDatasetMapper adds and "
+                "eql_d2's Trainer uses; map the data with it, or turn both keys off")
+        device = props.gt_classes.device
+        row = (lambda name: target.get(name)[0].to(device)) if have else (
+            lambda name: torch.zeros(c, dtype=torch.bool, device=device))
+        n = len(props)
+        if props.has("gt_verified"):  # copied from the matched boxes by the sampling
+            props.remove("gt_verified")
+        if props.has("gt_not_exhaustive"):
+            props.remove("gt_not_exhaustive")
+        if use_verified:
+            # a view: the [R, C] mask is only materialised when the batch is concatenated
+            props.gt_verified = row("gt_verified").expand(n, c)
+        if ignore_not_exhaustive:
+            background = props.gt_classes == c
+            props.gt_ignored = background[:, None] & row("gt_not_exhaustive")[None, :]
 
 
 @ROI_HEADS_REGISTRY.register()
 class EQLROIHeads(StandardROIHeads):
     """Box (and mask) heads of Faster / Mask R-CNN with :class:`EQLFastRCNNOutputLayers`.
 
-    In training, each sampled proposal gets the image-level masks its loss needs:
-
-    - ``gt_verified`` [R, C] (EQL / EQLv2 with ``use_image_level_labels``): True for the
-      image's positive categories (its annotated classes) and its verified negatives
-      (``neg_category_ids``);
-    - ``gt_ignored`` [R, C] (``ignore_not_exhaustive``): True on background proposals for
-      the image's ``not_exhaustive_category_ids``, which are then not negatives there.
-
-    The negative and not-exhaustive sets come from the meta-architecture through
-    :meth:`image_level_labels` (``ImageLabelRCNN`` does it); the heads raise if they need
-    them and none were given.
+    In training, each sampled proposal gets the image-level masks its loss needs
+    (:func:`attach_image_labels`): ``gt_verified`` [R, C] (EQL / EQLv2 with
+    ``use_image_level_labels``), the image's positive categories and its verified negatives
+    (``neg_category_ids``); ``gt_ignored`` [R, C] (``ignore_not_exhaustive``), the image's
+    ``not_exhaustive_category_ids`` on background proposals. They travel with the data:
+    :class:`~eql_d2.data.ImageLabelDatasetMapper` puts them on the ground truth, so a plain
+    ``GeneralizedRCNN`` carries them here.
     """
 
     @configurable
@@ -40,7 +74,6 @@ class EQLROIHeads(StandardROIHeads):
                              f"{type(self.box_predictor).__name__}")
         self.use_image_level_labels = bool(use_image_level_labels)
         self.ignore_not_exhaustive = bool(ignore_not_exhaustive)
-        self._image_labels: Optional[List[ImageLabels]] = None
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -58,52 +91,15 @@ class EQLROIHeads(StandardROIHeads):
 
     @property
     def needs_image_labels(self) -> bool:
-        """Whether training reads the image-level negative / not-exhaustive sets."""
+        """Whether training reads the image-level verified / not-exhaustive sets."""
         return ((self.use_image_level_labels and self.box_predictor.uses_verified)
                 or self.ignore_not_exhaustive)
-
-    @contextlib.contextmanager
-    def image_level_labels(self, labels: List[ImageLabels]):
-        """Within this context, training forwards use `labels` (one per image, batch order).
-
-        GeneralizedRCNN calls its ROI heads with a fixed signature, so the meta-architecture
-        hands the labels over around its forward instead of through the call.
-        """
-        if self._image_labels is not None:
-            raise RuntimeError("EQLROIHeads.image_level_labels contexts cannot be nested")
-        self._image_labels = list(labels)
-        try:
-            yield self
-        finally:
-            self._image_labels = None
 
     @torch.no_grad()
     def label_and_sample_proposals(self, proposals: List[Instances],
                                    targets: List[Instances]) -> List[Instances]:
         sampled = super().label_and_sample_proposals(proposals, targets)
-        if not self.needs_image_labels:
-            return sampled
-        labels = self._image_labels
-        if labels is None:
-            raise RuntimeError(
-                "MODEL.EQL.USE_IMAGE_LEVEL_LABELS / IGNORE_NOT_EXHAUSTIVE need each image's LVIS "
-                "labels, but the ROI heads received none: set MODEL.META_ARCHITECTURE "
-                "'ImageLabelRCNN' (or turn both keys off)")
-        if len(labels) != len(sampled):
-            raise ValueError(f"got image-level labels for {len(labels)} images but "
-                             f"{len(sampled)} images of proposals")
-        c = self.num_classes
-        for props, target, image in zip(sampled, targets, labels):
-            device = props.gt_classes.device
-            if self.use_image_level_labels and self.box_predictor.uses_verified:
-                verified = torch.zeros(c, dtype=torch.bool, device=device)
-                verified[target.gt_classes.to(device)] = True
-                verified[image.negative.to(device)] = True
-                # A view: the [R, C] mask is only materialised when the batch is concatenated.
-                props.gt_verified = verified.expand(len(props), c)
-            if self.ignore_not_exhaustive:
-                columns = torch.zeros(c, dtype=torch.bool, device=device)
-                columns[image.not_exhaustive.to(device)] = True
-                background = props.gt_classes == c
-                props.gt_ignored = background[:, None] & columns[None, :]
+        attach_image_labels(sampled, targets, self.num_classes,
+                            self.use_image_level_labels and self.box_predictor.uses_verified,
+                            self.ignore_not_exhaustive)
         return sampled

@@ -3,7 +3,8 @@
 LVIS is federated: besides its boxes, each image lists categories verified absent
 (``neg_category_ids``) and categories whose instances are not all annotated
 (``not_exhaustive_category_ids``). detectron2's ``load_lvis_json`` keeps both in the dataset
-dicts and ``DatasetMapper`` keeps them in the model inputs, with LVIS's 1-based category ids.
+dicts, with LVIS's 1-based category ids; :class:`~eql_d2.data.ImageLabelDatasetMapper`
+turns them into fields of the image's ground truth.
 """
 
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["ImageLabels", "read_image_labels"]
+__all__ = ["ImageLabels", "read_image_labels", "image_label_masks"]
 
 LVIS_KEYS = ("neg_category_ids", "not_exhaustive_category_ids")
 
@@ -69,3 +70,22 @@ def read_image_labels(batched_inputs: List[dict], num_classes: int,
         labels.append(ImageLabels(negative=sets["neg_category_ids"],
                                   not_exhaustive=sets["not_exhaustive_category_ids"]))
     return labels
+
+
+def image_label_masks(dataset_dict: dict, num_classes: int,
+                      id_map: Optional[Dict[int, int]] = None):
+    """(verified [C] bool, not_exhaustive [C] bool) of one dataset dict.
+
+    verified: the image's positive categories (those of its annotations, whose
+    ``category_id`` detectron2's loader already made contiguous) and its
+    ``neg_category_ids``; not_exhaustive: its ``not_exhaustive_category_ids``.
+    """
+    labels = read_image_labels([dataset_dict], num_classes, id_map)[0]
+    verified = torch.zeros(num_classes, dtype=torch.bool)
+    positives = [a["category_id"] for a in dataset_dict.get("annotations", ())
+                 if not a.get("iscrowd", 0)]
+    verified[torch.as_tensor(positives, dtype=torch.int64)] = True
+    verified[labels.negative] = True
+    not_exhaustive = torch.zeros(num_classes, dtype=torch.bool)
+    not_exhaustive[labels.not_exhaustive] = True
+    return verified, not_exhaustive
