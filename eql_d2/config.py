@@ -64,7 +64,7 @@ _NODES.append(_add_eql_roi_heads_config)
 
 
 def _add_efl_config(cfg):
-    """MODEL.EFL: classification loss of the dense detectors (EFLRetinaNet, ATSS)."""
+    """MODEL.EFL: classification loss of the dense detectors (EFLRetinaNet, ATSS, EFLFCOS)."""
     cfg.MODEL.EFL = CN()
     # focal | efl | qfl | eqfl | sigmoid_ce (EFL, EQFL: Li et al. CVPR 2022 eq. 4, 5)
     cfg.MODEL.EFL.LOSS = "focal"
@@ -115,6 +115,33 @@ def _add_atss_config(cfg):
 
 
 _NODES.append(_add_atss_config)
+
+
+def _add_fcos_config(cfg):
+    """MODEL.FCOS: detectron2's FCOS as EFLFCOS (detectron2 configures FCOS by LazyConfig only)."""
+    cfg.MODEL.FCOS = CN()
+    # number of foreground categories
+    cfg.MODEL.FCOS.NUM_CLASSES = 80
+    # FPN levels the head runs on (P3-P7; detectron2's scale ranges assume strides 8-128)
+    cfg.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # convs per head branch, each followed by NORM and ReLU
+    cfg.MODEL.FCOS.NUM_CONVS = 4
+    # head normalization (GroupNorm, as detectron2's FCOS)
+    cfg.MODEL.FCOS.NORM = "GN"
+    # initial foreground probability of the classifier (0.001 for LVIS, as in the EFL paper)
+    cfg.MODEL.FCOS.PRIOR_PROB = 0.001
+    # a point is positive only within this many strides of the box centre (center sampling)
+    cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+    # keep only scores sqrt(cls * centerness) above this before NMS (0: keep all, as the
+    # EFL paper; detectron2's COCO FCOS uses 0.2)
+    cfg.MODEL.FCOS.SCORE_THRESH_TEST = 0.0
+    # candidates kept per pyramid level before NMS
+    cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
+    # per-class NMS IoU threshold
+    cfg.MODEL.FCOS.NMS_THRESH_TEST = 0.6
+
+
+_NODES.append(_add_fcos_config)
 
 
 def _add_dataloader_config(cfg):

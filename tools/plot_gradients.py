@@ -39,7 +39,7 @@ from eql_d2.data import load_category_metadata  # noqa: E402
 from eql_d2.evaluation.plots import GROUP_COLORS, GROUP_NAMES, save_figure  # noqa: E402
 from eql_d2.evaluation.results_io import atomic_path  # noqa: E402
 
-DENSE_ARCHS = ("ATSS", "EFLRetinaNet")
+DENSE_ARCHS = ("ATSS", "EFLRetinaNet", "EFLFCOS")
 
 
 def loss_kind(cfg, config_path):

@@ -1,4 +1,4 @@
 """detectron2 components of eql_d2, registered in detectron2's registries on import."""
 
-from . import meta_arch  # noqa: F401  (ATSS, EFLRetinaNet)
+from . import meta_arch  # noqa: F401  (ATSS, EFLRetinaNet, EFLFCOS)
 from . import roi_heads  # noqa: F401  (EQLROIHeads)

@@ -1,0 +1,310 @@
+"""EFLFCOS: detectron2's FCOS with the dense classification losses of MODEL.EFL.
+
+In-process: focal equals detectron2's FCOS losses, QFL/EQFL targets are the IoU of the
+decoded boxes, EFL/EQFL statistics equal autograd's gradient sums with one update per
+iteration, inference scores, build-time errors, and every loss trains on the small
+Synthetic-LT. One train_net.py pair: EFL trains, then --eval-only reproduces its metrics.
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch.fcos import FCOS
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+import eql_d2.modeling  # noqa: F401  (registers EFLFCOS)
+from conftest import ROOT, TINY_ONE_STAGE, run_train_net
+from eql_d2.config import get_eql_cfg
+from eql_d2.data import load_category_metadata, register_lvis_format
+from eql_d2.engine import Trainer
+from eql_d2.losses import (EqualizedFocalLoss, EqualizedQualityFocalLoss, FocalLoss,
+                           QualityFocalLoss)
+
+CONFIGS = os.path.join(ROOT, "configs/Synthetic-LT")
+NUM_CLASSES = 5
+FREQ_DATASET = "fcos_test_train"  # metadata only: gives the models class_frequency
+MetadataCatalog.get(FREQ_DATASET).set(class_frequency=["r", "r", "c", "f", "f"])
+LOSSES = {"focal": FocalLoss, "efl": EqualizedFocalLoss, "qfl": QualityFocalLoss,
+          "eqfl": EqualizedQualityFocalLoss}
+# TINY_ONE_STAGE's reasons hold for FCOS's head too (1x1 P7 at 64 px, one-image batches)
+TINY_FCOS = [*TINY_ONE_STAGE, "MODEL.FCOS.NUM_CLASSES", "8", "MODEL.FCOS.NUM_CONVS", "1",
+             "MODEL.FCOS.NORM", ""]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_cfg(loss, *opts):
+    cfg = get_eql_cfg(os.path.join(CONFIGS, f"fcos_R18_FPN_{loss}.yaml"))
+    cfg.merge_from_list([
+        "MODEL.FCOS.NUM_CLASSES", str(NUM_CLASSES), "MODEL.FPN.OUT_CHANNELS", "32",
+        "MODEL.FCOS.NUM_CONVS", "1", "MODEL.EFL.PERIOD", "1",
+        "DATASETS.TRAIN", f"('{FREQ_DATASET}',)", "DATASETS.TEST", "()", *opts,
+    ])
+    return cfg
+
+
+def make_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def make_batch(seed=0, num_images=2, size=64):
+    """Images with 3 boxes of 10-28 px (one image without boxes when num_images >= 3)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for i in range(num_images):
+        n = 0 if (i == 0 and num_images > 2) else 3
+        xy = torch.rand(n, 2, generator=g) * (size - 30)
+        wh = 10 + torch.rand(n, 2, generator=g) * 18
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+        inst.gt_classes = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+        batch.append({"image": torch.rand(3, size, size, generator=g) * 255, "instances": inst})
+    return batch
+
+
+def record_cls_loss_calls(model):
+    """List that receives, per call of model.cls_loss, its arguments and the focusing
+    factor gamma^j in force for that call (None for losses without one)."""
+    calls = []
+    crit = model.cls_loss.criterion
+
+    def hook(module, args):
+        gamma = crit.focusing_factor.clone() if hasattr(crit, "focusing_factor") else None
+        calls.append((args, gamma))
+    model.cls_loss.register_forward_pre_hook(hook)
+    return calls
+
+
+def train_steps(model, batches, lr=0.01):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    history = []
+    with EventStorage() as storage:
+        for batch in batches:
+            losses = model(batch)
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+            history.append({k: v.detach().clone() for k, v in losses.items()})
+            storage.step()
+    return history, storage
+
+
+def hand_iou(a, b):
+    """IoU of rows of a [P, 4] and b [P, 4], XYXY, written out."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+# ---------------------------------------------------------------------- losses
+
+
+def test_focal_losses_equal_detectron2_fcos():
+    """With focal loss, EFLFCOS's three losses are detectron2's FCOS losses (same modules,
+    same positives), once both divide by the same number of positives."""
+    ours = make_model(tiny_cfg("focal"))
+    theirs = FCOS(backbone=ours.backbone, head=ours.head, head_in_features=ours.head_in_features,
+                  num_classes=NUM_CLASSES, center_sampling_radius=1.5,
+                  pixel_mean=ours.pixel_mean.flatten().tolist(),
+                  pixel_std=ours.pixel_std.flatten().tolist())
+    calls = record_cls_loss_calls(ours)
+    batch = make_batch(seed=11, num_images=3)
+    with EventStorage():
+        a = ours(batch)
+    normalizer = float(calls[0][0][2])
+    assert normalizer >= 10  # the batch has positives on several points
+    # detectron2 divides by a moving average m <- 0.9 m + 0.1 n; starting it at n gives n
+    theirs.loss_normalizer = normalizer
+    with EventStorage():
+        b = theirs(batch)
+    assert a.keys() == b.keys() == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+        assert a[key] > 0
+
+
+@pytest.mark.parametrize("loss", ["qfl", "eqfl"])
+def test_quality_targets_are_iou_of_decoded_boxes_and_normalizer_counts_positives(loss):
+    model = make_model(tiny_cfg(loss))
+    with torch.no_grad():  # boxes of about one stride per side, not points (IoU 0)
+        model.head.bbox_pred.bias.fill_(1.0)
+    calls = record_cls_loss_calls(model)
+    batch = make_batch(seed=5, num_images=3)
+    with EventStorage():
+        model(batch)
+    (logits, labels, normalizer, quality), _ = calls[0]
+
+    with torch.no_grad():
+        images = model.preprocess_image(batch)
+        feats = model.backbone(images.tensor)
+        feats = [feats[f] for f in model.head_in_features]
+        _, deltas, _ = model._transpose_dense_predictions(model.head(feats),
+                                                         [NUM_CLASSES, 4, 1])
+        anchors = model.anchor_generator(feats)
+        _, gt_boxes = model.label_anchors(anchors, [b["instances"] for b in batch])
+    points = Boxes.cat(anchors).tensor  # squares of side = stride around each point
+    ctr = (points[:, :2] + points[:, 2:]) / 2
+    stride = (points[:, 2] - points[:, 0])[:, None]
+    pos = (labels >= 0) & (labels < NUM_CLASSES)
+    want = torch.zeros_like(quality)
+    num_points = points.shape[0]
+    for i in range(len(batch)):
+        d = torch.cat(deltas, dim=1)[i].relu() * stride  # distances l, t, r, b in pixels
+        boxes = torch.cat([ctr - d[:, :2], ctr + d[:, 2:]], dim=1)
+        rows = slice(i * num_points, (i + 1) * num_points)
+        p = pos[rows]
+        want[rows][p] = hand_iou(boxes[p], gt_boxes[i][p]).to(want.dtype)
+    assert float(normalizer) == pos.sum()
+    assert want[pos].min() >= 0 and want[pos].max() > 0.2  # real overlaps, not all zero
+    torch.testing.assert_close(quality, want, rtol=1e-5, atol=1e-6)
+
+
+def reference_loss(z, labels, gamma, gamma_b, alpha, normalizer, quality=None):
+    """EFL (eq. 4 of Li et al.) or, with quality, EQFL (eq. 5), from autograd ops."""
+    onehot = torch.nn.functional.one_hot(labels, NUM_CLASSES + 1)[:, :NUM_CLASSES].to(z.dtype)
+    p = torch.sigmoid(z)
+    w = gamma / gamma_b
+    if quality is None:
+        pt = torch.where(onehot > 0, p, 1 - p)
+        at = torch.where(onehot > 0, alpha, 1 - alpha)
+        loss = -at * w * (1 - pt) ** gamma * torch.log(pt)
+    else:
+        y = onehot * quality.to(z.dtype)[:, None]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")
+        loss = w * (y - p).abs() ** gamma * bce
+    return loss.sum() / normalizer, onehot
+
+
+@pytest.mark.parametrize("loss", ["efl", "eqfl"])
+def test_statistics_equal_autograd_gradient_sums_one_update_per_iteration(loss):
+    # a prior of 0.2 makes the negatives' gradient comparable to the positives', so that
+    # g^j < 1 and gamma^j differs between classes from the second step on
+    model = make_model(tiny_cfg(loss, "MODEL.FCOS.PRIOR_PROB", "0.2"))
+    crit = model.cls_loss.criterion
+    calls = record_cls_loss_calls(model)
+    history, storage = train_steps(model, [make_batch(seed=s) for s in (1, 2, 3)], lr=0.05)
+    assert len(calls) == 3
+
+    pos_sum = torch.zeros(NUM_CLASSES, dtype=torch.float64)
+    neg_sum = torch.zeros(NUM_CLASSES, dtype=torch.float64)
+    for step, ((logits, labels, normalizer, quality), gamma) in enumerate(calls):
+        assert torch.all((labels >= 0) & (labels <= NUM_CLASSES))  # FCOS ignores nothing
+        z = logits.detach().double().requires_grad_()
+        ref, onehot = reference_loss(z, labels, gamma.double(), 2.0, 0.25, float(normalizer),
+                                     quality)
+        ref.backward()
+        torch.testing.assert_close(history[step]["loss_fcos_cls"].double(), ref.detach(),
+                                   rtol=1e-5, atol=1e-7)
+        pos_sum += (z.grad.abs() * onehot).sum(0)
+        neg_sum += (z.grad.abs() * (1 - onehot)).sum(0)
+    assert torch.equal(calls[0][1], torch.full((NUM_CLASSES,), 2.0))  # no statistics yet
+    assert calls[-1][1].max() - calls[-1][1].min() > 0.01  # class-specific gamma^j in use
+    torch.testing.assert_close(crit.pos_grad.double(), pos_sum, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(crit.neg_grad.double(), neg_sum, rtol=1e-4, atol=1e-9)
+    for name in ("efl/gradient_ratio/r", "efl/focusing_factor/f"):
+        assert name in storage.histories()
+
+
+def test_inference_score_is_geometric_mean_of_class_and_centerness():
+    model = make_model(tiny_cfg("focal", "TEST.DETECTIONS_PER_IMAGE", "1"))
+    model.eval()
+    with torch.no_grad():
+        model.head.ctrness.bias.fill_(2.0)
+        model.head.cls_score.bias.fill_(-1.0)
+        batch = make_batch(seed=3)
+        images = model.preprocess_image(batch)
+        feats = model.backbone(images.tensor)
+        preds = model.head([feats[f] for f in model.head_in_features])
+        logits, _, ctr = model._transpose_dense_predictions(preds, [NUM_CLASSES, 4, 1])
+        want = max((lg[0].sigmoid() * c[0].sigmoid()).sqrt().max() for lg, c in zip(logits, ctr))
+        got = model(batch)[0]["instances"]
+    assert len(got) == 1
+    torch.testing.assert_close(got.scores[0], want)
+
+
+def test_builds_from_config_with_prior_and_names_bad_values():
+    model = make_model(tiny_cfg("efl", "MODEL.FCOS.PRIOR_PROB", "0.001"))
+    # sigmoid(bias) = prior: every class starts at probability 0.001
+    torch.testing.assert_close(model.head.cls_score.bias.sigmoid(),
+                               torch.full((NUM_CLASSES,), 0.001))
+    assert model.num_classes == NUM_CLASSES and model.center_sampling_radius == 1.5
+    assert (model.test_score_thresh, model.max_detections_per_image) == (0.0, 300)
+    assert type(model.cls_loss.criterion) is EqualizedFocalLoss
+    for key, value in (("MODEL.FCOS.IN_FEATURES", "['p3', 'p9']"),
+                       ("MODEL.FCOS.NUM_CONVS", "0"), ("MODEL.FCOS.PRIOR_PROB", "1.0"),
+                       ("MODEL.FCOS.CENTER_SAMPLING_RADIUS", "0.0")):
+        with pytest.raises(ValueError, match=key):
+            build_model(tiny_cfg("efl", key, value))
+
+
+# ---------------------------------------------------------------------- Synthetic-LT
+
+
+@pytest.fixture(scope="module")
+def datasets(small_synthetic):
+    names = ("fcos_small_train", "fcos_small_val")
+    for name, split in zip(names, ("train", "val")):
+        if name not in DatasetCatalog.list():
+            register_lvis_format(name, os.path.join(small_synthetic, f"lvis_v1_{split}.json"),
+                                 small_synthetic)
+        load_category_metadata(name)
+    return names
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_each_loss_trains_fcos_on_synthetic_lt(loss, datasets, tmp_path):
+    cfg = get_eql_cfg(os.path.join(CONFIGS, f"fcos_R18_FPN_{loss}.yaml"),
+                      [*TINY_FCOS, "DATASETS.TRAIN", (datasets[0],), "DATASETS.TEST", (),
+                       "OUTPUT_DIR", str(tmp_path)])
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert type(trainer.model.cls_loss.criterion) is LOSSES[loss]
+    hist = trainer.storage.histories()
+    for key in ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"):
+        values = [v for v, _ in hist[key].values()]
+        assert len(values) == 3 and all(math.isfinite(v) for v in values), (key, values)
+    assert sum(v for v, _ in hist["loss_fcos_loc"].values()) > 0  # positives were found
+    if loss in ("efl", "eqfl"):
+        assert trainer.model.cls_loss.criterion.neg_grad.sum() > 0
+        assert "efl/gradient_ratio/r" in hist
+
+
+def test_train_net_efl_then_eval_only_reproduces_metrics(small_synthetic, tmp_path):
+    cfg = os.path.join(CONFIGS, "fcos_R18_FPN_efl.yaml")
+    # one thread: the tiny model runs no faster on two, and the machine may be shared
+    env = {"EQL_D2_SYNTHETIC_ROOT": small_synthetic, "OMP_NUM_THREADS": "1"}
+    out = str(tmp_path)
+    proc = run_train_net(["--config-file", cfg, *TINY_FCOS, "OUTPUT_DIR", out], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out, "final_metrics.json")) as f:
+        final = json.load(f)
+    for key in ("AP", "APr", "APc", "APf"):
+        assert isinstance(final["synthetic_lt_val"]["bbox"][key], float)
+    state = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu",
+                       weights_only=False)["model"]
+    assert state["cls_loss.criterion.pos_grad"].sum() > 0
+    assert state["cls_loss.criterion.neg_grad"].sum() > 0
+
+    proc = run_train_net(["--config-file", cfg, "--eval-only", *TINY_FCOS,
+                          "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"),
+                          "OUTPUT_DIR", os.path.join(out, "eval")], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out, "eval", "eval_metrics.json")) as f:
+        assert json.load(f) == final
+    # 3 iterations give AP 0, so compare the detections themselves, not only the metrics
+    dets = [os.path.join(d, "inference", "synthetic_lt_val", "lvis_instances_results.json")
+            for d in (out, os.path.join(out, "eval"))]
+    with open(dets[0]) as f, open(dets[1]) as g:
+        trained, evaluated = json.load(f), json.load(g)
+    assert trained and trained == evaluated
