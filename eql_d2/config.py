@@ -39,7 +39,8 @@ _NODES = []
 def _add_eql_roi_heads_config(cfg):
     """MODEL.EQL: classification loss of EQLROIHeads (two-stage detectors) and its inputs."""
     cfg.MODEL.EQL = CN()
-    # Box classification loss of EQLROIHeads: "softmax", "sigmoid", "eql" or "eqlv2".
+    # Box classification loss of the EQL ROI heads, by CLS_LOSS_REGISTRY name: SoftmaxCE
+    # ("softmax"), SigmoidCE ("sigmoid"), EQL, EQLv2, Seesaw, Federated, or one you register.
     cfg.MODEL.EQL.LOSS = "softmax"
     # EQL frequency threshold lambda (eq. 7): categories with f_j < lambda are tail categories.
     cfg.MODEL.EQL.LAMBDA = 1.76e-3
@@ -66,7 +67,8 @@ _NODES.append(_add_eql_roi_heads_config)
 def _add_efl_config(cfg):
     """MODEL.EFL: classification loss of the dense detectors (EFLRetinaNet, ATSS, EFLFCOS)."""
     cfg.MODEL.EFL = CN()
-    # focal | efl | qfl | eqfl | sigmoid_ce (EFL, EQFL: Li et al. CVPR 2022 eq. 4, 5)
+    # Classification loss of the dense heads, by CLS_LOSS_REGISTRY name: focal, efl, qfl,
+    # eqfl (EFL, EQFL: Li et al. CVPR 2022 eq. 4, 5), sigmoid_ce, or one you register.
     cfg.MODEL.EFL.LOSS = "focal"
     # gamma_b, base focusing factor of EFL/EQFL (eq. 3); gamma of focal, beta of QFL
     cfg.MODEL.EFL.GAMMA_B = 2.0
@@ -79,6 +81,34 @@ def _add_efl_config(cfg):
 
 
 _NODES.append(_add_efl_config)
+
+
+def _add_seesaw_config(cfg):
+    """MODEL.SEESAW: Seesaw loss (Wang et al., CVPR 2021), MODEL.EQL.LOSS "seesaw"."""
+    cfg.MODEL.SEESAW = CN()
+    # mitigation exponent p of M_ij = (N_j / N_i)^p (0: no mitigation)
+    cfg.MODEL.SEESAW.P = 0.8
+    # compensation exponent q of C_ij = (sigma_j / sigma_i)^q (0: no compensation)
+    cfg.MODEL.SEESAW.Q = 2.0
+    # lower bound of sigma_i in the compensation factor
+    cfg.MODEL.SEESAW.EPS = 0.01
+    # temperature tau of the normalized linear (cosine) classifier
+    cfg.MODEL.SEESAW.TAU = 20.0
+
+
+_NODES.append(_add_seesaw_config)
+
+
+def _add_federated_config(cfg):
+    """MODEL.FEDERATED: federated loss (Zhou et al., 2021), MODEL.EQL.LOSS "federated"."""
+    cfg.MODEL.FEDERATED = CN()
+    # foreground classes per iteration: the batch's positives plus classes drawn by frequency
+    cfg.MODEL.FEDERATED.NUM_CLASSES_SAMPLED = 50
+    # draw weight of a class: its training image frequency to this power
+    cfg.MODEL.FEDERATED.FREQ_WEIGHT_POWER = 0.5
+
+
+_NODES.append(_add_federated_config)
 
 
 def _add_atss_config(cfg):

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import yaml
+from torch import nn
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
@@ -13,8 +14,7 @@ import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from conftest import ROOT
 from eql_d2.config import get_eql_cfg
 from eql_d2.data.synthetic import PRESETS, rfs_threshold
-from eql_d2.losses import (EQLLoss, EQLv2Loss, EqualizedFocalLoss, EqualizedQualityFocalLoss,
-                           FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss)
+from eql_d2.modeling.cls_losses import CLS_LOSS_REGISTRY, resolve_loss_name
 from eql_d2.modeling.roi_heads import EQLFastRCNNOutputLayers
 
 CONFIG_DIR = os.path.join(ROOT, "configs")
@@ -28,10 +28,9 @@ BASES = sorted(
     for p in glob.glob(os.path.join(CONFIG_DIR, "**", "Base-*.yaml"), recursive=True)
 )
 
-EQL_HEAD_LOSSES = {"softmax": SoftmaxCELoss, "sigmoid": SigmoidCELoss, "eql": EQLLoss,
-                   "eqlv2": EQLv2Loss}
-DENSE_LOSSES = {"focal": FocalLoss, "efl": EqualizedFocalLoss, "qfl": QualityFocalLoss,
-                "eqfl": EqualizedQualityFocalLoss}
+# the loss names config file names use, for each kind of head
+EQL_HEAD_LOSSES = ["softmax", "sigmoid", "eql", "eqlv2", "seesaw", "federated"]
+DENSE_LOSSES = ["focal", "efl", "qfl", "eqfl"]
 # the one-stage meta-architectures and the config node of their head
 ONE_STAGE_HEADS = {"ATSS": "ATSS", "EFLRetinaNet": "RETINANET", "EFLFCOS": "FCOS"}
 
@@ -124,10 +123,14 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
         assert cfg.MODEL.EFL.LOSS == loss_in_name(rel, list(DENSE_LOSSES))
         if cfg.MODEL.EFL.LOSS in ("efl", "eqfl"):
             assert (cfg.MODEL.EFL.GAMMA_B, cfg.MODEL.EFL.SCALE) == (2.0, 8.0)
-    elif cfg.MODEL.ROI_HEADS.NAME == "EQLROIHeads":
+    elif cfg.MODEL.ROI_HEADS.NAME in ("EQLROIHeads", "EQLCascadeROIHeads"):
         assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
         assert cfg.MODEL.EQL.LOSS == loss_in_name(rel, list(EQL_HEAD_LOSSES))
-        assert cfg.MODEL.MASK_ON == name.startswith("mask_rcnn")
+        assert cfg.MODEL.MASK_ON == name.startswith(("mask_rcnn", "cascade_mask_rcnn"))
+        cascade = cfg.MODEL.ROI_HEADS.NAME == "EQLCascadeROIHeads"
+        assert cascade == name.startswith("cascade")
+        if cascade:  # detectron2's three stages
+            assert list(cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS) == [0.5, 0.6, 0.7]
         if cfg.MODEL.EQL.LOSS == "eqlv2":
             e = cfg.MODEL.EQL.EQLV2
             assert (e.GAMMA, e.MU, e.ALPHA) == (12.0, 0.8, 4.0)
@@ -152,9 +155,11 @@ def test_builds_its_model(rel, one_thread):
     model = build_model(cfg)
     if one_stage:
         criterion = model.cls_loss.criterion
-        assert type(criterion) is DENSE_LOSSES[cfg.MODEL.EFL.LOSS]
+        assert type(criterion) is CLS_LOSS_REGISTRY.get(resolve_loss_name(cfg.MODEL.EFL.LOSS))
     else:
-        predictor = model.roi_heads.box_predictor
-        assert predictor.num_classes == num_classes
-        if isinstance(predictor, EQLFastRCNNOutputLayers):
-            assert type(predictor.cls_loss) is EQL_HEAD_LOSSES[cfg.MODEL.EQL.LOSS]
+        predictors = model.roi_heads.box_predictor
+        for predictor in (predictors if isinstance(predictors, nn.ModuleList) else [predictors]):
+            assert predictor.num_classes == num_classes
+            if isinstance(predictor, EQLFastRCNNOutputLayers):
+                assert type(predictor.cls_loss) is CLS_LOSS_REGISTRY.get(
+                    resolve_loss_name(cfg.MODEL.EQL.LOSS))

@@ -269,7 +269,7 @@ def test_each_loss_trains_fcos_on_synthetic_lt(loss, datasets, tmp_path):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
-    assert type(trainer.model.cls_loss.criterion) is LOSSES[loss]
+    assert isinstance(trainer.model.cls_loss.criterion, LOSSES[loss])
     hist = trainer.storage.histories()
     for key in ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"):
         values = [v for v, _ in hist[key].values()]

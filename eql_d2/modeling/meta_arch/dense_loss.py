@@ -1,4 +1,5 @@
-"""Classification loss of eql_d2's dense detectors, chosen by ``MODEL.EFL.LOSS``."""
+"""Classification loss of eql_d2's dense detectors, named by ``MODEL.EFL.LOSS``, and shared
+pieces of their heads."""
 
 import logging
 from typing import List, Optional, Sequence
@@ -10,8 +11,8 @@ from detectron2.structures import Boxes, Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from torch import nn
 
-from ...losses import (EqualizedFocalLoss, EqualizedQualityFocalLoss, FocalLoss,
-                       QualityFocalLoss)
+from ...config import get_eql_cfg
+from ..cls_losses import build_cls_loss
 from ..stats_logging import logging_due, put_group_means
 
 __all__ = ["DenseClassificationLoss", "TopKFirstDecoding", "box_quality", "decode_positives"]
@@ -31,98 +32,82 @@ def _train_class_frequency(cfg):
 class DenseClassificationLoss(nn.Module):
     """The sigmoid classification loss of a dense detector, over all pyramid levels at once.
 
-    ``loss`` picks one of :attr:`LOSSES` from :mod:`eql_d2.losses`:
-
-    - ``focal``: :class:`~eql_d2.losses.FocalLoss` (gamma = gamma_b, alpha);
-    - ``efl``: :class:`~eql_d2.losses.EqualizedFocalLoss` (eq. 4 of Li et al., CVPR 2022);
-    - ``qfl``: :class:`~eql_d2.losses.QualityFocalLoss` (beta = gamma_b);
-    - ``eqfl``: :class:`~eql_d2.losses.EqualizedQualityFocalLoss` (eq. 5);
-    - ``sigmoid_ce``: binary cross-entropy, i.e. the focal loss with gamma 0 and no alpha.
-      It goes through :class:`~eql_d2.losses.FocalLoss` because that one takes the ignore
-      label and the positive-count normalizer of dense detectors, which
-      :class:`~eql_d2.losses.SigmoidCELoss` (mean over rows) does not.
+    ``criterion`` is the entry of :data:`~eql_d2.modeling.cls_losses.CLS_LOSS_REGISTRY` named
+    by ``MODEL.EFL.LOSS`` that accepts dense heads: focal, efl (eq. 4 of Li et al., CVPR
+    2022), qfl, eqfl (eq. 5), sigmoid_ce (the focal loss with gamma 0 and no alpha), or one
+    registered elsewhere. It declares whether it takes the IoU quality of positives
+    (:attr:`uses_quality`) and which per-category statistics it keeps.
 
     The detector must call it once per iteration with every level and image concatenated:
-    each training call of ``efl`` / ``eqfl`` is one update of the gradient statistics
-    (buffers ``criterion.pos_grad`` / ``criterion.neg_grad``, saved in checkpoints). After
-    each such update the rare / common / frequent means of g^j (``efl/gradient_ratio/*``)
-    and of gamma^j (``efl/focusing_factor/*``) go to the EventStorage every ``period``
-    iterations, when the training set's ``class_frequency`` is known.
+    each training call of a loss with statistics (EFL, EQFL) is one update of them (buffers
+    ``criterion.pos_grad`` / ``criterion.neg_grad``, saved in checkpoints). After each such
+    update the rare / common / frequent means of its statistics (EFL: ``efl/gradient_ratio/*``
+    and ``efl/focusing_factor/*``) go to the EventStorage every ``period`` iterations, when
+    the training set's ``class_frequency`` is known.
     """
 
-    LOSSES = ("focal", "efl", "qfl", "eqfl", "sigmoid_ce")
-
     @configurable
-    def __init__(self, *, loss: str = "focal", num_classes: int, gamma_b: float = 2.0,
-                 scale: float = 8.0, alpha: Optional[float] = 0.25,
+    def __init__(self, *, num_classes: int, criterion: Optional[nn.Module] = None,
+                 loss: str = "focal", gamma_b: float = 2.0, scale: float = 8.0,
+                 alpha: Optional[float] = 0.25,
                  class_frequency: Optional[Sequence[str]] = None, period: int = 20):
         """
         Args:
-            loss: one of :attr:`LOSSES` (``MODEL.EFL.LOSS``).
             num_classes: C, foreground categories.
-            gamma_b, scale, alpha: ``MODEL.EFL.GAMMA_B``, ``SCALE``, ``ALPHA``.
+            criterion: a registered loss accepting dense heads; when None, the one named
+                ``loss`` is built with ``gamma_b``, ``scale``, ``alpha`` (``MODEL.EFL.*``).
             class_frequency: C LVIS groups for logging, or None (no group logging).
             period: ``MODEL.EFL.PERIOD``.
         """
         super().__init__()
-        if loss not in self.LOSSES:
-            raise ValueError(f"MODEL.EFL.LOSS must be one of {', '.join(self.LOSSES)}; "
-                             f"got {loss!r}")
+        if criterion is None:
+            cfg = get_eql_cfg()
+            cfg.MODEL.EFL.LOSS = loss
+            cfg.MODEL.EFL.GAMMA_B, cfg.MODEL.EFL.SCALE, cfg.MODEL.EFL.ALPHA = gamma_b, scale, alpha
+            criterion = build_cls_loss(cfg, "MODEL.EFL.LOSS", num_classes, "dense")
+        if "dense" not in getattr(criterion, "heads", ()):
+            raise ValueError(f"{type(criterion).__name__} is not a classification loss for "
+                             "dense heads")
         if class_frequency is not None and len(class_frequency) != num_classes:
             raise ValueError(f"class_frequency of the training set has {len(class_frequency)} "
                              f"entries but the detector has {num_classes} classes")
-        self.loss_name = loss
+        self.criterion = criterion
         self.num_classes = num_classes
         self.class_frequency = None if class_frequency is None else list(class_frequency)
         self.period = int(period)
         self._warned_no_groups = False
-        if loss == "focal":
-            self.criterion = FocalLoss(gamma=gamma_b, alpha=alpha)
-        elif loss == "efl":
-            self.criterion = EqualizedFocalLoss(num_classes, gamma_b=gamma_b, scale=scale,
-                                                alpha=alpha)
-        elif loss == "qfl":
-            self.criterion = QualityFocalLoss(beta=gamma_b)
-        elif loss == "eqfl":
-            self.criterion = EqualizedQualityFocalLoss(num_classes, gamma_b=gamma_b,
-                                                       scale=scale)
-        else:
-            self.criterion = FocalLoss(gamma=0.0, alpha=None)
 
     @classmethod
     def from_config(cls, cfg, num_classes):
         return {
-            "loss": cfg.MODEL.EFL.LOSS,
             "num_classes": num_classes,
-            "gamma_b": cfg.MODEL.EFL.GAMMA_B,
-            "scale": cfg.MODEL.EFL.SCALE,
-            "alpha": cfg.MODEL.EFL.ALPHA,
+            "criterion": build_cls_loss(cfg, "MODEL.EFL.LOSS", num_classes, "dense"),
             "class_frequency": _train_class_frequency(cfg),
             "period": cfg.MODEL.EFL.PERIOD,
         }
 
     @property
-    def uses_quality(self) -> bool:
-        """True for the losses whose positive target is the IoU of the predicted box."""
-        return self.loss_name in ("qfl", "eqfl")
+    def loss_name(self) -> str:
+        """The criterion's registry name."""
+        return type(self.criterion).__name__
 
     @property
-    def equalized(self) -> bool:
-        """True for the losses with gradient statistics (EFL, EQFL)."""
-        return self.loss_name in ("efl", "eqfl")
+    def uses_quality(self) -> bool:
+        """True for the losses whose positive target is the IoU of the predicted box."""
+        return self.criterion.uses_quality
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, normalizer,
                 quality: Optional[torch.Tensor] = None) -> torch.Tensor:
         """logits [N, C], labels [N] in {-1 ignore, 0..C-1, C background}, normalizer > 0,
         quality [N] (IoU targets of the foreground rows; required by qfl / eqfl).
         Returns the 0-dim loss: the sum over entries divided by ``normalizer``."""
-        if self.uses_quality:
-            if quality is None:
-                raise ValueError(f"MODEL.EFL.LOSS {self.loss_name} needs quality targets")
-            loss = self.criterion(logits, labels, quality, normalizer)
-        else:
-            loss = self.criterion(logits, labels, normalizer)
-        if self.equalized and self.training and torch.is_grad_enabled():
+        if self.uses_quality and quality is None:
+            raise ValueError(f"MODEL.EFL.LOSS {self.loss_name} needs quality targets")
+        if self.training:
+            self.criterion.check_trainable()
+        loss = self.criterion.head_loss(logits, labels, normalizer=normalizer,
+                                        quality=quality if self.uses_quality else None)
+        if self.criterion.statistics_name and self.training and torch.is_grad_enabled():
             self._log_statistics()
         return loss
 
@@ -133,15 +118,14 @@ class DenseClassificationLoss(nn.Module):
             if self.period > 0 and not self._warned_no_groups:
                 self._warned_no_groups = True
                 logger.warning("MODEL.EFL.LOSS %s: the training set has no class_frequency "
-                               "metadata, so g^j / gamma^j are not logged by group",
+                               "metadata, so its statistics are not logged by group",
                                self.loss_name)
             return
         if not logging_due(self.period):
             return
-        put_group_means("efl/gradient_ratio", self.criterion.gradient_ratio,
-                        self.class_frequency, self.period)
-        put_group_means("efl/focusing_factor", self.criterion.focusing_factor,
-                        self.class_frequency, self.period)
+        name = self.criterion.statistics_name
+        for key, values in self.criterion.statistics().items():
+            put_group_means(f"{name}/{key}", values, self.class_frequency, self.period)
 
 
 def decode_positives(box2box_transform, anchors: List[Boxes], pred_deltas: List[torch.Tensor],

@@ -7,7 +7,7 @@ from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads
 from detectron2.structures import Instances
 
-from .fast_rcnn import EQLFastRCNNOutputLayers
+from .fast_rcnn import EQLFastRCNNOutputLayers, check_box_head_keys
 from .roi_heads import attach_image_labels
 
 __all__ = ["EQLCascadeROIHeads"]
@@ -49,6 +49,7 @@ class EQLCascadeROIHeads(CascadeROIHeads):
     def _init_box_head(cls, cfg, input_shape):
         # The cascade's poolers, heads and matchers; each stage's predictor becomes the EQL
         # one with that stage's box transform.
+        check_box_head_keys(cfg)
         ret = super()._init_box_head(cfg, input_shape)
         ret["box_predictors"] = [
             EQLFastRCNNOutputLayers(cfg, head.output_shape,

@@ -7,7 +7,7 @@ from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Instances
 
-from .fast_rcnn import EQLFastRCNNOutputLayers
+from .fast_rcnn import EQLFastRCNNOutputLayers, check_box_head_keys
 
 __all__ = ["EQLROIHeads", "attach_image_labels"]
 
@@ -85,6 +85,7 @@ class EQLROIHeads(StandardROIHeads):
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         # The pooler and box head are StandardROIHeads' own; only the predictor differs.
+        check_box_head_keys(cfg)
         ret = super()._init_box_head(cfg, input_shape)
         ret["box_predictor"] = EQLFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
         return ret

@@ -1,0 +1,145 @@
+"""Equalization losses (Tan et al., CVPR 2020 and CVPR 2021) for two-stage heads."""
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from ...losses import EQLLoss, EQLv2Loss
+from ..category_frequency import category_frequencies
+from .base import CLS_LOSS_REGISTRY, ClassificationLoss
+
+__all__ = ["EQL", "EQLv2"]
+
+logger = logging.getLogger(__name__)
+
+
+@CLS_LOSS_REGISTRY.register()
+class EQL(EQLLoss, ClassificationLoss):
+    """EQL, eq. 6-8 (``MODEL.EQL.LAMBDA``), with the image-level verified mask.
+
+    The category frequencies come from the training sets' metadata when it is loaded
+    (training), else from the checkpoint (``freq`` is a persistent buffer): built for
+    inference, the loss needs no training data, and it refuses to train if no frequencies
+    arrived. A checkpoint saved before frequencies were stored loads with a warning and
+    keeps the data's.
+    """
+
+    uses_verified = True
+
+    def __init__(self, num_classes: int, freq=None, lambda_: float = 1.76e-3,
+                 train_datasets=()):
+        super().__init__(torch.zeros(num_classes) if freq is None else freq, lambda_)
+        self.train_datasets = tuple(train_datasets)
+        self.frequencies_known = freq is not None
+        if freq is None:
+            # NaN marks "unknown" in the buffer too, so a checkpoint saved from this model
+            # is not mistaken for one that holds frequencies
+            self.freq.fill_(float("nan"))
+            logger.info("EQL: lambda = %g; the category frequencies of DATASETS.TRAIN %s are "
+                        "not in their metadata: they come from the checkpoint", lambda_,
+                        list(self.train_datasets))
+        else:
+            if self.num_classes != num_classes:
+                raise ValueError(f"class_freq has {self.num_classes} entries, but the head has "
+                                 f"{num_classes} classes")
+            logger.info("EQL: lambda = %g; %d of %d categories are tail categories (f < lambda); "
+                        "tail ratio TR(lambda) = %.2f%%", lambda_, int(self.threshold().sum()),
+                        num_classes, 100.0 * self.tail_ratio())
+        self.register_load_state_dict_pre_hook(_frequencies_from_checkpoint)
+
+    @classmethod
+    def from_config(cls, cfg, num_classes, train_datasets):
+        # only what the metadata already holds: building for inference reads no JSON
+        return {"num_classes": num_classes, "lambda_": cfg.MODEL.EQL.LAMBDA,
+                "freq": category_frequencies(train_datasets, num_classes, required=False),
+                "train_datasets": train_datasets}
+
+    def check_trainable(self):
+        if not self.frequencies_known:
+            raise ValueError(
+                "MODEL.EQL.LOSS eql cannot train this model: its category frequencies are "
+                "unknown. They come from the metadata (class_image_count, num_train_images) of "
+                f"DATASETS.TRAIN {list(self.train_datasets)}, which was not loaded when the "
+                "model was built, and the loaded checkpoint (if any) had none. Call "
+                "eql_d2.engine.prepare_datasets(cfg) before building the model "
+                "(train_net.py does)")
+
+    def head_loss(self, logits, labels, *, verified=None, **unused):
+        return self(logits[:, : self.num_classes], labels, verified)
+
+
+def _frequencies_from_checkpoint(module, state_dict, prefix, local_metadata, strict,
+                                 missing_keys, unexpected_keys, error_msgs):
+    """load_state_dict pre-hook of :class:`EQL`: settle where ``freq`` comes from.
+
+    - Built with the training data's frequencies: those stay (training derives them from the
+      data). A checkpoint without them (saved before they were stored) or with other values
+      gets a warning; its entry is replaced by the data's.
+    - Built without them: a checkpoint's finite [C] values in [0, 1] are taken; otherwise the
+      model still predicts (inference never reads them) and training will refuse.
+
+    `state_dict` is load_state_dict's own copy, so editing it changes nothing of the caller's.
+    """
+    key = prefix + "freq"
+    saved = state_dict.get(key)
+    current = module.freq
+    valid = (isinstance(saved, torch.Tensor) and saved.shape == current.shape
+             and bool(torch.isfinite(saved).all()) and bool(((saved >= 0) & (saved <= 1)).all()))
+    if module.frequencies_known:
+        if not valid:
+            logger.warning("%s: the checkpoint has no EQL category frequencies (%s); keeping "
+                           "those of DATASETS.TRAIN %s", key,
+                           "saved before checkpoints held them" if saved is None else
+                           "its entry is not C finite values in [0, 1]",
+                           list(module.train_datasets))
+        elif not torch.equal(saved.to(current), current):
+            logger.warning("%s: the checkpoint's EQL category frequencies differ from those of "
+                           "DATASETS.TRAIN %s for %d of %d categories; training uses the data's",
+                           key, list(module.train_datasets),
+                           int((saved.to(current) != current).sum()), current.numel())
+        state_dict[key] = current.detach().clone()
+    elif valid:
+        module.frequencies_known = True
+    else:
+        logger.warning("%s: neither the checkpoint nor DATASETS.TRAIN %s's metadata give EQL's "
+                       "category frequencies; the model predicts as usual but cannot train",
+                       key, list(module.train_datasets))
+        if saved is not None:
+            # an invalid entry (for instance the NaN of a model saved without frequencies)
+            # must not overwrite the buffer's NaN with something that looks like data
+            state_dict[key] = current.detach().clone()
+
+
+@CLS_LOSS_REGISTRY.register()
+class EQLv2(EQLv2Loss, ClassificationLoss):
+    """EQLv2 (``MODEL.EQL.EQLV2.GAMMA / MU / ALPHA``) with its objectness column (column C)
+    and the image-level verified mask; statistics logged as ``eqlv2/*``."""
+
+    uses_verified = True
+    statistics_name = "eqlv2"
+
+    def __init__(self, num_classes: int, gamma: float = 12.0, mu: float = 0.8,
+                 alpha: float = 4.0):
+        super().__init__(num_classes, gamma, mu, alpha)
+        logger.info("EQLv2: gamma = %g, mu = %g, alpha = %g, %d categories", gamma, mu, alpha,
+                    num_classes)
+
+    @classmethod
+    def from_config(cls, cfg, num_classes, train_datasets):
+        e = cfg.MODEL.EQL.EQLV2
+        return {"num_classes": num_classes, "gamma": e.GAMMA, "mu": e.MU, "alpha": e.ALPHA}
+
+    def init_bias(self, bias, prior_prob, background_fraction):
+        super().init_bias(bias, prior_prob, background_fraction)
+        # The objectness target is 1 on background proposals, which make up about
+        # background_fraction of a sampled batch; start the column there.
+        nn.init.constant_(bias[self.num_classes:],
+                          math.log(background_fraction / (1.0 - background_fraction)))
+
+    def head_loss(self, logits, labels, *, verified=None, **unused):
+        return self(logits, labels, verified)
+
+    def statistics(self):
+        return {"gradient_ratio": self.gradient_ratio, "negative_weight": self.negative_weight}

@@ -1,0 +1,37 @@
+"""Federated loss (Zhou et al., "Probabilistic two-stage detection", 2021) for two-stage heads."""
+
+from ...losses import FederatedLoss
+from ..category_frequency import category_frequencies
+from .base import CLS_LOSS_REGISTRY, ClassificationLoss
+
+__all__ = ["Federated"]
+
+
+@CLS_LOSS_REGISTRY.register()
+class Federated(FederatedLoss, ClassificationLoss):
+    """Sigmoid cross-entropy on the batch's positive classes plus classes drawn by
+    frequency^``MODEL.FEDERATED.FREQ_WEIGHT_POWER``, ``MODEL.FEDERATED.NUM_CLASSES_SAMPLED``
+    foreground classes in all (column C unused).
+
+    The draw weights come from the training sets' metadata (image frequencies, which are
+    proportional to the image counts of one training set; only ratios matter) of any
+    LVIS-format dataset, else from the checkpoint (a persistent buffer).
+    """
+
+    def __init__(self, num_classes: int, class_image_count=None, num_classes_sampled: int = 50,
+                 freq_weight_power: float = 0.5):
+        super().__init__(num_classes, class_image_count=class_image_count,
+                         num_classes_sampled=num_classes_sampled,
+                         freq_weight_power=freq_weight_power)
+
+    @classmethod
+    def from_config(cls, cfg, num_classes, train_datasets):
+        f = cfg.MODEL.FEDERATED
+        return {"num_classes": num_classes,
+                "class_image_count": category_frequencies(train_datasets, num_classes,
+                                                          required=False),
+                "num_classes_sampled": f.NUM_CLASSES_SAMPLED,
+                "freq_weight_power": f.FREQ_WEIGHT_POWER}
+
+    def head_loss(self, logits, labels, **unused):
+        return self(logits, labels)
