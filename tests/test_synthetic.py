@@ -1,7 +1,10 @@
 import hashlib
 import json
 import os
+import shutil
+from dataclasses import replace
 
+import numpy as np
 import pytest
 from lvis import LVIS
 
@@ -117,3 +120,184 @@ def test_bad_spec_is_rejected():
         SyntheticLTSpec(num_categories=2).validate()
     with pytest.raises(ValueError, match="max_frequent_images"):
         SyntheticLTSpec(max_frequent_images=50).validate()
+
+
+# ----------------------------------------------------------------------------- federated val
+
+
+def _present(data):
+    present = {img["id"]: set() for img in data["images"]}
+    for a in data["annotations"]:
+        present[a["image_id"]].add(a["category_id"])
+    return present
+
+
+def _check_federated(val, fed, negatives_per_positive):
+    """The federated split follows federated_labels' rule against its exhaustive split."""
+    assert [i["id"] for i in fed["images"]] == [i["id"] for i in val["images"]]
+    assert fed["categories"] == val["categories"]
+    present = _present(val)  # every drawn object: the truth
+    fed_present = _present(fed)
+    assert fed_present == present  # dropping an instance keeps its category positive
+    num_images = len(val["images"])
+    neg_count = {c["id"]: 0 for c in val["categories"]}
+    for img in fed["images"]:
+        neg = img["neg_category_ids"]
+        assert neg == sorted(set(neg))
+        assert not set(neg) & present[img["id"]], "a negative category is on the image"
+        for c in neg:
+            neg_count[c] += 1
+    for c, n in neg_count.items():
+        positives = sum(c in p for p in present.values())
+        expected = min(int(negatives_per_positive * positives + 0.5), num_images - positives)
+        assert n == expected, f"category {c}: |N_c| {n}, rule gives {expected}"
+
+    # annotations: the exhaustive ones minus one instance of each flagged category
+    val_by_id = {a["id"]: a for a in val["annotations"]}
+    assert all(val_by_id[a["id"]] == a for a in fed["annotations"])
+    kept = {a["id"] for a in fed["annotations"]}
+    dropped = {}
+    for a in val["annotations"]:
+        if a["id"] not in kept:
+            dropped.setdefault((a["image_id"], a["category_id"]), []).append(a["id"])
+    flagged = {(img["id"], c) for img in fed["images"] for c in img["not_exhaustive_category_ids"]}
+    assert set(dropped) == flagged
+    for (i, c), ids in dropped.items():
+        same = [a["id"] for a in val["annotations"] if (a["image_id"], a["category_id"]) == (i, c)]
+        assert ids == [max(same)] and len(same) >= 2
+    return flagged
+
+
+def test_federated_val_follows_its_rule(small_synthetic):
+    val = _load(small_synthetic, "val")
+    fed = _load(small_synthetic, "val_fed")
+    # the exhaustive split verifies every absent category and flags nothing
+    present = _present(val)
+    for img in val["images"]:
+        assert set(img["neg_category_ids"]) == set(range(1, 9)) - present[img["id"]]
+        assert img["not_exhaustive_category_ids"] == []
+    _check_federated(val, fed, SyntheticLTSpec().val_negatives_per_positive)
+
+
+def test_federated_labels_rule_on_a_larger_split():
+    """federated_labels alone, on 120 images x 25 categories (no rendering): sizes, flags,
+    determinism, and negatives spread over the absent images rather than fixed ones."""
+    gen = np.random.default_rng(0)
+    images = [{"id": i, "neg_category_ids": [], "not_exhaustive_category_ids": []}
+              for i in range(1, 121)]
+    anns = []
+    for img in images:
+        for c in gen.choice(np.arange(1, 26), size=int(gen.integers(1, 5)), replace=False):
+            for _ in range(int(gen.integers(1, 4))):
+                anns.append({"id": len(anns) + 1, "image_id": img["id"], "category_id": int(c)})
+    val = {"images": images, "annotations": anns, "categories": [{"id": c} for c in range(1, 26)]}
+    out = synthetic.federated_labels(images, anns, 25, 1.5, 0.5, np.random.default_rng(7))
+    fed = {"images": out[0], "annotations": out[1], "categories": val["categories"]}
+    flagged = _check_federated(val, fed, 1.5)
+    assert len(flagged) > 10
+    again = synthetic.federated_labels(images, anns, 25, 1.5, 0.5, np.random.default_rng(7))
+    assert again == out
+    other = synthetic.federated_labels(images, anns, 25, 1.5, 0.5, np.random.default_rng(8))
+    assert other[0] != out[0]
+    # a category's negatives are a sample of its absent images, not the first ones
+    first_neg = [min(i["id"] for i in out[0] if c in i["neg_category_ids"]) for c in range(1, 26)]
+    assert len(set(first_neg)) > 5
+
+
+def test_federated_val_added_to_an_older_folder_is_the_same(small_synthetic, tmp_path):
+    root = tmp_path / "old"
+    shutil.copytree(small_synthetic, root)
+    os.remove(root / "lvis_v1_val_fed.json")
+    synthetic.add_federated_val(str(root))
+    with open(root / "lvis_v1_val_fed.json", "rb") as a, \
+            open(os.path.join(small_synthetic, "lvis_v1_val_fed.json"), "rb") as b:
+        assert a.read() == b.read()
+
+
+# ----------------------------------------------------------------------------- synthetic_lvis
+
+
+def _small_lvis_spec(**kw):
+    """The synthetic_lvis preset scaled down to a few seconds: 24 categories in 8 families of
+    3 textures, 64 px."""
+    return replace(synthetic.PRESETS["synthetic_lvis"], num_categories=24, shapes=4, colours=2,
+                   textures=3, image_size=64, max_frequent_images=110, val_instances=3,
+                   max_objects=6, max_categories_per_image=6, mean_categories_per_image=5.0,
+                   val_categories_per_image=4, **kw)
+
+
+@pytest.fixture(scope="module")
+def small_lvis(tmp_path_factory):
+    return synthetic.generate(str(tmp_path_factory.mktemp("slvis") / "a"), _small_lvis_spec())
+
+
+def test_synthetic_lvis_same_seed_same_bytes(small_lvis, tmp_path):
+    again = synthetic.generate(str(tmp_path / "again"), _small_lvis_spec())
+    assert _tree_digest(again) == _tree_digest(small_lvis)
+    # the vocabulary's family order depends on the seed too
+    assert synthetic.family_table(_small_lvis_spec()) != synthetic.family_table(_small_lvis_spec(seed=1))
+
+
+def test_synthetic_lvis_groups_sizes_and_federated_val(small_lvis):
+    spec = _small_lvis_spec()
+    train = _load(small_lvis, "train")
+    assert len(train["images"]) == synthetic.num_train_images(spec)
+    images_of = {}
+    for a in train["annotations"]:
+        images_of.setdefault(a["category_id"], set()).add(a["image_id"])
+    for c in train["categories"]:
+        n = len(images_of[c["id"]])
+        assert c["image_count"] == n
+        assert c["frequency"] == ("r" if n <= 10 else "c" if n <= 100 else "f")
+    groups = [c["frequency"] for c in sorted(train["categories"], key=lambda c: c["id"])]
+    assert [groups.count(g) for g in "rcf"] == list(synthetic.group_sizes(24)) == [7, 9, 8]
+    val = _load(small_lvis, "val")
+    per_cat = {}
+    for a in val["annotations"]:
+        per_cat[a["category_id"]] = per_cat.get(a["category_id"], 0) + 1
+    assert min(per_cat.values()) >= spec.val_instances and len(per_cat) == 24
+    _check_federated(val, _load(small_lvis, "val_fed"), spec.val_negatives_per_positive)
+    # the category names carry the family vocabulary
+    table = synthetic.family_table(spec)
+    names = [c["name"] for c in sorted(train["categories"], key=lambda c: c["id"])]
+    assert names == [f"{colour}_{texture}_{shape}" for shape, colour, texture in table]
+
+
+def test_synthetic_lvis_preset_proportions_and_neighbours():
+    spec = synthetic.PRESETS["synthetic_lvis"]
+    spec.validate()
+    counts = synthetic.train_image_counts(spec)
+    groups = [frequency_group(n) for n in counts]
+    n = len(groups)
+    assert [groups.count(g) for g in "rcf"] == [112, 153, 135]
+    for g, lvis in synthetic.LVIS_V1_GROUP_FRACTIONS.items():
+        assert abs(groups.count(g) / n - lvis) < 0.005
+    assert counts == sorted(counts, reverse=True) and counts[-1] == 1 and counts[0] == 400
+    assert synthetic.rfs_threshold(spec) == round(100 / synthetic.num_train_images(spec), 4)
+
+    table = synthetic.family_table(spec)
+    assert len(set(table)) == n == spec.shapes * spec.colours * spec.textures
+    family_groups = {}
+    for (shape, colour, _), g in zip(table, groups):
+        family_groups.setdefault((shape, colour), set()).add(g)
+    # every family spans the three groups: each rare category has frequent siblings that
+    # differ from it by texture only
+    assert len(family_groups) == spec.shapes * spec.colours
+    assert all(gs == {"r", "c", "f"} for gs in family_groups.values())
+    # near neighbours (two attributes of three shared) of every category
+    for t in table:
+        near = sum(sum(a == b for a, b in zip(t, u)) == 2 for u in table)
+        assert near == (spec.shapes - 1) + (spec.colours - 1) + (spec.textures - 1)
+
+
+def test_new_spec_fields_are_checked():
+    with pytest.raises(ValueError, match="num_categories=30: more than shapes x colours"):
+        SyntheticLTSpec(num_categories=30, shapes=2, colours=3, textures=4).validate()
+    with pytest.raises(ValueError, match="textures=10"):
+        SyntheticLTSpec(num_categories=30, shapes=2, colours=3, textures=10).validate()
+    with pytest.raises(ValueError, match="mean_categories_per_image=0.5"):
+        SyntheticLTSpec(mean_categories_per_image=0.5).validate()
+    with pytest.raises(ValueError, match="val_negatives_per_positive"):
+        SyntheticLTSpec(val_negatives_per_positive=-1.0).validate()
+    with pytest.raises(ValueError, match="under 8 px"):
+        SyntheticLTSpec(image_size=64, min_object_size=0.1).validate()

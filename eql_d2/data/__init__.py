@@ -1,13 +1,18 @@
-"""Datasets: LVIS-format loading with validation and metadata, and the Synthetic-LT default."""
+"""Datasets: LVIS-format loading with validation and metadata, and the generated Synthetic-LT
+(default) and Synthetic-LVIS (large-vocabulary preset) datasets."""
 
 from .datasets import (  # noqa: F401
     ensure_synthetic_lt,
+    ensure_synthetic_lvis,
     load_category_metadata,
     load_lvis_format,
     read_lvis_categories,
     register_lvis_format,
     register_synthetic_lt,
+    register_synthetic_lvis,
     synthetic_lt_root,
+    synthetic_lvis_root,
 )
 
 register_synthetic_lt()
+register_synthetic_lvis()

@@ -11,9 +11,12 @@ its metadata carries what long-tailed training needs:
 - ``num_train_images``: number of images of the split the counts come from.
 
 The embedded default, Synthetic-LT (:mod:`eql_d2.data.synthetic`), is registered as
-``synthetic_lt_train`` and ``synthetic_lt_val``. It is generated on first use into
+``synthetic_lt_train``, ``synthetic_lt_val`` (exhaustive) and ``synthetic_lt_val_fed`` (the
+same images, federated as LVIS val). It is generated on first use into
 ``$EQL_D2_SYNTHETIC_ROOT`` if set, else ``$DETECTRON2_DATASETS/synthetic_lt`` (detectron2's
-default ``datasets/``).
+default ``datasets/``). Its large-vocabulary preset is registered the same way as
+``synthetic_lvis_{train,val,val_fed}``, in ``$EQL_D2_SYNTHETIC_LVIS_ROOT`` or
+``$DETECTRON2_DATASETS/synthetic_lvis``.
 """
 
 import json
@@ -38,7 +41,8 @@ __all__ = [
     "load_category_metadata",
 ]
 
-SYNTHETIC_LT_SPLITS = {"synthetic_lt_train": "train", "synthetic_lt_val": "val"}
+SYNTHETIC_LT_SPLITS = {"synthetic_lt_train": "train", "synthetic_lt_val": "val",
+                       "synthetic_lt_val_fed": "val_fed"}
 
 
 def _read_json(json_file):
@@ -158,6 +162,8 @@ def load_category_metadata(dataset_name):
             return meta
         if dataset_name in SYNTHETIC_LT_SPLITS:
             ensure_synthetic_lt()
+        elif dataset_name in SYNTHETIC_LVIS_SPLITS:
+            ensure_synthetic_lvis()
         json_file = meta.get("json_file")
         if json_file is None:
             return meta
@@ -214,17 +220,20 @@ def _generated_with(root):
         return None
 
 
-def ensure_synthetic_lt(root=None):
-    """Return `root` holding a complete Synthetic-LT, generating the default one if absent.
+def ensure_synthetic_lt(root=None, default_spec=None):
+    """Return `root` holding a complete Synthetic-LT, generating `default_spec` (default:
+    :class:`~eql_d2.data.synthetic.SyntheticLTSpec()`) there if absent.
 
-    A folder made by ``python -m eql_d2.data.synthetic`` (any arguments) is used as it is;
-    one made by an older generator version is regenerated with the arguments it records.
+    A folder made by ``python -m eql_d2.data.synthetic`` (any arguments) is used as it is,
+    its federated val added if it predates it; one made by an older generator version is
+    regenerated with the arguments it records.
     """
     root = root or synthetic_lt_root()
     have = _generated_with(root)
     if have is not None and have.get("version") == synthetic.GENERATOR_VERSION:
+        synthetic.add_federated_val(root)
         return root
-    spec = synthetic.SyntheticLTSpec()
+    spec = default_spec or synthetic.SyntheticLTSpec()
     if have is not None:
         args = {k: v for k, v in have.items() if k != "version"}
         spec = synthetic.SyntheticLTSpec(**args)
@@ -246,3 +255,40 @@ def register_synthetic_lt():
 
         DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="lvis")
+
+
+# ----------------------------------------------------------------------------- Synthetic-LVIS
+
+SYNTHETIC_LVIS_SPLITS = {"synthetic_lvis_train": "train", "synthetic_lvis_val": "val",
+                         "synthetic_lvis_val_fed": "val_fed"}
+
+
+def synthetic_lvis_root():
+    """Folder of the ``synthetic_lvis`` preset: ``$EQL_D2_SYNTHETIC_LVIS_ROOT`` if set, else
+    ``$DETECTRON2_DATASETS/synthetic_lvis`` (default ``datasets/synthetic_lvis``)."""
+    root = os.environ.get("EQL_D2_SYNTHETIC_LVIS_ROOT")
+    if root:
+        return os.path.abspath(root)
+    return os.path.abspath(os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"),
+                                        "synthetic_lvis"))
+
+
+def ensure_synthetic_lvis(root=None):
+    """Return `root` holding the ``synthetic_lvis`` preset, generating it if absent (one
+    time, a few minutes); as :func:`ensure_synthetic_lt` otherwise."""
+    return ensure_synthetic_lt(root or synthetic_lvis_root(), synthetic.PRESETS["synthetic_lvis"])
+
+
+def register_synthetic_lvis():
+    """Register ``synthetic_lvis_train``, ``synthetic_lvis_val`` (exhaustive) and
+    ``synthetic_lvis_val_fed`` (federated, as LVIS val), generated on first use."""
+    root = synthetic_lvis_root()
+    for name, split in SYNTHETIC_LVIS_SPLITS.items():
+        json_file = os.path.join(root, f"lvis_v1_{split}.json")
+
+        def load(json_file=json_file, name=name):
+            ensure_synthetic_lvis(root)
+            return load_lvis_format(json_file, root, name)
+
+        DatasetCatalog.register(name, load)
+        MetadataCatalog.get(name).set(json_file=json_file, image_root=root, evaluator_type="lvis")

@@ -1,23 +1,35 @@
 """Synthetic-LT: a generated, long-tailed, LVIS v1-format detection + segmentation dataset.
 
-Every image shows 1-6 objects on a cluttered grey background. A category is a visible
+Every image shows objects on a cluttered grey background. A category is a visible
 (shape, colour, texture) triple, so a detector can tell categories apart from pixels alone.
 Train image counts per category follow a Zipf-like (monotone, heavy-tailed) rank curve
 whose bands give LVIS v1's three groups in LVIS's proportions and with LVIS's thresholds:
 rare 1-10 train images, common 11-100, frequent > 100. The val split is balanced: every
 category has at least ``--val-instances`` instances, so APr is measured on enough objects.
 
-Like LVIS, each image lists verified-absent categories (``neg_category_ids``) and, where
-an instance of a present category was deliberately left unannotated, that category in
-``not_exhaustive_category_ids``.
+Like LVIS, each train image lists a few verified-absent categories (``neg_category_ids``)
+and, where an instance of a present category was deliberately left unannotated, that
+category in ``not_exhaustive_category_ids``. Val comes twice, on the same images:
+
+- ``lvis_v1_val.json``, exhaustive: every object annotated, every absent category listed
+  as negative, so every false positive counts (a diagnostic);
+- ``lvis_v1_val_fed.json``, federated as LVIS val (:func:`federated_labels`): each category
+  is verified absent on a random sample of images about as large as its positive set, and
+  LVISEval ignores a category's detections on the other images.
+
+Two named presets (:data:`PRESETS`, ``--preset``): ``synthetic_lt``, the default (60
+categories, 160 px), and ``synthetic_lvis``, a large-vocabulary variant (400 categories in
+(shape, colour) families whose members differ only by texture, 128 px, more objects and
+images); see docs/synthetic_lvis.md.
 
 Usage::
 
     python -m eql_d2.data.synthetic --out datasets/synthetic_lt --seed 0
+    python -m eql_d2.data.synthetic --preset synthetic_lvis --out datasets/synthetic_lvis
 
 The output folder holds ``train/*.png``, ``val/*.png``, ``lvis_v1_train.json``,
-``lvis_v1_val.json`` and ``generator.json`` (the arguments it was made with). Output is
-deterministic: the same arguments give the same bytes.
+``lvis_v1_val.json``, ``lvis_v1_val_fed.json`` and ``generator.json`` (the arguments it was
+made with). Output is deterministic: the same arguments give the same bytes.
 """
 
 import argparse
@@ -27,13 +39,28 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SyntheticLTSpec", "generate", "category_table", "train_image_counts"]
+__all__ = [
+    "PRESETS",
+    "SyntheticLTSpec",
+    "add_federated_val",
+    "category_table",
+    "family_table",
+    "federated_labels",
+    "generate",
+    "num_train_images",
+    "rfs_threshold",
+    "spec_of",
+    "train_image_counts",
+]
 
+# Bumped when the same arguments would give other images or annotations. Files added
+# later that derive from them (lvis_v1_val_fed.json) are added in place instead, by
+# add_federated_val, so existing folders are not regenerated for them.
 GENERATOR_VERSION = 1
 
 # LVIS v1: 337 rare, 461 common, 405 frequent categories out of 1203.
@@ -59,7 +86,13 @@ MAX_CATEGORIES = len(SHAPES) * len(COLOURS) * len(TEXTURES)
 
 @dataclass(frozen=True)
 class SyntheticLTSpec:
-    """Generator arguments; together with the seed they fix every output byte."""
+    """Generator arguments; together with the seed they fix every output byte.
+
+    Sizes are in pixels, object sizes in fractions of the image side. ``shapes``,
+    ``colours`` and ``textures`` 0 keep Synthetic-LT's cycling vocabulary
+    (:func:`category_table`); all three > 0 build (shape, colour) families whose members
+    differ only by texture (:func:`family_table`).
+    """
 
     num_categories: int = 60
     image_size: int = 160
@@ -67,6 +100,25 @@ class SyntheticLTSpec:
     val_instances: int = 6
     max_objects: int = 6
     seed: int = 0
+    # vocabulary: 0, 0, 0 = Synthetic-LT's cycling table; else the first `shapes` of SHAPES,
+    # `colours` of COLOURS and `textures` of TEXTURES, as families (see family_table)
+    shapes: int = 0
+    colours: int = 0
+    textures: int = 0
+    # train layout: at most this many distinct categories on an image, this many on average
+    # (both capped at max_objects, the mean also at the maximum)
+    max_categories_per_image: int = 4
+    mean_categories_per_image: float = 2.5
+    # distinct categories on a val image (capped at max_objects)
+    val_categories_per_image: int = 3
+    # side of an object's box, uniform in this range, as a fraction of the image side
+    min_object_size: float = 0.15
+    max_object_size: float = 0.32
+    # federated val (federated_labels): verified-absent images per positive image of a
+    # category (LVIS: comparable numbers), and the chance that a category with 2+
+    # instances on an image loses one annotation and is flagged not exhaustive
+    val_negatives_per_positive: float = 1.0
+    val_not_exhaustive_prob: float = 0.15
 
     def validate(self):
         if not 3 <= self.num_categories <= MAX_CATEGORIES:
@@ -85,6 +137,45 @@ class SyntheticLTSpec:
             raise ValueError(f"val_instances={self.val_instances}: must be at least 1")
         if not 1 <= self.max_objects <= 12:
             raise ValueError(f"max_objects={self.max_objects}: must be in [1, 12]")
+        vocab = (self.shapes, self.colours, self.textures)
+        limits = (len(SHAPES), len(COLOURS), len(TEXTURES))
+        if any(vocab):
+            for key, n, hi in zip(("shapes", "colours", "textures"), vocab, limits):
+                if not 1 <= n <= hi:
+                    raise ValueError(f"{key}={n}: must be in [1, {hi}] (or shapes, colours "
+                                     "and textures all 0 for Synthetic-LT's vocabulary)")
+            if self.num_categories > math.prod(vocab):
+                raise ValueError(
+                    f"num_categories={self.num_categories}: more than shapes x colours x "
+                    f"textures = {math.prod(vocab)} distinct categories")
+        for key in ("max_categories_per_image", "mean_categories_per_image",
+                    "val_categories_per_image"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)}: must be at least 1")
+        if not 0.05 <= self.min_object_size <= self.max_object_size <= 0.5:
+            raise ValueError(f"object sizes [{self.min_object_size}, {self.max_object_size}]: "
+                             "need 0.05 <= min_object_size <= max_object_size <= 0.5")
+        if self.min_object_size * self.image_size < 8:
+            raise ValueError(f"min_object_size={self.min_object_size} of {self.image_size} px "
+                             "is under 8 px, too small to show a texture")
+        if self.val_negatives_per_positive < 0:
+            raise ValueError(f"val_negatives_per_positive={self.val_negatives_per_positive}: "
+                             "must be >= 0")
+        if not 0 <= self.val_not_exhaustive_prob <= 1:
+            raise ValueError(f"val_not_exhaustive_prob={self.val_not_exhaustive_prob}: "
+                             "must be in [0, 1]")
+
+
+# The large-vocabulary preset (docs/synthetic_lvis.md gives the reasons for each number).
+PRESETS = {
+    "synthetic_lt": SyntheticLTSpec(),
+    "synthetic_lvis": SyntheticLTSpec(
+        num_categories=400, shapes=10, colours=8, textures=5,
+        image_size=128, max_frequent_images=400, val_instances=10,
+        max_objects=8, max_categories_per_image=6, mean_categories_per_image=4.5,
+        val_categories_per_image=4, min_object_size=0.14, max_object_size=0.28,
+    ),
+}
 
 
 def category_table(num_categories):
@@ -104,6 +195,44 @@ def category_table(num_categories):
         table.append((shape, colour, texture))
     assert len(set(table)) == len(table)
     return table
+
+
+def family_table(spec):
+    """(shape, colour, texture) of each category of a family vocabulary, in category-id order.
+
+    A family is a (shape, colour) pair; its members differ only by texture, so every
+    category has ``textures - 1`` siblings that share two of its three attributes (and
+    more neighbours that share shape and texture or colour and texture). Category ids are
+    frequency ranks (id 1 has the most train images), and ranks are dealt round-robin over
+    the families in a seeded order: rank r goes to family ``order[r % F]``, F =
+    shapes x colours. Every family thus holds members from the top to the bottom of the
+    frequency curve, so a rare category has frequent siblings that differ from it only by
+    texture, as LVIS's rare categories are fine-grained kin of frequent ones. Textures are
+    permuted per family, so no texture goes with a frequency group.
+    """
+    shapes = SHAPES[: spec.shapes]
+    colours = list(COLOURS)[: spec.colours]
+    textures = TEXTURES[: spec.textures]
+    families = [(shape, colour) for colour in colours for shape in shapes]
+    # a stream of its own, so that the layout and pixels drawn from the main one are the
+    # same whichever vocabulary is used
+    rng = np.random.default_rng([spec.seed, 1])
+    order = rng.permutation(len(families))
+    texture_order = [rng.permutation(len(textures)) for _ in families]
+    table = []
+    for rank in range(spec.num_categories):
+        slot, position = divmod(rank, len(families))
+        f = int(order[position])
+        table.append((*families[f], textures[int(texture_order[f][slot])]))
+    assert len(set(table)) == len(table)
+    return table
+
+
+def vocabulary(spec):
+    """The category table of `spec`: :func:`family_table` or :func:`category_table`."""
+    if spec.shapes:
+        return family_table(spec)
+    return category_table(spec.num_categories)
 
 
 def group_sizes(num_categories):
@@ -135,6 +264,31 @@ def train_image_counts(spec):
     )
 
 
+def num_train_images(spec):
+    """Number of train images `spec` generates, without generating them.
+
+    Enough images for the most frequent category and for the mean number of distinct
+    categories per image; :func:`_assign_categories` fills the least loaded images first,
+    so none is left empty.
+    """
+    counts = train_image_counts(spec)
+    mean = min(spec.mean_categories_per_image, _max_categories(spec))
+    return max(max(counts), math.ceil(sum(counts) / mean))
+
+
+def _max_categories(spec):
+    return min(spec.max_categories_per_image, spec.max_objects)
+
+
+def rfs_threshold(spec):
+    """Repeat-factor-sampling threshold t that puts LVIS's boundary on `spec`'s train set.
+
+    LVIS's t = 0.001 is 100 of its ~100k train images, the common / frequent boundary;
+    100 / (train images) is the same boundary here, rounded to 4 decimals for a config.
+    """
+    return round(COMMON_MAX_IMAGES / num_train_images(spec), 4)
+
+
 def frequency_group(image_count):
     """LVIS frequency group of a category from its number of train images."""
     if image_count <= RARE_MAX_IMAGES:
@@ -163,10 +317,9 @@ def _assign_categories(counts, num_images, max_per_image, rng):
     return per_image
 
 
-def _val_categories(num_categories, val_instances, max_per_image, rng):
+def _val_categories(num_categories, val_instances, per_image_cats, rng):
     """Balanced val layout: each category appears in `val_instances` images."""
     slots = [k for k in range(num_categories) for _ in range(val_instances)]
-    per_image_cats = max(1, min(3, max_per_image))
     num_images = math.ceil(len(slots) / per_image_cats) + 1
     return _assign_categories([val_instances] * num_categories, num_images, per_image_cats, rng)
 
@@ -266,8 +419,10 @@ def _boxes_overlap(a, b, margin=2):
                 or a[3] + margin <= b[1] or b[3] + margin <= a[1])
 
 
-def _render_image(categories_of_objects, table, size, rng):
+def _render_image(categories_of_objects, table, size, object_size, rng):
     """Draw objects (list of category indices) without overlap; return image and objects.
+
+    `object_size`: (low, high) side of an object as a fraction of `size`.
 
     Each object: dict(category=k, polygon=[x0, y0, ...], bbox=[x, y, w, h], area).
     Objects that cannot be placed after a few tries are dropped (the caller checks).
@@ -277,7 +432,7 @@ def _render_image(categories_of_objects, table, size, rng):
     for k in categories_of_objects:
         shape, colour, texture = table[k]
         for _ in range(40):
-            obj_size = float(rng.uniform(0.15, 0.32) * size)
+            obj_size = float(rng.uniform(*object_size) * size)
             cx, cy = rng.uniform(obj_size / 2 + 1, size - obj_size / 2 - 1, 2)
             angle = float(rng.uniform(-0.35, 0.35))
             poly = _shape_polygon(shape, float(cx), float(cy), obj_size, angle)
@@ -364,7 +519,8 @@ def _build_split(split, layout, table, spec, rng, out_dir, drop_prob, exhaustive
         for attempt in range(60):
             if attempt == 30:
                 objects = list(cats)  # crowded: drop the extra instances
-            img, drawn = _render_image(objects, table, spec.image_size, rng)
+            img, drawn = _render_image(objects, table, spec.image_size,
+                                       (spec.min_object_size, spec.max_object_size), rng)
             drawn_cats = {o["category"] for o in drawn}
             if drawn_cats == set(cats):
                 break
@@ -415,6 +571,59 @@ def _build_split(split, layout, table, spec, rng, out_dir, drop_prob, exhaustive
     return images, annotations
 
 
+def federated_labels(images, annotations, num_categories, negatives_per_positive,
+                     not_exhaustive_prob, rng):
+    """LVIS-style federated labels for an exhaustively annotated split.
+
+    LVIS (Gupta et al., CVPR 2019) evaluates category c only on its positive set P_c
+    (images where c was found and annotated) and its negative set N_c (images verified
+    not to contain c), sampled at random from the images without c; a detection of c on
+    any other image is ignored. Where c has more instances on an image than were
+    annotated, the image lists c in ``not_exhaustive_category_ids`` and unmatched
+    detections of c there are ignored too. The rule here, category by category in id
+    order (every object of a generated image is known, so P_c holds every image with c):
+
+    - N_c: ``min(round(negatives_per_positive * |P_c|), |images without c|)`` images drawn
+      uniformly without replacement from the images without c (half rounds up);
+    - not exhaustive: on each image, each category with 2+ annotated instances, with
+      probability `not_exhaustive_prob`, loses the annotation of its last instance (the
+      highest annotation id) and is listed in ``not_exhaustive_category_ids``. It stays
+      positive on that image.
+
+    Args:
+        images, annotations: an exhaustive LVIS-format split (category ids 1..C).
+        num_categories: C.
+        rng: numpy Generator; the same state gives the same labels.
+
+    Returns:
+        (images, annotations): new image dicts with ``neg_category_ids`` and
+        ``not_exhaustive_category_ids`` replaced (sorted), and the kept annotations,
+        their ids unchanged.
+    """
+    present = {img["id"]: set() for img in images}
+    instances = {}
+    for a in annotations:
+        present[a["image_id"]].add(a["category_id"])
+        instances.setdefault((a["image_id"], a["category_id"]), []).append(a["id"])
+    image_ids = sorted(present)
+    negatives = {i: [] for i in image_ids}
+    for c in range(1, num_categories + 1):
+        absent = [i for i in image_ids if c not in present[i]]
+        positives = len(image_ids) - len(absent)
+        n = min(int(math.floor(negatives_per_positive * positives + 0.5)), len(absent))
+        for i in sorted(int(v) for v in rng.choice(absent, size=n, replace=False)):
+            negatives[i].append(c)
+    dropped, not_exhaustive = set(), {i: [] for i in image_ids}
+    for (i, c), ids in sorted(instances.items()):
+        if len(ids) >= 2 and rng.random() < not_exhaustive_prob:
+            dropped.add(max(ids))
+            not_exhaustive[i].append(c)
+    out_images = [{**img, "neg_category_ids": negatives[img["id"]],
+                   "not_exhaustive_category_ids": sorted(not_exhaustive[img["id"]])}
+                  for img in images]
+    return out_images, [a for a in annotations if a["id"] not in dropped]
+
+
 def _counts(images, annotations, num_categories):
     image_sets = [set() for _ in range(num_categories)]
     instances = [0] * num_categories
@@ -459,21 +668,20 @@ def generate(out_dir, spec=None):
 
 def _generate_into(out_dir, spec):
     rng = np.random.default_rng(spec.seed)
-    table = category_table(spec.num_categories)
+    table = vocabulary(spec)
     counts = train_image_counts(spec)
-    # average ~2.5 distinct categories per train image
-    max_cats = max(1, min(4, spec.max_objects))
-    num_train = max(max(counts), math.ceil(sum(counts) / min(2.5, max_cats)))
-    train_layout = _assign_categories(counts, num_train, max_cats, rng)
-    val_layout = _val_categories(spec.num_categories, spec.val_instances, spec.max_objects, rng)
+    num_train = num_train_images(spec)
+    train_layout = _assign_categories(counts, num_train, _max_categories(spec), rng)
+    val_layout = _val_categories(spec.num_categories, spec.val_instances,
+                                 min(spec.val_categories_per_image, spec.max_objects), rng)
     val_layout = [c for c in val_layout if c]
     train_layout = [c for c in train_layout if c]
+    assert len(train_layout) == num_train
 
     train_images, train_anns = _build_split("train", train_layout, table, spec, rng, out_dir,
                                              drop_prob=0.15, exhaustive_negatives=False)
     val_images, val_anns = _build_split("val", val_layout, table, spec, rng, out_dir,
                                          drop_prob=0.0, exhaustive_negatives=True)
-
     image_counts, instance_counts = _counts(train_images, train_anns, spec.num_categories)
     # dropping an instance never removes the last annotation of a category in an image
     assert image_counts == counts, "train image counts differ from their targets"
@@ -487,36 +695,83 @@ def _generate_into(out_dir, spec):
         })
     _write_json(os.path.join(out_dir, "generator.json"),
                 {"version": GENERATOR_VERSION, **asdict(spec)})
+    add_federated_val(out_dir)
+
+
+def spec_of(root):
+    """The :class:`SyntheticLTSpec` recorded in ``<root>/generator.json`` (fields that the
+    recording generator did not have take their defaults)."""
+    path = os.path.join(root, "generator.json")
+    with open(path) as f:
+        args = json.load(f)
+    args.pop("version", None)
+    known = {f.name for f in fields(SyntheticLTSpec)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown generator arguments {unknown} (made by a newer "
+                         "eql_d2?)")
+    return SyntheticLTSpec(**args)
+
+
+def add_federated_val(root):
+    """Write ``<root>/lvis_v1_val_fed.json`` from ``lvis_v1_val.json`` if it is missing.
+
+    The federated labels (:func:`federated_labels`) come from a random stream of their own,
+    seeded by the spec's seed, so they are the same whether the file is written by
+    :func:`generate` or added later to a folder made before it existed; the exhaustive
+    files are not touched. The file appears atomically (written aside, then renamed).
+    Returns its path.
+    """
+    path = os.path.join(root, "lvis_v1_val_fed.json")
+    if os.path.isfile(path):
+        return path
+    spec = spec_of(root)
+    with open(os.path.join(root, "lvis_v1_val.json")) as f:
+        val = json.load(f)
+    images, anns = federated_labels(
+        val["images"], val["annotations"], spec.num_categories,
+        spec.val_negatives_per_positive, spec.val_not_exhaustive_prob,
+        np.random.default_rng([spec.seed, 2]))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        _write_json(tmp, {**val, "images": images, "annotations": anns})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def main(argv=None):
-    d = SyntheticLTSpec()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--num-categories", type=int, default=d.num_categories,
-                   help=f"number of categories, 3..{MAX_CATEGORIES}")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="square image side, px")
-    p.add_argument("--max-frequent-images", type=int, default=d.max_frequent_images,
+    p.add_argument("--preset", choices=sorted(PRESETS), default="synthetic_lt",
+                   help="named spec; the options below override its fields")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-categories", type=int, help=f"number of categories, 3..{MAX_CATEGORIES}")
+    p.add_argument("--image-size", type=int, help="square image side, px")
+    p.add_argument("--max-frequent-images", type=int,
                    help="train images of the most frequent category")
-    p.add_argument("--val-instances", type=int, default=d.val_instances,
+    p.add_argument("--val-instances", type=int,
                    help="val images (hence at least instances) per category")
-    p.add_argument("--max-objects", type=int, default=d.max_objects, help="objects per image")
+    p.add_argument("--max-objects", type=int, help="objects per image")
     a = p.parse_args(argv)
-    spec = SyntheticLTSpec(num_categories=a.num_categories, image_size=a.image_size,
-                           max_frequent_images=a.max_frequent_images,
-                           val_instances=a.val_instances, max_objects=a.max_objects, seed=a.seed)
+    overridable = ("seed", "num_categories", "image_size", "max_frequent_images",
+                   "val_instances", "max_objects")
+    spec = replace(PRESETS[a.preset],
+                   **{k: getattr(a, k) for k in overridable if getattr(a, k) is not None})
     try:
         spec.validate()
     except ValueError as e:
         p.error(str(e))
     out = generate(a.out, spec)
     with open(os.path.join(out, "lvis_v1_train.json")) as f:
-        cats = json.load(f)["categories"]
+        data = json.load(f)
+    cats = data["categories"]
     groups = {g: sum(c["frequency"] == g for c in cats) for g in "rcf"}
     print(f"wrote {out}: {len(cats)} categories (rare {groups['r']}, common {groups['c']}, "
-          f"frequent {groups['f']})", file=sys.stderr)
+          f"frequent {groups['f']}), {len(data['images'])} train images", file=sys.stderr)
 
 
 if __name__ == "__main__":
