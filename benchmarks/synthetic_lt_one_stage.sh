@@ -23,8 +23,10 @@ for run in $RUNS; do
     echo "== $run: done already ($OUT/$run/final_metrics.json)"; continue
   fi
   echo "== $run"
-  "$PYTHON" train_net.py --config-file "configs/Synthetic-LT/$run.yaml" SEED "$SEED" \
-    OUTPUT_DIR "$OUT/$run" "$@" > "$OUT/$run.log" 2>&1 || { echo "$run failed: see $OUT/$run.log"; exit 1; }
+  # --resume: a run cut off continues from its last checkpoint (SOLVER.CHECKPOINT_PERIOD)
+  "$PYTHON" train_net.py --resume --config-file "configs/Synthetic-LT/$run.yaml" SEED "$SEED" \
+    OUTPUT_DIR "$OUT/$run" SOLVER.CHECKPOINT_PERIOD 100 "$@" >> "$OUT/$run.log" 2>&1 \
+    || { echo "$run failed: see $OUT/$run.log"; exit 1; }
 done
 "$PYTHON" benchmarks/one_stage_table.py "$OUT" $RUNS
 if [ "${SPEED:-1}" = 1 ]; then "$PYTHON" benchmarks/one_stage_speed.py; fi

@@ -5,6 +5,7 @@
 #
 #   benchmarks/synthetic_lt_two_stage.sh                # Faster R-CNN, the configs' 200 iterations each
 #   ARCH=mask benchmarks/synthetic_lt_two_stage.sh      # Mask R-CNN (adds segm columns)
+#   ARCH=cascade_mask benchmarks/synthetic_lt_two_stage.sh   # Cascade Mask R-CNN
 #   OUT=/tmp/b SEED=1 benchmarks/synthetic_lt_two_stage.sh EXTRA_OPT VALUE ...
 #   ONLY="sigmoid eql" benchmarks/synthetic_lt_two_stage.sh   # a subset of the runs
 #
@@ -28,6 +29,8 @@ RUNS=(
   "softmax|softmax|"
   "eql_no_image_labels|eql|MODEL.EQL.USE_IMAGE_LEVEL_LABELS False"
   "eql_ignore_not_exhaustive|eql|MODEL.EQL.IGNORE_NOT_EXHAUSTIVE True"
+  "seesaw|seesaw|"
+  "federated|federated|"
 )
 
 # ONLY="sigmoid eql" runs (and tabulates) just those names
@@ -49,8 +52,10 @@ for run in "${RUNS[@]}"; do
   echo "== $name: training (${CFG}_${loss}.yaml $extra)"
   start=$(date +%s)
   # shellcheck disable=SC2086
-  "$PY" train_net.py --config-file "${CFG}_${loss}.yaml" SEED "$SEED" OUTPUT_DIR "$dir" \
-    $extra "$@" >"$OUT.$name.log" 2>&1 || { echo "$name failed, see $OUT.$name.log"; exit 1; }
+  # --resume: a run cut off continues from its last checkpoint (SOLVER.CHECKPOINT_PERIOD)
+  "$PY" train_net.py --resume --config-file "${CFG}_${loss}.yaml" SEED "$SEED" OUTPUT_DIR "$dir" \
+    SOLVER.CHECKPOINT_PERIOD 100 $extra "$@" >>"$OUT.$name.log" 2>&1 \
+    || { echo "$name failed, see $OUT.$name.log"; exit 1; }
   echo "   $(( $(date +%s) - start )) s"
 done
 
