@@ -1,7 +1,7 @@
 # Two commands from a fresh clone: `make demo` (main job) and `make test`.
 # Both install what they need first (tools/install.sh is idempotent and quick when done).
 PY := $(if $(PYTHON),$(PYTHON),.venv/bin/python)
-DEMO_CFG := configs/Synthetic-LT/mask_rcnn_R18_FPN_softmax.yaml
+DEMO_CFG := configs/Synthetic-LT/mask_rcnn_R18_FPN_d2heads_softmax.yaml
 DEMO_OUT := output/demo
 
 .PHONY: install demo demo-eval test

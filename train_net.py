@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train or evaluate an eql_d2 detector.
 
-    python train_net.py --config-file configs/Synthetic-LT/mask_rcnn_R18_FPN_sigmoid.yaml
+    python train_net.py --config-file configs/Synthetic-LT/mask_rcnn_R18_FPN_d2heads_sigmoid.yaml
     python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file CFG --num-gpus 8             # one machine, 8 GPUs
     python train_net.py --config-file CFG --num-gpus 8 --num-machines 2 --machine-rank 0 \

@@ -138,6 +138,7 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
             assert cfg.MODEL.EQL.LAMBDA == 1.76e-3 and cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK
     else:  # detectron2's own StandardROIHeads baselines
         assert cfg.MODEL.ROI_HEADS.NAME == "StandardROIHeads"
+        assert "_d2heads_" in name, f"{rel}: detectron2-heads configs say so in their name"
         sigmoid = loss_in_name(rel, ["softmax", "sigmoid"]) == "sigmoid"
         assert cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE == sigmoid
 
@@ -163,3 +164,13 @@ def test_builds_its_model(rel, one_thread):
             if isinstance(predictor, EQLFastRCNNOutputLayers):
                 assert type(predictor.cls_loss) is CLS_LOSS_REGISTRY.get(
                     resolve_loss_name(cfg.MODEL.EQL.LOSS))
+
+
+def test_no_two_configs_of_a_dataset_share_a_file_name():
+    """A file name names one model: the same name in two folders of one dataset's configs
+    (e.g. LVIS-v1/ and LVIS-v1/EQL/) would build different models under one name."""
+    seen = {}
+    for rel in CONFIGS:
+        key = (rel.split(os.sep)[0], os.path.basename(rel))
+        assert key not in seen, f"configs/{rel} and configs/{seen[key]} share a file name"
+        seen[key] = rel
