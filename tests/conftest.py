@@ -65,3 +65,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def register_small(small_synthetic, prefix):
+    """Register the small Synthetic-LT's splits as `<prefix>_train` / `<prefix>_val` (once)
+    with their category metadata loaded; returns the two names."""
+    from detectron2.data import DatasetCatalog
+
+    from eql_d2.data import load_category_metadata, register_lvis_format
+
+    names = (f"{prefix}_train", f"{prefix}_val")
+    for name, split in zip(names, ("train", "val")):
+        if name not in DatasetCatalog.list():
+            register_lvis_format(name, os.path.join(small_synthetic, f"lvis_v1_{split}.json"),
+                                 small_synthetic)
+        load_category_metadata(name)
+    return names

@@ -8,12 +8,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.data import DatasetCatalog
 
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models and losses)
-from conftest import ROOT, TINY_ONE_STAGE, TINY_RCNN
+from conftest import ROOT, TINY_ONE_STAGE, TINY_RCNN, register_small
 from eql_d2.config import get_eql_cfg
-from eql_d2.data import load_category_metadata, register_lvis_format
 from eql_d2.engine import AtomicCheckpointer, Trainer
 from eql_d2.modeling.cls_losses import CLS_LOSS_REGISTRY, ClassificationLoss, losses_for_head
 
@@ -42,13 +40,7 @@ class HalfSigmoidCEForTest(torch.nn.Module, ClassificationLoss):
 
 @pytest.fixture(scope="module")
 def datasets(small_synthetic):
-    names = ("registry_small_train", "registry_small_val")
-    for name, split in zip(names, ("train", "val")):
-        if name not in DatasetCatalog.list():
-            register_lvis_format(name, os.path.join(small_synthetic, f"lvis_v1_{split}.json"),
-                                 small_synthetic)
-        load_category_metadata(name)
-    return names
+    return register_small(small_synthetic, "registry_small")
 
 
 def _cfg(head, loss, datasets, out):

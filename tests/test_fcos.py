@@ -12,16 +12,15 @@ import os
 
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import eql_d2.modeling  # noqa: F401  (registers EFLFCOS)
-from conftest import ROOT, TINY_ONE_STAGE, run_train_net
+from conftest import ROOT, TINY_ONE_STAGE, register_small, run_train_net
 from eql_d2.config import get_eql_cfg
-from eql_d2.data import load_category_metadata, register_lvis_format
 from eql_d2.engine import Trainer
 from eql_d2.losses import (EqualizedFocalLoss, EqualizedQualityFocalLoss, FocalLoss,
                            QualityFocalLoss)
@@ -252,13 +251,7 @@ def test_builds_from_config_with_prior_and_names_bad_values():
 
 @pytest.fixture(scope="module")
 def datasets(small_synthetic):
-    names = ("fcos_small_train", "fcos_small_val")
-    for name, split in zip(names, ("train", "val")):
-        if name not in DatasetCatalog.list():
-            register_lvis_format(name, os.path.join(small_synthetic, f"lvis_v1_{split}.json"),
-                                 small_synthetic)
-        load_category_metadata(name)
-    return names
+    return register_small(small_synthetic, "fcos_small")
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))

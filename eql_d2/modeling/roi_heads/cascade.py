@@ -8,7 +8,7 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads
 from detectron2.structures import Instances
 
 from .fast_rcnn import EQLFastRCNNOutputLayers, check_box_head_keys
-from .roi_heads import attach_image_labels
+from .roi_heads import attach_image_labels, image_label_args
 
 __all__ = ["EQLCascadeROIHeads"]
 
@@ -40,10 +40,7 @@ class EQLCascadeROIHeads(CascadeROIHeads):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
-        ret["use_image_level_labels"] = cfg.MODEL.EQL.USE_IMAGE_LEVEL_LABELS
-        ret["ignore_not_exhaustive"] = cfg.MODEL.EQL.IGNORE_NOT_EXHAUSTIVE
-        return ret
+        return dict(super().from_config(cfg, input_shape), **image_label_args(cfg))
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):

@@ -9,7 +9,13 @@ from detectron2.structures import Instances
 
 from .fast_rcnn import EQLFastRCNNOutputLayers, check_box_head_keys
 
-__all__ = ["EQLROIHeads", "attach_image_labels"]
+__all__ = ["EQLROIHeads", "attach_image_labels", "image_label_args"]
+
+
+def image_label_args(cfg) -> dict:
+    """The EQL heads' image-level label switches, from ``MODEL.EQL``."""
+    return {"use_image_level_labels": cfg.MODEL.EQL.USE_IMAGE_LEVEL_LABELS,
+            "ignore_not_exhaustive": cfg.MODEL.EQL.IGNORE_NOT_EXHAUSTIVE}
 
 
 def attach_image_labels(proposals: List[Instances], targets: List[Instances], num_classes: int,
@@ -77,10 +83,7 @@ class EQLROIHeads(StandardROIHeads):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
-        ret["use_image_level_labels"] = cfg.MODEL.EQL.USE_IMAGE_LEVEL_LABELS
-        ret["ignore_not_exhaustive"] = cfg.MODEL.EQL.IGNORE_NOT_EXHAUSTIVE
-        return ret
+        return dict(super().from_config(cfg, input_shape), **image_label_args(cfg))
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
