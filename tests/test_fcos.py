@@ -238,7 +238,7 @@ def test_builds_from_config_with_prior_and_names_bad_values():
                                torch.full((NUM_CLASSES,), 0.001))
     assert model.num_classes == NUM_CLASSES and model.center_sampling_radius == 1.5
     assert (model.test_score_thresh, model.max_detections_per_image) == (0.0, 300)
-    assert type(model.cls_loss.criterion) is EqualizedFocalLoss
+    assert isinstance(model.cls_loss.criterion, EqualizedFocalLoss)
     for key, value in (("MODEL.FCOS.IN_FEATURES", "['p3', 'p9']"),
                        ("MODEL.FCOS.NUM_CONVS", "0"), ("MODEL.FCOS.PRIOR_PROB", "1.0"),
                        ("MODEL.FCOS.CENTER_SAMPLING_RADIUS", "0.0")):
