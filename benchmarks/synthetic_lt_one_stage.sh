@@ -29,4 +29,7 @@ for run in $RUNS; do
     || { echo "$run failed: see $OUT/$run.log"; exit 1; }
 done
 "$PYTHON" benchmarks/one_stage_table.py "$OUT" $RUNS
-if [ "${SPEED:-1}" = 1 ]; then "$PYTHON" benchmarks/one_stage_speed.py; fi
+if [ "${SPEED:-1}" = 1 ]; then
+  "$PYTHON" benchmarks/iteration_speed.py configs/Synthetic-LT/atss_R18_FPN_focal.yaml \
+    configs/Synthetic-LT/atss_R18_FPN_efl.yaml
+fi
