@@ -37,7 +37,8 @@ TRAIN, VAL = "infer_only_train", "infer_only_val"
 UNREGISTERED = "infer_only_nowhere"
 CFG = os.path.join(ROOT, "configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_eql.yaml")
 FREQ_KEY = "roi_heads.box_predictor.cls_loss.freq"
-FAST_RCNN_LOGGER = "eql_d2.modeling.roi_heads.fast_rcnn"
+# EQL's frequencies are settled by the registered loss (eql_d2.modeling.cls_losses.eql)
+FAST_RCNN_LOGGER = "eql_d2.modeling.cls_losses.eql"
 
 # Runs in the fresh process: registers only the datasets it is given, runs each script as
 # __main__ (as `python script ...` would), then prints which datasets exist.
@@ -265,6 +266,10 @@ def training_batch(trained):
     inst = Instances((x["height"], x["width"]))
     inst.gt_boxes = Boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]]))
     inst.gt_classes = torch.tensor([0])
+    # the image-level fields ImageLabelDatasetMapper adds to the ground truth
+    c = int(cfg_of(trained).MODEL.ROI_HEADS.NUM_CLASSES)
+    inst.gt_verified = torch.zeros(1, c, dtype=torch.bool)
+    inst.gt_not_exhaustive = torch.zeros(1, c, dtype=torch.bool)
     x["instances"] = inst
     return [x]
 

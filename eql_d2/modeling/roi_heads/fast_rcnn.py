@@ -136,6 +136,12 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
         return ret
 
     @property
+    def frequencies_known(self) -> bool:
+        """False only for a loss that needs category frequencies and has none yet (EQL built
+        without training metadata, before a checkpoint with them is loaded)."""
+        return getattr(self.cls_loss, "frequencies_known", True)
+
+    @property
     def uses_verified(self) -> bool:
         """Whether the loss reads the image-level ``gt_verified`` mask."""
         return self.cls_loss.uses_verified
