@@ -5,7 +5,7 @@ import shutil
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from eql_d2.data import load_category_metadata, load_lvis_format, register_lvis_format
+from eql_d2.data import datasets, load_category_metadata, load_lvis_format, register_lvis_format
 
 
 def test_dataset_dicts_carry_lvis_image_labels(small_synthetic):
@@ -107,3 +107,179 @@ def test_json_image_counts_replace_a_disagreeing_registered_table(small_syntheti
     assert meta.evaluator_type == "lvis"  # other keys survive the rebuild
     assert meta.json_file == json_file
     assert any(name in r.getMessage() and "8 categories" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------ one parse per process, cache
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("EQL_D2_CACHE_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def count_parses(monkeypatch):
+    """Counts full parses of each annotation file (the module's one json.load site)."""
+    counts = {}
+    real = datasets._read_json
+
+    def counting(json_file):
+        counts[json_file] = counts.get(json_file, 0) + 1
+        return real(json_file)
+
+    monkeypatch.setattr(datasets, "_read_json", counting)
+    return counts
+
+
+def _fresh_registration(name, json_file, image_root):
+    """What a new process starts from: the registration only, no metadata computed yet."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+    register_lvis_format(name, json_file, image_root)
+
+
+def test_each_process_parses_the_json_once(small_synthetic, tmp_path, cache_dir, count_parses):
+    """train_net's order: metadata (prepare_datasets), then the dicts (the train loader)."""
+    json_file = str(tmp_path / "train.json")
+    shutil.copy(os.path.join(small_synthetic, "lvis_v1_train.json"), json_file)
+    name = "test_one_parse"
+
+    # local rank 0, first run: parses for the metadata and writes the cache, then the dicts
+    _fresh_registration(name, json_file, small_synthetic)
+    meta = load_category_metadata(name)
+    assert count_parses == {json_file: 1}
+    assert os.path.isfile(datasets.metadata_cache_file(json_file))
+    assert str(cache_dir) in datasets.metadata_cache_file(json_file)
+    first = DatasetCatalog.get(name)
+    assert count_parses == {json_file: 2}
+    want = dict(meta.as_dict())
+
+    # any other process (or a later run): metadata from the cache, one parse for the dicts
+    for _ in range(2):
+        count_parses.clear()
+        _fresh_registration(name, json_file, small_synthetic)
+        meta = load_category_metadata(name)
+        assert count_parses == {}
+        assert meta.as_dict() == want
+        assert DatasetCatalog.get(name) == first
+        assert count_parses == {json_file: 1}
+
+    # loading the dicts alone sets the metadata from the same single parse
+    count_parses.clear()
+    _fresh_registration(name, json_file, small_synthetic)
+    assert DatasetCatalog.get(name) == first
+    assert count_parses == {json_file: 1}
+    assert MetadataCatalog.get(name).as_dict() == want
+
+
+def test_dicts_equal_detectron2_loader(small_synthetic, cache_dir):
+    """Reference: detectron2's load_lvis_json on the same (clean) file."""
+    from detectron2.data.datasets.lvis import load_lvis_json
+
+    json_file = os.path.join(small_synthetic, "lvis_v1_val.json")
+    ours = load_lvis_format(json_file, small_synthetic)
+    assert ours == load_lvis_json(json_file, small_synthetic + os.sep)
+
+
+def test_cache_follows_the_file(small_synthetic, tmp_path, cache_dir, count_parses):
+    json_file = str(tmp_path / "train.json")
+    shutil.copy(os.path.join(small_synthetic, "lvis_v1_train.json"), json_file)
+    name = "test_cache_follows"
+    _fresh_registration(name, json_file, small_synthetic)
+    load_category_metadata(name)
+
+    # the file is rewritten with other counts: the cache no longer matches it
+    with open(json_file) as f:
+        data = json.load(f)
+    for c in data["categories"]:
+        c["image_count"] += 1
+    with open(json_file, "w") as f:
+        json.dump(data, f)
+    count_parses.clear()
+    _fresh_registration(name, json_file, small_synthetic)
+    meta = load_category_metadata(name)
+    assert count_parses == {json_file: 1}
+    assert [e["image_count"] for e in meta.class_image_count] == [c["image_count"] for c in data["categories"]]
+
+
+def test_stale_cache_is_caught_when_the_dicts_load(small_synthetic, tmp_path, cache_dir):
+    """A cache entry whose key matches but whose counts do not (file rewritten in place with
+    the same size and time) is caught by the check against the parse of the dicts."""
+    json_file = str(tmp_path / "train.json")
+    shutil.copy(os.path.join(small_synthetic, "lvis_v1_train.json"), json_file)
+    name = "test_stale_cache"
+    _fresh_registration(name, json_file, small_synthetic)
+    load_category_metadata(name)
+    cache = datasets.metadata_cache_file(json_file)
+    with open(cache) as f:
+        entry = json.load(f)
+    entry["metadata"]["class_image_count"][0]["image_count"] += 5
+    with open(cache, "w") as f:
+        json.dump(entry, f)
+
+    _fresh_registration(name, json_file, small_synthetic)
+    load_category_metadata(name)
+    with pytest.raises(ValueError, match=f"train.json: .*differ.*{os.path.basename(cache)}.*delete it"):
+        DatasetCatalog.get(name)
+
+
+def test_unwritable_cache_folder_only_costs_a_parse(small_synthetic, tmp_path, monkeypatch, caplog,
+                                                    count_parses):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    monkeypatch.setenv("EQL_D2_CACHE_DIR", str(blocker / "cache"))
+    json_file = os.path.join(small_synthetic, "lvis_v1_val.json")
+    name = "test_unwritable_cache"
+    for _ in range(2):
+        _fresh_registration(name, json_file, small_synthetic)
+        with caplog.at_level("WARNING"):
+            meta = load_category_metadata(name)
+        assert len(meta.thing_classes) == 8
+    assert count_parses == {json_file: 2}
+    assert any("EQL_D2_CACHE_DIR" in r.getMessage() for r in caplog.records)
+
+
+def test_builtin_lvis_split_uses_the_checked_loader(tmp_path, monkeypatch, cache_dir):
+    """detectron2 registers lvis_v1_val with paths relative to DETECTRON2_DATASETS (default
+    ``datasets/``); eql_d2 re-registers it so that its JSON goes through load_lvis_format:
+    a polygon detectron2's loader would assert on is skipped, and detectron2's name table
+    (first synonyms: "horned_cow" for LVIS's "bull") is accepted."""
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
+    name = "lvis_v1_val"
+    meta = MetadataCatalog.get(name)
+    json_rel, root_rel = meta.json_file, meta.image_root
+    if os.path.isabs(json_rel):
+        pytest.skip("DETECTRON2_DATASETS is absolute here; the test writes a fake LVIS under cwd")
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(os.path.dirname(json_rel))
+    cats = [{k: c[k] for k in ("id", "name", "synonyms", "frequency")} | {"image_count": 1}
+            for c in LVIS_CATEGORIES]
+    poly = [[1.0, 1.0, 9.0, 1.0, 9.0, 9.0]]
+    data = {
+        "images": [{"id": 5, "width": 20, "height": 20, "coco_url": "http://x/val2017/5.jpg"}],
+        "annotations": [
+            {"id": 1, "image_id": 5, "category_id": 162, "bbox": [1.0, 1.0, 8.0, 8.0], "segmentation": poly},
+            {"id": 2, "image_id": 5, "category_id": 3, "bbox": [1.0, 1.0, 8.0, 8.0], "segmentation": [[1.0, 2.0]]},
+        ],
+        "categories": cats,
+    }
+    with open(json_rel, "w") as f:
+        json.dump(data, f)
+    saved = {k: v for k, v in meta.as_dict().items() if k != "name"}
+    try:
+        dicts = DatasetCatalog.get(name)
+        assert [(a["category_id"], a["segmentation"]) for a in dicts[0]["annotations"]] == [(161, poly)]
+        assert dicts[0]["file_name"] == os.path.join(root_rel + "val2017", "5.jpg")
+        meta = MetadataCatalog.get(name)
+        # detectron2's count table disagrees with this file's, so the JSON's entry replaced it
+        assert meta.thing_classes[161] == "bull"
+        assert meta.class_image_count == [{"id": c["id"], "image_count": 1} for c in cats]
+        assert meta.class_frequency == [c["frequency"] for c in cats]
+    finally:
+        MetadataCatalog.remove(name)
+        MetadataCatalog.get(name).set(**saved)

@@ -6,7 +6,9 @@ from .datasets import (  # noqa: F401
     ensure_synthetic_lvis,
     load_category_metadata,
     load_lvis_format,
+    metadata_cache_file,
     read_lvis_categories,
+    register_builtin_lvis,
     register_lvis_format,
     register_synthetic_lt,
     register_synthetic_lvis,
@@ -16,3 +18,4 @@ from .datasets import (  # noqa: F401
 
 register_synthetic_lt()
 register_synthetic_lvis()
+register_builtin_lvis()

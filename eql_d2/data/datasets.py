@@ -1,14 +1,36 @@
-"""LVIS-format datasets for detectron2: validated loading, category metadata, Synthetic-LT.
+"""LVIS-format datasets for detectron2: checked loading, category metadata, Synthetic-LT.
 
-Any LVIS-format JSON registered with :func:`register_lvis_format` is loaded by detectron2's
-own ``load_lvis_json`` after a validation pass that names the file and field at fault, and
-its metadata carries what long-tailed training needs:
+Any LVIS-format JSON registered with :func:`register_lvis_format`, and detectron2's built-in
+annotated LVIS splits (``lvis_v1_train``, ``lvis_v1_val``, ``lvis_v0.5_train``,
+``lvis_v0.5_val``, ``lvis_v0.5_val_rand_100``, re-registered here), are loaded by
+:func:`load_lvis_format`: one ``json.load`` per process, a check that names the file and
+field at fault, and dataset dicts in the format of detectron2's ``load_lvis_json`` (which
+would parse the file a second time and stops at the first polygon it cannot use).
+
+Annotations that cannot be trained on are skipped with one warning giving their count and
+first ids: a box with non-positive or non-finite width or height, a box entirely outside its
+image, an empty segmentation or polygon, a polygon with fewer than 3 points or an odd number
+of coordinates. Boxes that extend partly outside their image are kept (detectron2 clips
+them). Structural faults (unknown image or category id, malformed box, RLE or missing
+segmentation, duplicate annotation ids) raise ``ValueError``.
+
+Metadata of a dataset carries what long-tailed training needs:
 
 - ``thing_classes``: category names in contiguous-id order;
 - ``class_image_count``: ``[{"id": k, "image_count": n}, ...]`` as detectron2's LVIS v1
-  metadata spells it (so ``get_fed_loss_cls_weights`` works on it);
+  metadata spells it (so ``get_fed_loss_cls_weights`` works on it); a category's
+  ``image_count`` from the JSON, else the number of images with a usable annotation of it;
 - ``class_frequency``: LVIS group of each category, ``"r"``, ``"c"`` or ``"f"``;
 - ``num_train_images``: number of images of the split the counts come from.
+
+The model needs this metadata before the training dicts are loaded (``train_net.py`` runs
+:func:`load_category_metadata` first). So that a process parses the JSON only once,
+the process that computes it (local rank 0 in ``prepare_datasets``) stores it in a small
+cache file, ``$EQL_D2_CACHE_DIR`` (default ``~/.cache/eql_d2``) ``/categories-<hash of the
+JSON's path>.json``, valid while the JSON's path, size and modification time are unchanged;
+the other processes read it. The dataset folder itself is never written to (it is often
+shared or read-only). The metadata is checked against the JSON again when the dicts are
+loaded, from the same parse.
 
 The embedded default, Synthetic-LT (:mod:`eql_d2.data.synthetic`), is registered as
 ``synthetic_lt_train``, ``synthetic_lt_val`` (exhaustive) and ``synthetic_lt_val_fed`` (the
@@ -19,13 +41,17 @@ default ``datasets/``). Its large-vocabulary preset is registered the same way a
 ``$DETECTRON2_DATASETS/synthetic_lvis``.
 """
 
+import hashlib
 import json
 import logging
+import math
 import os
 import threading
+import time
+from collections import defaultdict
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets.lvis import load_lvis_json
+from detectron2.structures import BoxMode
 
 from . import synthetic
 
@@ -33,19 +59,33 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "register_lvis_format",
+    "register_builtin_lvis",
     "load_lvis_format",
     "read_lvis_categories",
     "synthetic_lt_root",
     "ensure_synthetic_lt",
     "register_synthetic_lt",
     "load_category_metadata",
+    "metadata_cache_file",
 ]
 
 SYNTHETIC_LT_SPLITS = {"synthetic_lt_train": "train", "synthetic_lt_val": "val",
                        "synthetic_lt_val_fed": "val_fed"}
 
+# detectron2's built-in LVIS splits that carry annotations with LVIS's own category ids
+# (the image-info test files have none; the cocofied ones use COCO's ids).
+BUILTIN_LVIS_ANNOTATED = ("lvis_v1_train", "lvis_v1_val", "lvis_v0.5_train", "lvis_v0.5_val",
+                          "lvis_v0.5_val_rand_100")
+
+# Bumped whenever what the metadata is computed from changes, so older cache files are ignored.
+METADATA_CACHE_VERSION = 1
+
+# How many ids of skipped annotations the warning names.
+SKIPPED_IDS_SHOWN = 10
+
 
 def _read_json(json_file):
+    """The one full parse of an LVIS-format JSON; checks its top level only."""
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"LVIS-format annotation file not found: {json_file}")
     try:
@@ -75,15 +115,93 @@ def _check_categories(json_file, categories):
             raise ValueError(f"{json_file}: category id {c['id']} has no 'name'")
 
 
-def read_lvis_categories(json_file):
-    """Validated category metadata of an LVIS-format JSON (reads the whole file once)."""
+def _check_images(json_file, images):
+    for img in images:
+        for key in ("id", "height", "width"):
+            if key not in img:
+                raise ValueError(f"{json_file}: image {img.get('id', '?')} has no '{key}'")
+        if "coco_url" not in img:
+            raise ValueError(
+                f"{json_file}: image {img['id']} has no 'coco_url'; detectron2's LVIS loader "
+                "reads <image_root><folder>/<file> from its last two parts"
+            )
+
+
+def _unusable(json_file, a, image_sizes):
+    """Why annotation `a` cannot be trained on (a short reason), or None if it can.
+
+    Raises ValueError for faults of the file's structure rather than of one object.
+    """
+    bbox = a.get("bbox")
+    if not (isinstance(bbox, list) and len(bbox) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+        raise ValueError(f"{json_file}: annotation {a.get('id')} has malformed bbox {bbox!r}")
+    segm = a.get("segmentation")
+    if not isinstance(segm, list) or not all(isinstance(p, list) for p in segm):
+        raise ValueError(
+            f"{json_file}: annotation {a.get('id')} has segmentation of type "
+            f"{type(segm).__name__}; LVIS format needs a list of polygons [[x1, y1, x2, y2, ...], ...]"
+        )
+    x, y, w, h = bbox
+    if not all(math.isfinite(v) for v in bbox) or w <= 0 or h <= 0:
+        return "box with non-positive or non-finite size"
+    width, height = image_sizes[a["image_id"]]
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+        return "box entirely outside the image"
+    if not segm or any(not p for p in segm):
+        return "empty polygon"
+    # the rule detectron2's load_lvis_json asserts: at least 3 (x, y) points
+    if any(len(p) < 6 or len(p) % 2 for p in segm):
+        return "polygon with < 3 points or odd coordinate count"
+    return None
+
+
+def _usable_annotations(json_file, data):
+    """Annotations of `data` that can be trained on; raises on structural faults, warns once
+    (count, reasons, first ids) about the skipped ones."""
+    _check_images(json_file, data["images"])
+    image_sizes = {img["id"]: (img["width"], img["height"]) for img in data["images"]}
+    num_classes = len(data["categories"])
+    kept, skipped, reasons, seen = [], [], defaultdict(int), set()
+    for a in data["annotations"]:
+        if a.get("image_id") not in image_sizes:
+            raise ValueError(f"{json_file}: annotation {a.get('id')} refers to unknown image_id {a.get('image_id')}")
+        cid = a.get("category_id")
+        if not isinstance(cid, int) or not 1 <= cid <= num_classes:
+            raise ValueError(f"{json_file}: annotation {a.get('id')} has category_id {cid} outside 1..{num_classes}")
+        ann_id = a.get("id")
+        if ann_id in seen:
+            raise ValueError(f"{json_file}: annotation id {ann_id} appears more than once")
+        seen.add(ann_id)
+        why = _unusable(json_file, a, image_sizes)
+        if why is None:
+            kept.append(a)
+        else:
+            skipped.append(ann_id)
+            reasons[why] += 1
+    if skipped:
+        logger.warning(
+            "%s: skipped %d of %d annotations that cannot be used (%s); first ids: %s",
+            json_file, len(skipped), len(data["annotations"]),
+            ", ".join(f"{why}: {n}" for why, n in sorted(reasons.items())),
+            skipped[:SKIPPED_IDS_SHOWN])
+    return kept
+
+
+def _read_lvis(json_file):
+    """Parse, check and filter an LVIS-format JSON: (data with only usable annotations)."""
     data = _read_json(json_file)
-    cats = sorted(data["categories"], key=lambda c: c.get("id", -1))
-    _check_categories(json_file, cats)
-    num_images = len(data["images"])
+    _check_categories(json_file, data["categories"])
+    data["annotations"] = _usable_annotations(json_file, data)
+    return data
+
+
+def _category_metadata(data):
+    """thing_classes / class_image_count / class_frequency / num_train_images of checked `data`."""
+    cats = sorted(data["categories"], key=lambda c: c["id"])
     if all("image_count" in c for c in cats):
         counts = [int(c["image_count"]) for c in cats]
-    else:  # count images per category from the annotations themselves
+    else:  # count images per category from the usable annotations themselves
         per_cat = [set() for _ in cats]
         for a in data["annotations"]:
             per_cat[a["category_id"] - 1].add(a["image_id"])
@@ -93,46 +211,75 @@ def read_lvis_categories(json_file):
         "thing_classes": [c["name"] for c in cats],
         "class_image_count": [{"id": c["id"], "image_count": n} for c, n in zip(cats, counts)],
         "class_frequency": freq,
-        "num_train_images": num_images,
+        "num_train_images": len(data["images"]),
+        # not metadata: only to compare names with a table registered beforehand
+        "_synonyms": [c.get("synonyms") or [] for c in cats],
     }
 
 
-def _check_annotations(json_file, data, num_classes):
-    image_ids = {img.get("id") for img in data["images"]}
-    for img in data["images"]:
-        for key in ("id", "height", "width"):
-            if key not in img:
-                raise ValueError(f"{json_file}: image {img.get('id', '?')} has no '{key}'")
-        if "coco_url" not in img:
-            raise ValueError(
-                f"{json_file}: image {img['id']} has no 'coco_url'; detectron2's LVIS loader "
-                "reads <image_root><folder>/<file> from its last two parts"
-            )
+def _names_agree(registered, info):
+    """Whether registered class names are the JSON's, allowing a synonym of it: detectron2's
+    built-in LVIS v1 table names each category by its first synonym, which for one category
+    (id 162, "bull" / "horned_cow") is not its name."""
+    return len(registered) == len(info["thing_classes"]) and all(
+        r == name or r in syn for r, name, syn in zip(registered, info["thing_classes"], info["_synonyms"]))
+
+
+def read_lvis_categories(json_file):
+    """Checked category metadata of an LVIS-format JSON (parses the whole file once)."""
+    info = _category_metadata(_read_lvis(json_file))
+    del info["_synonyms"]
+    return info
+
+
+def _dataset_dicts(data, image_root):
+    """detectron2 dataset dicts of checked `data`, as detectron2's ``load_lvis_json`` makes them.
+
+    One dict per image, by increasing image id: ``file_name`` (``image_root`` + the last two
+    parts of ``coco_url``), ``height``, ``width``, ``image_id``, ``neg_category_ids``,
+    ``not_exhaustive_category_ids`` (LVIS 1-based ids) and ``annotations``, each with ``bbox``
+    (XYWH_ABS), ``bbox_mode``, 0-based ``category_id`` and ``segmentation`` (the JSON's
+    own lists, not copies, to keep memory at one parse).
+    """
+    anns_per_image = defaultdict(list)
     for a in data["annotations"]:
-        if a.get("image_id") not in image_ids:
-            raise ValueError(f"{json_file}: annotation {a.get('id')} refers to unknown image_id {a.get('image_id')}")
-        cid = a.get("category_id")
-        if not isinstance(cid, int) or not 1 <= cid <= num_classes:
-            raise ValueError(f"{json_file}: annotation {a.get('id')} has category_id {cid} outside 1..{num_classes}")
-        bbox = a.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            raise ValueError(f"{json_file}: annotation {a.get('id')} has malformed bbox {bbox!r}")
+        anns_per_image[a["image_id"]].append({
+            "bbox": a["bbox"], "bbox_mode": BoxMode.XYWH_ABS,
+            "category_id": a["category_id"] - 1, "segmentation": a["segmentation"]})
+    images = {img["id"]: img for img in data["images"]}
+    dicts = []
+    for image_id in sorted(images):
+        img = images[image_id]
+        folder, file_name = img["coco_url"].split("/")[-2:]
+        dicts.append({
+            "file_name": os.path.join(image_root + folder, file_name),
+            "height": img["height"],
+            "width": img["width"],
+            "not_exhaustive_category_ids": img.get("not_exhaustive_category_ids", []),
+            "neg_category_ids": img.get("neg_category_ids", []),
+            "image_id": image_id,
+            "annotations": anns_per_image.pop(image_id, []),
+        })
+    return dicts
 
 
 def load_lvis_format(json_file, image_root, dataset_name=None):
-    """Validate an LVIS-format JSON, then load it with detectron2's ``load_lvis_json``.
+    """Load an LVIS-format JSON into detectron2 dataset dicts, parsing it once.
 
-    Dataset dicts keep ``neg_category_ids`` and ``not_exhaustive_category_ids`` (LVIS,
-    1-based ids), which the EQL heads use for image-level category exclusion.
+    Skips unusable annotations (see the module docstring) and raises ValueError naming the
+    file on structural faults. Dataset dicts keep ``neg_category_ids`` and
+    ``not_exhaustive_category_ids`` (LVIS, 1-based ids), which the EQL heads use for
+    image-level category exclusion. With `dataset_name`, its category metadata is set from
+    the same parse, or, if :func:`load_category_metadata` set it before, checked against it.
     """
-    data = _read_json(json_file)
-    _check_categories(json_file, data["categories"])
-    _check_annotations(json_file, data, len(data["categories"]))
-    del data
-    root = image_root if image_root.endswith(os.sep) else image_root + os.sep
-    dicts = load_lvis_json(json_file, root)
+    start = time.perf_counter()
+    data = _read_lvis(json_file)
     if dataset_name is not None:
-        load_category_metadata(dataset_name)
+        _set_category_metadata(dataset_name, json_file, _category_metadata(data), check=True)
+    root = image_root if image_root.endswith(os.sep) else image_root + os.sep
+    dicts = _dataset_dicts(data, root)
+    logger.info("Loaded %d images in the LVIS format from %s in %.1f s", len(dicts), json_file,
+                time.perf_counter() - start)
     return dicts
 
 
@@ -144,20 +291,85 @@ def register_lvis_format(name, json_file, image_root, **extra_metadata):
     )
 
 
-_category_lock = threading.Lock()
+def register_builtin_lvis(names=BUILTIN_LVIS_ANNOTATED):
+    """Load detectron2's built-in LVIS splits `names` with :func:`load_lvis_format`.
+
+    Their metadata (paths under ``$DETECTRON2_DATASETS``, detectron2's category tables) is
+    kept; only the loader changes. Names detectron2 did not register are left alone.
+    """
+    for name in names:
+        if name not in DatasetCatalog.list():
+            continue
+        meta = MetadataCatalog.get(name)
+        json_file, image_root = meta.get("json_file"), meta.get("image_root")
+        if json_file is None or image_root is None:
+            continue
+        DatasetCatalog.remove(name)
+        DatasetCatalog.register(
+            name, lambda j=json_file, r=image_root, n=name: load_lvis_format(j, r, n))
+
+
+# ------------------------------------------------------------------ category metadata cache
+
+
+def metadata_cache_file(json_file):
+    """Where the category metadata of `json_file` is cached (see the module docstring)."""
+    root = os.environ.get("EQL_D2_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "eql_d2")
+    digest = hashlib.sha1(os.path.abspath(json_file).encode()).hexdigest()[:16]
+    return os.path.join(root, f"categories-{digest}.json")
+
+
+def _file_key(json_file):
+    st = os.stat(json_file)
+    return {"json_file": os.path.abspath(json_file), "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "version": METADATA_CACHE_VERSION}
+
+
+def _cached_metadata(json_file, key):
+    path = metadata_cache_file(json_file)
+    try:
+        with open(path) as f:
+            entry = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or entry.get("key") != key:
+        return None
+    return entry.get("metadata")
+
+
+def _write_cached_metadata(json_file, key, info):
+    path = metadata_cache_file(json_file)
+    tmp = f"{path}.{os.getpid()}.partial"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump({"key": key, "metadata": info}, f)
+        os.replace(tmp, path)  # readers see the old file or the whole new one
+    except OSError as e:
+        # without the cache every process parses the JSON once more; training is unaffected
+        logger.warning("Could not write the category metadata cache %s (%s); set EQL_D2_CACHE_DIR "
+                       "to a writable folder to spare the other processes a parse of %s",
+                       path, e, json_file)
+
+
+# reentrant: load_category_metadata holds it while _set_category_metadata takes it again
+_category_lock = threading.RLock()
 
 
 def load_category_metadata(dataset_name):
     """Fill `thing_classes`, `class_image_count`, `class_frequency` of a registered dataset.
 
-    Reads them from the dataset's own JSON (for Synthetic-LT, generating it first). When a
+    Reads them from the metadata cache when it matches the dataset's JSON, else from the
+    JSON itself (for Synthetic-LT, generating it first), writing the cache. When a
     class_image_count registered earlier (detectron2's built-in LVIS tables) disagrees with
     the JSON, the JSON's counts replace it, with a warning. For built-in LVIS names whose JSON
     is not on disk, the built-in metadata is kept.
     Returns the dataset's Metadata.
     """
-    meta = MetadataCatalog.get(dataset_name)
     with _category_lock:
+        meta = MetadataCatalog.get(dataset_name)
         if meta.get("class_frequency") is not None:
             return meta
         if dataset_name in SYNTHETIC_LT_SPLITS:
@@ -169,13 +381,35 @@ def load_category_metadata(dataset_name):
             return meta
         if not os.path.isfile(json_file) and meta.get("thing_classes") and dataset_name.startswith("lvis"):
             return meta
-        info = read_lvis_categories(json_file)
-        if meta.get("thing_classes") is not None and list(meta.thing_classes) != info["thing_classes"]:
-            # detectron2's built-in LVIS metadata spells names the same way as the JSON
+        key = _file_key(json_file)
+        info = _cached_metadata(json_file, key)
+        if info is not None:
+            logger.info("Category metadata of %s from %s", dataset_name, metadata_cache_file(json_file))
+        else:
+            info = _category_metadata(_read_lvis(json_file))
+            _write_cached_metadata(json_file, key, info)
+        return _set_category_metadata(dataset_name, json_file, info)
+
+
+def _set_category_metadata(dataset_name, json_file, info, check=False):
+    """Set `info` on the dataset's Metadata where absent; with `check`, metadata set before
+    (from the cache or another parse) must agree with it."""
+    with _category_lock:
+        meta = MetadataCatalog.get(dataset_name)
+        if meta.get("class_frequency") is not None:
+            if check and (not _names_agree(list(meta.thing_classes), info)
+                          or _image_counts(meta.class_image_count) != _image_counts(info["class_image_count"])):
+                raise ValueError(
+                    f"{json_file}: its categories or image counts differ from the metadata "
+                    f"'{dataset_name}' was set up with (the file changed after it was read, or "
+                    f"the cache {metadata_cache_file(json_file)} is stale: delete it)")
+            return meta
+        if meta.get("thing_classes") is not None and not _names_agree(list(meta.thing_classes), info):
             raise ValueError(
                 f"{json_file}: category names disagree with the metadata already registered "
                 f"for '{dataset_name}'"
             )
+        info = {k: v for k, v in info.items() if not k.startswith("_")}
         registered = meta.get("class_image_count")
         on_disk = _image_counts(info["class_image_count"])
         if registered is not None and _image_counts(registered) != on_disk:
