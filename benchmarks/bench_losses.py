@@ -120,7 +120,15 @@ class ReferenceEQLv2:
 # One case in a fresh process
 
 
-def _inputs(loss, n, device):
+def amp_dtype(device):
+    """The half dtype of a mixed-precision step: float16 on CUDA (detectron2's AMPTrainer),
+    bfloat16 on CPU (what CPU autocast supports)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+
+
+def _inputs(loss, n, device, amp=False):
+    """Seeded logits [n, C (+1 for EQLv2)], labels [n], normalizer; with `amp` the logits are
+    in the half dtype, as a classifier run under autocast hands them to its loss."""
     g = torch.Generator().manual_seed(1234)
     width = C + 1 if loss == "eqlv2" else C
     logits = torch.empty(n, width).normal_(generator=g).mul_(2.0).sub_(4.0)  # in place
@@ -130,7 +138,8 @@ def _inputs(loss, n, device):
     if loss == "efl":
         labels[torch.rand(n, generator=g) < 0.02] = -1
     normalizer = float(((labels >= 0) & (labels < C)).sum().clamp(min=1))
-    return logits.to(device), labels.to(device), normalizer
+    dtype = amp_dtype(device) if amp else torch.float32
+    return logits.to(device, dtype), labels.to(device), normalizer
 
 
 def _build(loss, impl):
@@ -171,13 +180,14 @@ def _peak_kb(reset_ok):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _step_fn(fn, loss, z, labels, normalizer, cuda):
+def _step_fn(fn, loss, z, labels, normalizer, cuda, amp=False):
     def step():
         z.grad = None
         # A fresh view per step, as a detector head's output is: the reference's hook is
         # registered on it and does not pile up on the leaf.
         x = z.view_as(z)
-        out = fn(x, labels, normalizer) if loss == "efl" else fn(x, labels)
+        with torch.autocast(z.device.type, dtype=amp_dtype(z.device), enabled=amp):
+            out = fn(x, labels, normalizer) if loss == "efl" else fn(x, labels)
         out.backward()
         if cuda:
             torch.cuda.synchronize()
@@ -195,13 +205,13 @@ def _warm(fn, impl, loss, step, z, labels, normalizer):
     step()
 
 
-def memory_worker(loss, n, impl, device):
+def memory_worker(loss, n, impl, device, amp=False):
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    z, labels, normalizer = _inputs(loss, n, dev)
+    z, labels, normalizer = _inputs(loss, n, dev, amp)
     z.requires_grad_()
     fn = _build(loss, impl)
-    step = _step_fn(fn, loss, z, labels, normalizer, cuda)
+    step = _step_fn(fn, loss, z, labels, normalizer, cuda, amp)
     _warm(fn, impl, loss, step, z, labels, normalizer)
     z.grad = None
     if cuda:
@@ -219,13 +229,13 @@ def memory_worker(loss, n, impl, device):
             ("VmHWM after clear_refs" if reset_ok else "ru_maxrss")}
 
 
-def timing_worker(loss, n, device, reps, impls):
+def timing_worker(loss, n, device, reps, impls, amp=False):
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    z, labels, normalizer = _inputs(loss, n, dev)
+    z, labels, normalizer = _inputs(loss, n, dev, amp)
     z.requires_grad_()
     fns = {impl: _build(loss, impl) for impl in impls}
-    steps = {impl: _step_fn(fns[impl], loss, z, labels, normalizer, cuda) for impl in impls}
+    steps = {impl: _step_fn(fns[impl], loss, z, labels, normalizer, cuda, amp) for impl in impls}
     for impl in impls:
         _warm(fns[impl], impl, loss, steps[impl], z, labels, normalizer)
     wall = {impl: [] for impl in impls}

@@ -1,0 +1,86 @@
+"""benchmarks/gpu_check.py keeps working: its reduced CPU run, its inputs, its report."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import gpu_check  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_reduced_cpu_run_writes_every_row(tmp_path):
+    result = gpu_check.main(["--out", str(tmp_path), "--device", "cpu"])
+    with open(tmp_path / "gpu_check.json") as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    md = (tmp_path / "gpu_check.md").read_text()
+
+    # (a) both losses, fp32 and AMP, each implementation of the reduced set
+    s = gpu_check.settings(cuda=False)
+    got = {(r["loss"], r["precision"], r["impl"]) for r in result["losses"]}
+    assert got == {(loss, prec, impl) for loss in ("efl", "eqlv2")
+                   for prec in ("fp32", "AMP (bfloat16)") for impl in s["impls"]}
+    for r in result["losses"]:
+        assert r["median_s"] > 0 and r["n"] == s["n"] and r["classes"] == 1203
+        assert (r["speedup_vs_reference"] == 1.0) == (r["impl"] == "reference")
+
+    # (b) four models, AMP off only on CPU, finite losses, ratios against their baselines
+    rows = {r["model"]: r for r in result["training"]}
+    assert set(rows) == set(gpu_check.MODELS)
+    for name, r in rows.items():
+        assert "error" not in r, r
+        assert r["amp"] is False and r["s_per_iter"] > 0 and r["peak_gpu_mib"] is None
+        assert "syncs_per_iter" not in r  # (c) needs CUDA
+    for name, base in [("mask_rcnn_eqlv2", "mask_rcnn_sigmoid"), ("atss_efl", "atss_focal")]:
+        assert rows[name]["time_ratio"] == pytest.approx(rows[name]["s_per_iter"] / rows[base]["s_per_iter"])
+    assert any("sync" in n and "skipped" in n for n in result["notes"])
+    for name in gpu_check.MODELS:
+        assert f"| {name} (R18) | off |" in md
+
+
+def test_synthetic_batch_is_a_valid_training_batch():
+    s = dict(gpu_check.settings(cuda=True))  # the LVIS-scale inputs, built on CPU
+    batch = gpu_check.synthetic_batch(s, "cpu")
+    assert len(batch) == 2
+    for x in batch:
+        inst = x["instances"]
+        assert x["image"].shape == (3, 800, 1333) and inst.image_size == (800, 1333)
+        boxes = inst.gt_boxes.tensor
+        assert len(inst) == s["objects"]
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 1333).all()
+        assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= 800).all()
+        assert (boxes[:, 2:] > boxes[:, :2]).all()
+        assert ((inst.gt_classes >= 0) & (inst.gt_classes < gpu_check.LVIS_CLASSES)).all()
+        # every polygon lies in its box; the image-level rows hold the image's positives
+        for poly, box in zip(inst.gt_masks.polygons, boxes):
+            pts = torch.as_tensor(poly[0]).view(-1, 2)
+            assert (pts >= box[:2] - 1e-3).all() and (pts <= box[2:] + 1e-3).all()
+        assert inst.gt_verified.shape == (len(inst), gpu_check.LVIS_CLASSES)
+        assert inst.gt_verified[0, inst.gt_classes].all()
+        assert torch.equal(inst.gt_verified[0], inst.gt_verified[-1])
+
+
+def test_markdown_reports_cuda_rows():
+    """The report of a CUDA run (as its JSON would hold it) shows ratios, syncs and sites."""
+    result = {
+        "environment": {"device": "NVIDIA H100", "torch": "2.11.0", "cuda": "13.0",
+                        "python": "3.12.3", "numpy": "2.5.2", "detectron2": "0.7.2"},
+        "notes": ["a note"],
+        "losses": [{"loss": "efl", "n": 100000, "classes": 1203, "precision": "AMP (float16)",
+                    "impl": "fused-compiled", "median_s": 0.0123, "speedup_vs_reference": 9.5,
+                    "peak_mib": 812.4}],
+        "training": [{"model": "atss_efl", "depth": 50, "amp": True, "image": "800x1333",
+                      "batch": 2, "classes": 1203, "s_per_iter": 0.2501, "peak_gpu_mib": 9001.2,
+                      "time_ratio": 1.04, "memory_ratio": 1.01, "syncs_per_iter": 7,
+                      "sync_sites": [["eql_d2/x.py:10", 5], ["detectron2/y.py:3", 2]]}],
+    }
+    md = gpu_check.markdown(result)
+    assert "Device: NVIDIA H100; torch 2.11.0 (CUDA 13.0), Python 3.12.3, numpy 2.5.2" in md
+    assert "| efl | 100000 x 1203 | AMP (float16) | fused-compiled | 0.0123 | 9.5 | 812 |" in md
+    assert "| atss_efl (R50) | on | 800x1333, 2, 1203 | 0.250 | 9001 | 1.04 | 1.01 | 7 |" in md
+    assert "- atss_efl: eql_d2/x.py:10 x5; detectron2/y.py:3 x2" in md
