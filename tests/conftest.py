@@ -1,11 +1,16 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Category-metadata caches of the tests' datasets go to a folder of this run (inherited by
+# the train_net.py subprocesses), not to the user's ~/.cache/eql_d2.
+os.environ.setdefault("EQL_D2_CACHE_DIR", tempfile.mkdtemp(prefix="eql_d2_test_cache_"))
 
 # A small Synthetic-LT (8 categories: 2 rare, 3 common, 3 frequent; 64 px) for fast tests.
 SMALL_SPEC = dict(num_categories=8, image_size=64, max_frequent_images=110, val_instances=2, seed=3)
