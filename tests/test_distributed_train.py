@@ -36,6 +36,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _url():
+    # detectron2's default --dist-url port depends only on the user id, so two test runs
+    # at once (or a training job) would collide on it
+    return f"tcp://127.0.0.1:{_free_port()}"
+
+
 def _probe(out, rank, name):
     return torch.load(os.path.join(out, "probe", f"rank{rank}_{name}.pt"), weights_only=False)
 
@@ -56,7 +62,7 @@ def runs(small_synthetic, tmp_path_factory):
         one = str(tmp_path_factory.mktemp(f"{case}_1p"))
         two = str(tmp_path_factory.mktemp(f"{case}_2p"))
         _train(case, one, env)
-        _train(case, two, env, ["--num-gpus", "2"])
+        _train(case, two, env, ["--num-gpus", "2", "--dist-url", _url()])
         done[case] = (one, two)
     return done, env
 
@@ -91,7 +97,8 @@ def test_eval_only_same_with_one_and_two_processes(runs):
     for n in (1, 2):
         out = os.path.join(two, f"eval_{n}")
         proc = run_train_net(["--config-file", os.path.join(ROOT, config), "--eval-only",
-                              "--num-gpus", str(n), *tiny, *COMMON, "OUTPUT_DIR", out,
+                              "--num-gpus", str(n), "--dist-url", _url(), *tiny, *COMMON,
+                              "OUTPUT_DIR", out,
                               "MODEL.WEIGHTS", os.path.join(two, "model_final.pth")], env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         with open(os.path.join(out, "eval_metrics.json")) as f:
@@ -102,7 +109,7 @@ def test_eval_only_same_with_one_and_two_processes(runs):
 
 def test_two_commands_form_one_multi_machine_job(small_synthetic, tmp_path):
     config, tiny = CASES["atss_efl"]
-    url = f"tcp://127.0.0.1:{_free_port()}"
+    url = _url()
     env = dict(os.environ, EQL_D2_SYNTHETIC_ROOT=small_synthetic, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file",
