@@ -22,13 +22,11 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
-from detectron2.utils import comm
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
-from ..stats_logging import put_scalar_periodically
 from .dense_loss import (DenseClassificationLoss, TopKFirstDecoding, box_quality,
-                         decode_positives)
+                         decode_positives, positives_and_normalizer)
 
 __all__ = ["ATSS", "ATSSHead", "atss_match"]
 
@@ -141,14 +139,6 @@ class ATSSHead(RetinaNetHead):
             deltas.append(self.bbox_pred(box_feature))
             ious.append(self.iou_pred(box_feature))
         return logits, deltas, ious
-
-
-def _all_reduce_mean(value: Tensor) -> Tensor:
-    if comm.get_world_size() > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value = value / comm.get_world_size()
-    return value
 
 
 @META_ARCH_REGISTRY.register()
@@ -291,12 +281,7 @@ class ATSS(TopKFirstDecoding, DenseDetector):
         Returns:
             dict with ``loss_cls``, ``loss_box_reg``, ``loss_iou``.
         """
-        num_images = len(gt_labels)
-        gt_labels = torch.stack(gt_labels)  # (N, R)
-        pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
-        num_pos = pos_mask.sum()
-        put_scalar_periodically("num_pos_anchors", num_pos / num_images)
-        normalizer = _all_reduce_mean(num_pos.float()).clamp(min=1.0)
+        gt_labels, pos_mask, normalizer = positives_and_normalizer(gt_labels, self.num_classes)
 
         pred_boxes, target_boxes = decode_positives(
             self.box2box_transform, anchors, pred_deltas, pos_mask, gt_boxes)

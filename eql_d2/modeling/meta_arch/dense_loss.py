@@ -9,13 +9,15 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, Instances
 from detectron2.structures.boxes import matched_pairwise_iou
+from detectron2.utils import comm
 from torch import nn
 
 from ...config import get_eql_cfg
 from ..cls_losses import build_cls_loss
-from ..stats_logging import logging_due, put_group_means
+from ..stats_logging import logging_due, put_group_means, put_scalar_periodically
 
-__all__ = ["DenseClassificationLoss", "TopKFirstDecoding", "box_quality", "decode_positives"]
+__all__ = ["DenseClassificationLoss", "TopKFirstDecoding", "box_quality", "decode_positives",
+           "positives_and_normalizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,26 @@ class DenseClassificationLoss(nn.Module):
         name = self.criterion.statistics_name
         for key, values in self.criterion.statistics().items():
             put_group_means(f"{name}/{key}", values, self.class_frequency, self.period)
+
+
+def positives_and_normalizer(gt_labels: List[torch.Tensor], num_classes: int):
+    """Labels, positive mask and loss normalizer of a dense head's batch.
+
+    gt_labels: N tensors [R] in {-1 ignore, 0..C-1, C background}. Returns (labels (N, R),
+    pos_mask (N, R) bool, normalizer): the number of positive anchors averaged over workers,
+    at least 1, so that DDP's mean of the workers' gradients is that of one process on the
+    whole batch. Logs ``num_pos_anchors`` per image on logging iterations.
+    """
+    labels = torch.stack(gt_labels)
+    pos_mask = (labels >= 0) & (labels != num_classes)
+    num_pos = pos_mask.sum()
+    put_scalar_periodically("num_pos_anchors", num_pos / len(gt_labels))
+    normalizer = num_pos.float()
+    if comm.get_world_size() > 1:
+        normalizer = normalizer.clone()
+        torch.distributed.all_reduce(normalizer)
+        normalizer = normalizer / comm.get_world_size()
+    return labels, pos_mask, normalizer.clamp(min=1.0)
 
 
 def decode_positives(box2box_transform, anchors: List[Boxes], pred_deltas: List[torch.Tensor],

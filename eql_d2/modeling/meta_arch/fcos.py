@@ -15,10 +15,8 @@ from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
-from ..stats_logging import put_scalar_periodically
-from .atss import _all_reduce_mean
 from .dense_loss import (DenseClassificationLoss, TopKFirstDecoding, box_quality,
-                         decode_positives)
+                         decode_positives, positives_and_normalizer)
 
 __all__ = ["EFLFCOS"]
 
@@ -123,12 +121,7 @@ class EFLFCOS(TopKFirstDecoding, FCOS):
             dict with ``loss_fcos_cls``, ``loss_fcos_loc``, ``loss_fcos_ctr`` (see the
             class docstring).
         """
-        num_images = len(gt_labels)
-        gt_labels = torch.stack(gt_labels)  # (N, R)
-        pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
-        num_pos = pos_mask.sum()
-        put_scalar_periodically("num_pos_anchors", num_pos / num_images)
-        normalizer = _all_reduce_mean(num_pos.float()).clamp(min=1.0)
+        gt_labels, pos_mask, normalizer = positives_and_normalizer(gt_labels, self.num_classes)
 
         pred_boxes, target_boxes = decode_positives(
             self.box2box_transform, anchors, pred_anchor_deltas, pos_mask, gt_boxes)
