@@ -86,3 +86,39 @@ def register_small(small_synthetic, prefix):
                                  small_synthetic)
         load_category_metadata(name)
     return names
+
+
+def free_port():
+    """A TCP port on the loopback interface that is free now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank, world_size, url, out_dir, run, num_rows, kwargs):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        share = num_rows // world_size
+        result = run(slice(rank * share, (rank + 1) * share), **kwargs)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo_workers(run, num_rows, world_size=2, **kwargs):
+    """Run ``run(rows, **kwargs)`` in `world_size` gloo processes, each on its equal share of
+    `num_rows` rows (a slice); returns their results in rank order. `run` must be a
+    module-level function (the processes are spawned)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_gloo_worker, nprocs=world_size, join=True,
+                 args=(world_size, f"tcp://127.0.0.1:{free_port()}", out_dir, run, num_rows,
+                       kwargs))
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+                for r in range(world_size)]

@@ -3,14 +3,13 @@ process trains on the whole batch, and the two-command multi-machine form forms 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY_ONE_STAGE, TINY_RCNN, run_train_net
+from conftest import ROOT, TINY_ONE_STAGE, TINY_RCNN, free_port, run_train_net
 
 # Proposal and ROI sampling draw at random from each process's RNG, so one process and two
 # would sample different proposals. Sampling every anchor and every proposal, with a fixed
@@ -30,16 +29,10 @@ COMMON = ["SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "3", "SEED", "11",
           "TEST.EVAL_PERIOD", "0"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _url():
     # detectron2's default --dist-url port depends only on the user id, so two test runs
     # at once (or a training job) would collide on it
-    return f"tcp://127.0.0.1:{_free_port()}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def _probe(out, rank, name):

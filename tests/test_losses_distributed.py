@@ -1,15 +1,11 @@
 """Gradient statistics across workers: two gloo processes, each with half of every batch,
 must end with identical buffers equal to one process on the whole batch."""
 
-import os
-import socket
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_on_gloo_workers
 from eql_d2.losses import EQLv2Loss, EqualizedFocalLoss, EqualizedQualityFocalLoss
 
 C = 7
@@ -50,30 +46,10 @@ def _run(rows, normalizer=11.0):
     return {name: torch.stack([m.pos_grad, m.neg_grad]) for name, m in losses.items()}
 
 
-def _worker(rank, world_size, init_method, out_dir):
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
-    try:
-        torch.set_num_threads(1)
-        half = N // world_size
-        stats = _run(slice(rank * half, (rank + 1) * half), normalizer=11.0 / world_size)
-        torch.save(stats, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_two_gloo_workers_match_one_process_on_the_whole_batch():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(2, f"tcp://127.0.0.1:{_free_port()}", out_dir), nprocs=2,
-                 join=True)
-        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+    ranks = run_on_gloo_workers(_run, N, normalizer=11.0 / 2)
     single = _run(slice(0, N))
     for name, expected in single.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name

@@ -5,16 +5,13 @@ and classes, in float64, independently of the library's vectorized log-space for
 """
 
 import math
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import run_on_gloo_workers
 from eql_d2.losses import SeesawLoss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -286,30 +283,10 @@ def _run(rows):
             "grads": torch.stack(grads)}
 
 
-def _worker(rank, world_size, init_method, out_dir):
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
-    try:
-        torch.set_num_threads(1)
-        half = N // world_size
-        torch.save(_run(slice(rank * half, (rank + 1) * half)),
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_two_gloo_workers_match_one_process_on_the_whole_batch():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(2, f"tcp://127.0.0.1:{_free_port()}", out_dir), nprocs=2,
-                 join=True)
-        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+    ranks = run_on_gloo_workers(_run, N)
     single = _run(slice(0, N))
     assert torch.equal(ranks[0]["counts"], ranks[1]["counts"])
     assert torch.equal(ranks[0]["counts"], single["counts"])
