@@ -122,3 +122,40 @@ def run_on_gloo_workers(run, num_rows, world_size=2, **kwargs):
                        kwargs))
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world_size)]
+
+
+def dense_batch(num_classes, seed=0, num_images=2, size=64):
+    """Model inputs with 3 random boxes of 10-28 px per image (one image without boxes when
+    num_images >= 3), classes in 0..num_classes-1, random pixels."""
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for i in range(num_images):
+        n = 0 if (i == 0 and num_images > 2) else 3
+        xy = torch.rand(n, 2, generator=g) * (size - 30)
+        wh = 10 + torch.rand(n, 2, generator=g) * 18
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+        inst.gt_classes = torch.randint(0, num_classes, (n,), generator=g)
+        batch.append({"image": torch.rand(3, size, size, generator=g) * 255, "instances": inst})
+    return batch
+
+
+def sgd_steps(model, batches, lr=0.01):
+    """Plain SGD steps in an EventStorage; returns (the loss dicts, detached, of each step,
+    the storage)."""
+    from detectron2.utils.events import EventStorage
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    history = []
+    with EventStorage() as storage:
+        for batch in batches:
+            losses = model(batch)
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+            history.append({k: v.detach().clone() for k, v in losses.items()})
+            storage.step()
+    return history, storage

@@ -15,11 +15,12 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch.fcos import FCOS
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
 import eql_d2.modeling  # noqa: F401  (registers EFLFCOS)
-from conftest import ROOT, TINY_ONE_STAGE, register_small, run_train_net
+from conftest import (ROOT, TINY_ONE_STAGE, dense_batch, register_small, run_train_net,
+                      sgd_steps)
 from eql_d2.config import get_eql_cfg
 from eql_d2.engine import Trainer
 from eql_d2.losses import (EqualizedFocalLoss, EqualizedQualityFocalLoss, FocalLoss,
@@ -54,18 +55,7 @@ def make_model(cfg, seed=0):
 
 
 def make_batch(seed=0, num_images=2, size=64):
-    """Images with 3 boxes of 10-28 px (one image without boxes when num_images >= 3)."""
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for i in range(num_images):
-        n = 0 if (i == 0 and num_images > 2) else 3
-        xy = torch.rand(n, 2, generator=g) * (size - 30)
-        wh = 10 + torch.rand(n, 2, generator=g) * 18
-        inst = Instances((size, size))
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
-        inst.gt_classes = torch.randint(0, NUM_CLASSES, (n,), generator=g)
-        batch.append({"image": torch.rand(3, size, size, generator=g) * 255, "instances": inst})
-    return batch
+    return dense_batch(NUM_CLASSES, seed, num_images, size)
 
 
 def record_cls_loss_calls(model):
@@ -82,18 +72,7 @@ def record_cls_loss_calls(model):
 
 
 def train_steps(model, batches, lr=0.01):
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    history = []
-    with EventStorage() as storage:
-        for batch in batches:
-            losses = model(batch)
-            opt.zero_grad()
-            sum(losses.values()).backward()
-            opt.step()
-            history.append({k: v.detach().clone() for k, v in losses.items()})
-            storage.step()
-    return history, storage
+    return sgd_steps(model, batches, lr)
 
 
 def hand_iou(a, b):

@@ -12,7 +12,6 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import eql_d2.modeling  # noqa: F401  (registers ATSS, EFLRetinaNet)
@@ -20,7 +19,7 @@ from eql_d2.config import get_eql_cfg
 from eql_d2.modeling.meta_arch import DenseClassificationLoss, atss_match
 from eql_d2.modeling.meta_arch.dense_loss import decode_positives
 
-from conftest import ROOT
+from conftest import ROOT, dense_batch, sgd_steps
 
 BASE = os.path.join(ROOT, "configs/Synthetic-LT/Base-OneStage-R18-FPN.yaml")
 NUM_CLASSES = 5
@@ -49,33 +48,11 @@ def make_model(cfg, seed=0):
 
 
 def make_batch(seed=0, num_images=2, size=64):
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for i in range(num_images):
-        n = 0 if (i == 0 and num_images > 2) else 3  # one image without objects when 3+
-        xy = torch.rand(n, 2, generator=g) * (size - 30)
-        wh = 10 + torch.rand(n, 2, generator=g) * 18
-        inst = Instances((size, size))
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
-        inst.gt_classes = torch.randint(0, NUM_CLASSES, (n,), generator=g)
-        batch.append({"image": torch.rand(3, size, size, generator=g) * 255, "instances": inst})
-    return batch
+    return dense_batch(NUM_CLASSES, seed, num_images, size)
 
 
 def train_steps(model, batches, lr=0.01):
-    """Plain SGD steps; returns the loss dicts (detached) of each step."""
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    history = []
-    with EventStorage() as storage:
-        for batch in batches:
-            losses = model(batch)
-            opt.zero_grad()
-            sum(losses.values()).backward()
-            opt.step()
-            history.append({k: v.detach().clone() for k, v in losses.items()})
-            storage.step()
-    return history, storage
+    return sgd_steps(model, batches, lr)
 
 
 # ---------------------------------------------------------------------- ATSS assignment
