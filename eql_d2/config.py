@@ -44,6 +44,8 @@ def _add_eql_roi_heads_config(cfg):
     cfg.MODEL.EQL.LOSS = "softmax"
     # EQL frequency threshold lambda (eq. 7): categories with f_j < lambda are tail categories.
     cfg.MODEL.EQL.LAMBDA = 1.76e-3
+    # EQL excluding function E(r) (eq. 7, Tab. 4); False: background proposals skip tail too.
+    cfg.MODEL.EQL.EXCLUDING_FUNCTION = True
     # Initial probability of every category in sigmoid-type classifiers (sets the bias).
     cfg.MODEL.EQL.PRIOR_PROB = 0.001
     cfg.MODEL.EQL.EQLV2 = CN()
@@ -76,6 +78,10 @@ def _add_efl_config(cfg):
     cfg.MODEL.EFL.SCALE = 8.0
     # alpha_t balance of positives/negatives for focal and EFL (QFL/EQFL/sigmoid_ce: unused)
     cfg.MODEL.EFL.ALPHA = 0.25
+    # EFL/EQFL focusing factor (Tab. 3 "FF"); False: exponent gamma_b for every category
+    cfg.MODEL.EFL.FOCUSING_FACTOR = True
+    # EFL/EQFL weighting factor (Tab. 3 "WF"); False: weight 1 instead of gamma^j / gamma_b
+    cfg.MODEL.EFL.WEIGHTING_FACTOR = True
     # log r/c/f means of g^j and gamma^j every PERIOD iterations (0: never)
     cfg.MODEL.EFL.PERIOD = 20
 

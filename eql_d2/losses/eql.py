@@ -9,6 +9,7 @@ from torch import nn
 from ._checks import (check_class_vector, check_labels, check_logits, check_scalar,
                       check_verified)
 from ._fused import sigmoid_bce_loss
+from .efl import check_switch
 
 __all__ = ["EQLLoss", "tail_ratio"]
 
@@ -44,9 +45,11 @@ class EQLLoss(nn.Module):
         w_ij = 1 - E(r_i) T_lambda(f_j) (1 - y_ij)                     (eq. 7)
 
     E(r_i) = 1 for a foreground sample, 0 for background; T_lambda(f) = 1 if f < lambda.
-    Foreground samples thus send no discouraging gradient to tail classes. With
-    ``verified`` (section 4.2), a class in the sample image's positive or verified-negative
-    category set keeps w_ij = 1 (LVIS image-level labels).
+    Foreground samples thus send no discouraging gradient to tail classes. Without the
+    excluding function (Tab. 4 of the paper) E(r_i) = 1 for every sample, so background
+    samples send none either. With ``verified`` (section 4.2), a class in the sample
+    image's positive or verified-negative category set keeps w_ij = 1 (LVIS image-level
+    labels), on foreground and background samples alike.
 
     Args:
         freq: [C] image-level frequency f_j of each class (images with class j / images),
@@ -56,18 +59,22 @@ class EQLLoss(nn.Module):
             LVIS v0.5 rare and common classes). lambda_ = 0 gives plain sigmoid CE.
         use_compile: run the fused kernel through torch.compile (True/False); None reads
             ``EQL_D2_COMPILE_LOSSES`` and otherwise compiles on CUDA only.
+        use_excluding_function: E(r) of eq. 7 (True, default); False takes E(r) = 1 for
+            background samples too.
 
     Shapes: ``forward(logits [N, C], labels [N] int in 0..C, verified [N, C] bool or None)``
     returns a 0-dim loss (0 for N = 0).
     """
 
     def __init__(self, freq: Union[torch.Tensor, Sequence[float]], lambda_: float = 1.76e-3,
-                 use_compile: Optional[bool] = None):
+                 use_compile: Optional[bool] = None, use_excluding_function: bool = True):
         super().__init__()
         freq = check_class_vector("freq", freq, low=0.0, high=1.0)
         self.lambda_ = check_scalar("lambda_", lambda_, low=0.0)
         self.num_classes = freq.numel()
         self.use_compile = use_compile
+        self.use_excluding_function = check_switch("use_excluding_function",
+                                                   use_excluding_function)
         self.register_buffer("freq", freq.float())
 
     def threshold(self) -> torch.Tensor:
@@ -87,11 +94,14 @@ class EQLLoss(nn.Module):
             check_verified(verified, logits, c)
         ones = torch.ones_like(self.freq)
         # Negatives in foreground rows lose their weight on tail classes; background rows
-        # (E(r) = 0) keep weight 1 everywhere.
+        # keep weight 1 everywhere (E(r) = 0), or are weighted like foreground rows (no
+        # excluding function: no per-row weights).
+        bg_weight = ones if self.use_excluding_function else None
         loss, _ = sigmoid_bce_loss(logits, labels, verified, ones,
-                                   ones - self.threshold().to(ones.dtype), ones, c,
+                                   ones - self.threshold().to(ones.dtype), bg_weight, c,
                                    want_stats=False, use_compile=self.use_compile)
         return loss
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, lambda_={self.lambda_}"
+        return (f"num_classes={self.num_classes}, lambda_={self.lambda_}, "
+                f"use_excluding_function={self.use_excluding_function}")

@@ -14,7 +14,9 @@ class _EqualizedFocal(ClassificationLoss):
     @classmethod
     def from_config(cls, cfg, num_classes, train_datasets):
         e = cfg.MODEL.EFL
-        return {"num_classes": num_classes, "gamma_b": e.GAMMA_B, "scale": e.SCALE}
+        return {"num_classes": num_classes, "gamma_b": e.GAMMA_B, "scale": e.SCALE,
+                "use_focusing_factor": e.FOCUSING_FACTOR,
+                "use_weighting_factor": e.WEIGHTING_FACTOR}
 
     def statistics(self):
         return {"gradient_ratio": self.gradient_ratio, "focusing_factor": self.focusing_factor}
@@ -22,7 +24,8 @@ class _EqualizedFocal(ClassificationLoss):
 
 @CLS_LOSS_REGISTRY.register()
 class EFL(EqualizedFocalLoss, _EqualizedFocal):
-    """Equalized focal loss, eq. 4 (``MODEL.EFL.GAMMA_B``, ``SCALE``, ``ALPHA``)."""
+    """Equalized focal loss, eq. 4 (``MODEL.EFL.GAMMA_B``, ``SCALE``, ``ALPHA``,
+    ``FOCUSING_FACTOR``, ``WEIGHTING_FACTOR``)."""
 
     @classmethod
     def from_config(cls, cfg, num_classes, train_datasets):
@@ -35,7 +38,8 @@ class EFL(EqualizedFocalLoss, _EqualizedFocal):
 
 @CLS_LOSS_REGISTRY.register()
 class EQFL(EqualizedQualityFocalLoss, _EqualizedFocal):
-    """Equalized quality focal loss, eq. 5 (``MODEL.EFL.GAMMA_B``, ``SCALE``)."""
+    """Equalized quality focal loss, eq. 5 (``MODEL.EFL.GAMMA_B``, ``SCALE``,
+    ``FOCUSING_FACTOR``, ``WEIGHTING_FACTOR``)."""
 
     uses_quality = True
 

@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 @CLS_LOSS_REGISTRY.register()
 class EQL(EQLLoss, ClassificationLoss):
-    """EQL, eq. 6-8 (``MODEL.EQL.LAMBDA``), with the image-level verified mask.
+    """EQL, eq. 6-8 (``MODEL.EQL.LAMBDA``, ``EXCLUDING_FUNCTION``), with the image-level
+    verified mask.
 
     The category frequencies come from the training sets' metadata when it is loaded
     (training), else from the checkpoint (``freq`` is a persistent buffer): built for
@@ -29,8 +30,12 @@ class EQL(EQLLoss, ClassificationLoss):
     uses_verified = True
 
     def __init__(self, num_classes: int, freq=None, lambda_: float = 1.76e-3,
-                 train_datasets=()):
-        super().__init__(torch.zeros(num_classes) if freq is None else freq, lambda_)
+                 train_datasets=(), use_excluding_function: bool = True):
+        super().__init__(torch.zeros(num_classes) if freq is None else freq, lambda_,
+                         use_excluding_function=use_excluding_function)
+        if not use_excluding_function:
+            logger.info("EQL: no excluding function E(r): background proposals send no "
+                        "negative gradient to tail categories either")
         self.train_datasets = tuple(train_datasets)
         self.frequencies_known = freq is not None
         if freq is None:
@@ -54,7 +59,8 @@ class EQL(EQLLoss, ClassificationLoss):
         # only what the metadata already holds: building for inference reads no JSON
         return {"num_classes": num_classes, "lambda_": cfg.MODEL.EQL.LAMBDA,
                 "freq": category_frequencies(train_datasets, num_classes, required=False),
-                "train_datasets": train_datasets}
+                "train_datasets": train_datasets,
+                "use_excluding_function": cfg.MODEL.EQL.EXCLUDING_FUNCTION}
 
     def check_trainable(self):
         if not self.frequencies_known:
