@@ -89,6 +89,21 @@ def _add_efl_config(cfg):
 _NODES.append(_add_efl_config)
 
 
+def _add_regime_indicators_config(cfg):
+    """MODEL.REGIME_INDICATORS: per-category training regime of every classification head
+    (eql_d2.modeling.regime.RegimeIndicators), whatever its loss."""
+    cfg.MODEL.REGIME_INDICATORS = CN()
+    # accumulate positives / negatives seen and gradient sums per category (one extra
+    # backward through the classification loss alone per iteration)
+    cfg.MODEL.REGIME_INDICATORS.ENABLED = True
+    # append a snapshot to OUTPUT_DIR/regime_indicators.jsonl every PERIOD iterations and at
+    # the last one (0: never written; the buffers are still in checkpoints)
+    cfg.MODEL.REGIME_INDICATORS.PERIOD = 100
+
+
+_NODES.append(_add_regime_indicators_config)
+
+
 def _add_seesaw_config(cfg):
     """MODEL.SEESAW: Seesaw loss (Wang et al., CVPR 2021), MODEL.EQL.LOSS "seesaw"."""
     cfg.MODEL.SEESAW = CN()

@@ -15,6 +15,18 @@ leaves in OUTPUT_DIR; --config / --metrics point elsewhere) and writes into --ou
   gamma_b = MODEL.EFL.GAMMA_B and s = MODEL.EFL.SCALE from the saved config.
 - ``gradient_ratio_over_training.png``: the rare / common / frequent means of g_j (and, for
   EFL, of gamma_j) that the losses log into metrics.json, against the iteration.
+
+Regime indicators of any runs, whatever their loss (``regime_indicators.jsonl`` that training
+writes, see README "How faithful is it?"):
+
+    python tools/plot_gradients.py --regime output/a output/b --labels focal EFL --output-dir D
+
+- ``regime_samples_per_category.png``: positives / negatives seen by every category at the
+  end of each run (the EFL paper's Fig. 2), categories by positives seen, coloured by group;
+- ``regime_gradient_ratio_over_training.png``: the median raw g_j = pos_grad_j / neg_grad_j of
+  the rare / common / frequent categories seen so far, against the iteration (log scale,
+  dashed line at 1: below it a category's negatives outweigh its positives);
+- ``regime_summary.csv``: those figures by group at the last snapshot of each run.
 """
 
 import argparse
@@ -37,6 +49,8 @@ import eql_d2.data  # noqa: E402,F401  (registers Synthetic-LT)
 from eql_d2.config import add_eql_config  # noqa: E402
 from eql_d2.data import load_category_metadata  # noqa: E402
 from eql_d2.evaluation.plots import GROUP_COLORS, GROUP_NAMES, save_figure  # noqa: E402
+from eql_d2.evaluation.regime import (group_summary, head_names,  # noqa: E402
+                                      read_regime_indicators)
 from eql_d2.evaluation.results_io import atomic_path  # noqa: E402
 
 DENSE_ARCHS = ("ATSS", "EFLRetinaNet", "EFLFCOS")
@@ -114,13 +128,96 @@ def _bar_by_frequency(rows, key, ylabel, title, path, hline=None):
     save_figure(fig, path)
 
 
+def _group_legend(ax):
+    for g in "rcf":
+        ax.plot([], [], color=GROUP_COLORS[g], marker="o", linestyle="", label=GROUP_NAMES[g])
+    ax.legend(fontsize=7)
+
+
+def plot_regime(runs, labels, out_dir, head=None):
+    """The regime plots and summary of `runs` (run folders or indicator files); see the
+    module docstring. Returns the paths written."""
+    if labels and len(labels) != len(runs):
+        raise ValueError(f"--labels has {len(labels)} names for {len(runs)} runs")
+    labels = labels or [os.path.basename(os.path.normpath(r)) for r in runs]
+    series = [read_regime_indicators(r) for r in runs]
+    n = len(runs)
+    fig_s, axes_s = plt.subplots(n, 1, figsize=(8, 2.4 * n), squeeze=False)
+    fig_g, axes_g = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False, sharey=True)
+    rows = []
+    for k, (label, snaps) in enumerate(zip(labels, series)):
+        last = snaps[-1]
+        name = head or head_names(last)[0]
+        values = last["heads"][name]
+        num = len(values["pos_count"])
+        groups = last.get("class_frequency") or ["c"] * num
+        order = sorted(range(num), key=lambda j: -values["pos_count"][j])
+        ratio = [values["pos_count"][j] / values["neg_count"][j] if values["neg_count"][j]
+                 else math.nan for j in order]
+        ax = axes_s[k][0]
+        ax.scatter(range(num), [r if r > 0 else math.nan for r in ratio], s=4,
+                   c=[GROUP_COLORS.get(groups[j], "gray") for j in order])
+        ax.set_yscale("log")
+        ax.set_ylabel("positives / negatives")
+        ax.set_title(f"{label}: samples seen by iteration {last['iteration']} ({name})",
+                     fontsize=9)
+        _group_legend(ax)
+        ax = axes_g[0][k]
+        for g in "rcf":
+            its, med = [], []
+            for snap in snaps:
+                summary = group_summary(snap, name)
+                if g in summary and summary[g]["seen"]:
+                    its.append(snap["iteration"])
+                    med.append(summary[g]["median_g"])
+            if its:
+                ax.plot(its, med, color=GROUP_COLORS[g], marker=".", label=GROUP_NAMES[g])
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        if k == 0:
+            ax.set_ylabel("median g_j = pos_grad / neg_grad")
+            ax.legend(fontsize=7)
+        for group, stats in group_summary(last, name).items():
+            rows.append({"run": label, "head": name, "iteration": last["iteration"],
+                         "group": group, **stats})
+    axes_s[-1][0].set_xlabel("categories, most positives seen first")
+    os.makedirs(out_dir, exist_ok=True)
+    written = [os.path.join(out_dir, "regime_samples_per_category.png"),
+               os.path.join(out_dir, "regime_gradient_ratio_over_training.png"),
+               os.path.join(out_dir, "regime_summary.csv")]
+    save_figure(fig_s, written[0])
+    save_figure(fig_g, written[1])
+    tmp = atomic_path(written[2])
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, written[2])
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="an EQLv2 / EFL / EQFL checkpoint (its loss statistics)")
     p.add_argument("--config", help="default: config.yaml beside the checkpoint")
     p.add_argument("--metrics", help="default: metrics.json beside the checkpoint")
     p.add_argument("--output-dir", help="default: <checkpoint dir>/gradients")
+    p.add_argument("--regime", nargs="+", metavar="RUN",
+                   help="run folders or regime_indicators.jsonl[.gz] files of any losses")
+    p.add_argument("--labels", nargs="+", help="with --regime: a name per run")
+    p.add_argument("--head", help="with --regime: module path of the head (default: first)")
     args = p.parse_args(argv)
+    if args.regime:
+        if not args.output_dir:
+            p.error("--regime needs --output-dir")
+        return plot_regime(args.regime, args.labels, args.output_dir, args.head)
+    if not args.checkpoint:
+        p.error("give --checkpoint or --regime")
 
     run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     config_path = args.config or os.path.join(run_dir, "config.yaml")

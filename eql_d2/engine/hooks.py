@@ -1,5 +1,7 @@
 """Training hooks of eql_d2's Trainer."""
 
+import json
+import os
 import random
 
 import numpy as np
@@ -9,7 +11,7 @@ from detectron2.utils import comm
 
 from ..data.train_loader import SEED_TRAIN_STEP, derive_seed
 
-__all__ = ["SeedEachIteration"]
+__all__ = ["RegimeIndicatorWriter", "SeedEachIteration"]
 
 class SeedEachIteration(HookBase):
     """Seed python's, numpy's and torch's RNGs before every iteration from (stream seed,
@@ -30,3 +32,62 @@ class SeedEachIteration(HookBase):
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+
+class RegimeIndicatorWriter(HookBase):
+    """Append the model's regime indicators to ``<output_dir>/regime_indicators.jsonl``.
+
+    One JSON line every ``period`` iterations and after the last one::
+
+        {"iteration": k, "class_frequency": ["r", ...] or null,
+         "heads": {"<module path>": {"pos_count": [C], "neg_count": [C],
+                                     "pos_grad": [C], "neg_grad": [C]}, ...}}
+
+    ``iteration`` counts the iterations done; the values are the accumulated buffers of
+    every :class:`~eql_d2.modeling.regime.RegimeIndicators` in the model (one per dense
+    head, one per box predictor or Cascade stage), identical on every process. Only the main
+    process writes. A resumed run first drops the lines written after the checkpoint it
+    resumes from, so the file describes one run.
+    """
+
+    FILE_NAME = "regime_indicators.jsonl"
+
+    def __init__(self, period: int, output_dir: str, class_frequency=None):
+        self.period = int(period)
+        self.path = os.path.join(output_dir, self.FILE_NAME)
+        self.class_frequency = None if class_frequency is None else list(class_frequency)
+
+    def _modules(self):
+        from ..modeling.regime import RegimeIndicators
+
+        model = self.trainer.model
+        model = getattr(model, "module", model)  # DDP
+        return {name: m for name, m in model.named_modules() if isinstance(m, RegimeIndicators)}
+
+    def before_train(self):
+        if not comm.is_main_process() or not os.path.isfile(self.path):
+            return
+        done = self.trainer.start_iter
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = [line for line in lines
+                if line.strip() and json.loads(line)["iteration"] <= done]
+        if len(kept) != len(lines):
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+
+    def after_step(self):
+        done = self.trainer.iter + 1
+        if not (done % self.period == 0 or done == self.trainer.max_iter):
+            return
+        if not comm.is_main_process():
+            return
+        modules = self._modules()
+        if not modules:
+            return
+        line = {"iteration": done, "class_frequency": self.class_frequency,
+                "heads": {name: m.snapshot() for name, m in modules.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line, separators=(",", ":")) + "\n")

@@ -13,7 +13,7 @@ from ..evaluation import build_evaluator
 from ..data.dataset_mapper import ImageLabelDatasetMapper
 from ..data.train_loader import ResumableTrainLoader, check_image_files
 from .checkpoint import AtomicCheckpointer
-from .hooks import SeedEachIteration
+from .hooks import RegimeIndicatorWriter, SeedEachIteration
 
 __all__ = ["Trainer", "prepare_datasets", "check_num_classes", "wrap_distributed",
            "NUM_CLASSES_KEYS"]
@@ -159,6 +159,11 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
+        regime = self.cfg.MODEL.REGIME_INDICATORS
+        if regime.ENABLED and regime.PERIOD > 0:
+            train = self.cfg.DATASETS.TRAIN
+            groups = MetadataCatalog.get(train[0]).get("class_frequency") if train else None
+            hooks.append(RegimeIndicatorWriter(regime.PERIOD, self.cfg.OUTPUT_DIR, groups))
         # first, so that every other hook's before_step already sees the seeded RNGs
         return [SeedEachIteration(self.train_loader)] + hooks
 

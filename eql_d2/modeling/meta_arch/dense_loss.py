@@ -14,6 +14,7 @@ from torch import nn
 
 from ...config import get_eql_cfg
 from ..cls_losses import build_cls_loss
+from ..regime import RegimeIndicators
 from ..stats_logging import logging_due, put_group_means, put_scalar_periodically
 
 __all__ = ["DenseClassificationLoss", "TopKFirstDecoding", "box_quality", "decode_positives",
@@ -52,7 +53,8 @@ class DenseClassificationLoss(nn.Module):
     def __init__(self, *, num_classes: int, criterion: Optional[nn.Module] = None,
                  loss: str = "focal", gamma_b: float = 2.0, scale: float = 8.0,
                  alpha: Optional[float] = 0.25,
-                 class_frequency: Optional[Sequence[str]] = None, period: int = 20):
+                 class_frequency: Optional[Sequence[str]] = None, period: int = 20,
+                 regime_indicators: bool = True):
         """
         Args:
             num_classes: C, foreground categories.
@@ -60,6 +62,8 @@ class DenseClassificationLoss(nn.Module):
                 ``loss`` is built with ``gamma_b``, ``scale``, ``alpha`` (``MODEL.EFL.*``).
             class_frequency: C LVIS groups for logging, or None (no group logging).
             period: ``MODEL.EFL.PERIOD``.
+            regime_indicators: keep :class:`~eql_d2.modeling.regime.RegimeIndicators` of
+                the loss's gradient in ``regime`` (``MODEL.REGIME_INDICATORS.ENABLED``).
         """
         super().__init__()
         if criterion is None:
@@ -77,6 +81,7 @@ class DenseClassificationLoss(nn.Module):
         self.num_classes = num_classes
         self.class_frequency = None if class_frequency is None else list(class_frequency)
         self.period = int(period)
+        self.regime = RegimeIndicators(num_classes) if regime_indicators else None
         self._warned_no_groups = False
 
     @classmethod
@@ -86,6 +91,7 @@ class DenseClassificationLoss(nn.Module):
             "criterion": build_cls_loss(cfg, "MODEL.EFL.LOSS", num_classes, "dense"),
             "class_frequency": _train_class_frequency(cfg),
             "period": cfg.MODEL.EFL.PERIOD,
+            "regime_indicators": cfg.MODEL.REGIME_INDICATORS.ENABLED,
         }
 
     @property
@@ -109,6 +115,8 @@ class DenseClassificationLoss(nn.Module):
             self.criterion.check_trainable()
         loss = self.criterion.head_loss(logits, labels, normalizer=normalizer,
                                         quality=quality if self.uses_quality else None)
+        if self.regime is not None:
+            self.regime.observe(loss, logits, labels)
         if self.criterion.statistics_name and self.training and torch.is_grad_enabled():
             self._log_statistics()
         return loss

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..category_frequency import frequency_groups
 from ..cls_losses import build_cls_loss
+from ..regime import RegimeIndicators
 from ..stats_logging import logging_due, put_group_means
 
 __all__ = ["EQLFastRCNNOutputLayers", "exclude_entries", "check_box_head_keys"]
@@ -76,7 +77,7 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
     @configurable
     def __init__(self, input_shape, *, cls_loss: nn.Module, prior_prob: float = 0.001,
                  class_groups=None, log_period: int = 20, background_fraction: float = 0.75,
-                 train_datasets=(), **kwargs):
+                 train_datasets=(), regime_indicators: bool = True, **kwargs):
         """
         Args:
             input_shape, kwargs: as for ``FastRCNNOutputLayers`` (``use_sigmoid_ce`` and
@@ -89,6 +90,8 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
             background_fraction: expected share of background proposals in a sampled
                 batch (1 - ROI_HEADS.POSITIVE_FRACTION); EQLv2's objectness bias starts there.
             train_datasets: DATASETS.TRAIN, named in messages.
+            regime_indicators: keep :class:`~eql_d2.modeling.regime.RegimeIndicators` of
+                the loss's gradient in ``regime`` (``MODEL.REGIME_INDICATORS.ENABLED``).
         """
         if "two_stage" not in getattr(cls_loss, "heads", ()):
             raise ValueError(f"{type(cls_loss).__name__} is not a classification loss for "
@@ -110,6 +113,7 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
                                              c + cls_loss.extra_columns)
         cls_loss.init_bias(self.cls_score.bias, prior_prob, background_fraction)
         self.log_period = int(log_period)
+        self.regime = RegimeIndicators(c) if regime_indicators else None
         self.train_datasets = tuple(train_datasets)
         self._warned_no_groups = False
         self.class_groups = list(class_groups) if class_groups is not None else None
@@ -127,6 +131,7 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
             log_period=cfg.MODEL.EQL.PERIOD,
             background_fraction=1.0 - cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION,
             train_datasets=tuple(cfg.DATASETS.TRAIN),
+            regime_indicators=cfg.MODEL.REGIME_INDICATORS.ENABLED,
         )
         # Only what the training sets' metadata already holds: building a model for
         # inference must not need (or read) the training JSON.
@@ -162,10 +167,13 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
         verified [N, C] bool or None: see the class docstring; passed to losses that take it.
         ignored [N, C] bool or None: entries taken out of the loss, for every loss.
         """
+        raw = logits
         if ignored is not None:
             logits = exclude_entries(logits, ignored)
         loss = self.cls_loss.head_loss(logits, gt_classes,
                                        verified=verified if self.uses_verified else None)
+        if self.regime is not None:
+            self.regime.observe(loss, raw, gt_classes)
         name = self.cls_loss.statistics_name
         if (name and self.class_groups is not None and self.training
                 and torch.is_grad_enabled() and logging_due(self.log_period)):

@@ -1,0 +1,338 @@
+#!/usr/bin/env python
+"""The multi-seed study of the papers' claims on Synthetic-LVIS (federated val).
+
+    # start one driver per free core; each takes the next run nobody has claimed
+    nohup benchmarks/synthetic_lvis_study.py run > output/study/driver0.log 2>&1 &
+    nohup benchmarks/synthetic_lvis_study.py run > output/study/driver1.log 2>&1 &
+    benchmarks/synthetic_lvis_study.py table            # Markdown tables of what is done
+    benchmarks/synthetic_lvis_study.py plots            # regime plots into docs/regime/
+
+Every run trains one config on one generated dataset and one training seed (seed s uses
+the Synthetic-LVIS preset generated with --seed s and SEED s, so the arms of a comparison
+are paired by seed), one thread, ``--resume`` from its last checkpoint, then evaluates on
+the federated val (the configs' DATASETS.TEST). A finished run's ``final_metrics.json``,
+``regime_indicators.jsonl.gz`` and ``config.yaml`` are copied to ``benchmarks/results/
+synthetic_lvis_study/<run>/``, which is kept in the repository: a run with results there is
+never repeated, so a later session (or another machine) continues the study where it
+stopped. Checkpoints stay in --out (not kept).
+
+Runs are taken in the order of :data:`RUNS`: the main arms seed by seed, then the
+ablations, the balanced check and the Synthetic-LT comparison under the federated protocol.
+A run is claimed with a lock folder holding the driver's pid; a lock whose process is gone
+is taken over.
+"""
+
+import argparse
+import gzip
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "synthetic_lvis_study")
+SEEDS = (0, 1, 2)
+LVIS_CFG = "configs/Synthetic-LVIS"
+SLT_SCHEDULE = ["SOLVER.MAX_ITER", "700", "SOLVER.STEPS", "(540, 650)"]
+
+# arm name -> (config, extra options, dataset kind)
+ARMS = {
+    "atss_focal": (f"{LVIS_CFG}/atss_R18_FPN_focal.yaml", [], "lvis"),
+    "atss_efl": (f"{LVIS_CFG}/atss_R18_FPN_efl.yaml", [], "lvis"),
+    "frcnn_sigmoid": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_sigmoid.yaml", [], "lvis"),
+    "frcnn_eql": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_eql.yaml", [], "lvis"),
+    "frcnn_eqlv2": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_eqlv2.yaml", [], "lvis"),
+    # ablations (EFL Tab. 3, EQL Tab. 4)
+    "atss_efl_focusing_only": (f"{LVIS_CFG}/atss_R18_FPN_efl.yaml",
+                               ["MODEL.EFL.WEIGHTING_FACTOR", "False"], "lvis"),
+    "atss_efl_weighting_only": (f"{LVIS_CFG}/atss_R18_FPN_efl.yaml",
+                                ["MODEL.EFL.FOCUSING_FACTOR", "False"], "lvis"),
+    "frcnn_eql_no_excluding_function": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_eql.yaml",
+                                        ["MODEL.EQL.EXCLUDING_FUNCTION", "False"], "lvis"),
+    # all categories equally frequent (EFL Tab. 9: EFL = focal there)
+    "balanced_atss_focal": (f"{LVIS_CFG}/atss_R18_FPN_focal.yaml", [], "balanced"),
+    "balanced_atss_efl": (f"{LVIS_CFG}/atss_R18_FPN_efl.yaml", [], "balanced"),
+    # BENCHMARKS.md's 700-iteration Synthetic-LT Faster R-CNN runs, federated and exhaustive val
+    "slt_sigmoid": ("configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_sigmoid.yaml", SLT_SCHEDULE,
+                    "slt"),
+    "slt_eql": ("configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_eql.yaml", SLT_SCHEDULE, "slt"),
+    "slt_eqlv2": ("configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_eqlv2.yaml", SLT_SCHEDULE, "slt"),
+}
+MAIN = ("atss_focal", "atss_efl", "frcnn_sigmoid", "frcnn_eql", "frcnn_eqlv2")
+RUNS = ([(arm, s) for s in SEEDS for arm in MAIN]
+        + [(arm, 0) for arm in ("atss_efl_focusing_only", "atss_efl_weighting_only",
+                                "frcnn_eql_no_excluding_function")]
+        + [("balanced_atss_focal", 0), ("balanced_atss_efl", 0)]
+        + [(arm, 0) for arm in ("slt_sigmoid", "slt_eql", "slt_eqlv2")])
+
+# paired comparisons: (name, arm, reference arm)
+COMPARISONS = [
+    ("EFL - focal (ATSS)", "atss_efl", "atss_focal"),
+    ("EQL - sigmoid (Faster R-CNN)", "frcnn_eql", "frcnn_sigmoid"),
+    ("EQLv2 - EQL", "frcnn_eqlv2", "frcnn_eql"),
+    ("EQLv2 - sigmoid", "frcnn_eqlv2", "frcnn_sigmoid"),
+    ("EFL focusing only - focal", "atss_efl_focusing_only", "atss_focal"),
+    ("EFL weighting only - focal", "atss_efl_weighting_only", "atss_focal"),
+    ("EFL - EFL focusing only", "atss_efl", "atss_efl_focusing_only"),
+    ("EFL - EFL weighting only", "atss_efl", "atss_efl_weighting_only"),
+    ("EQL - EQL without E(r)", "frcnn_eql", "frcnn_eql_no_excluding_function"),
+    ("balanced: EFL - focal", "balanced_atss_efl", "balanced_atss_focal"),
+    ("Synthetic-LT: EQL - sigmoid", "slt_eql", "slt_sigmoid"),
+    ("Synthetic-LT: EQLv2 - sigmoid", "slt_eqlv2", "slt_sigmoid"),
+]
+KEYS = ("AP", "APr", "APc", "APf")
+
+
+def run_name(arm, seed):
+    return f"{arm}/seed{seed}"
+
+
+def dataset_env(kind, seed, datasets_dir):
+    """Environment that points the registered dataset names at this seed's data."""
+    if kind == "lvis":
+        return {"EQL_D2_SYNTHETIC_LVIS_ROOT": os.path.join(datasets_dir, f"synthetic_lvis_seed{seed}")}
+    if kind == "balanced":
+        return {"EQL_D2_SYNTHETIC_LVIS_BALANCED_ROOT":
+                os.path.join(datasets_dir, f"synthetic_lvis_balanced_seed{seed}")}
+    return {"EQL_D2_SYNTHETIC_ROOT": os.path.join(datasets_dir, "synthetic_lt")}
+
+
+def dataset_options(kind):
+    if kind == "balanced":
+        return ["DATASETS.TRAIN", '("synthetic_lvis_balanced_train",)',
+                "DATASETS.TEST", '("synthetic_lvis_balanced_val_fed",)']
+    if kind == "slt":
+        return ["DATASETS.TEST", '("synthetic_lt_val_fed", "synthetic_lt_val")']
+    return []
+
+
+def generate_data(kind, seed, datasets_dir, log):
+    """Generate the seed's dataset once (a folder with generator.json is complete: the
+    generator renames it into place only when done)."""
+    if kind == "slt":
+        return  # generated on first use by train_net.py (seed 0, as BENCHMARKS.md's runs)
+    root = next(iter(dataset_env(kind, seed, datasets_dir).values()))
+    if os.path.isfile(os.path.join(root, "generator.json")):
+        return
+    preset = "synthetic_lvis" if kind == "lvis" else "synthetic_lvis_balanced"
+    print(f"generating {preset} seed {seed} into {root}", flush=True)
+    subprocess.run([sys.executable, "-m", "eql_d2.data.synthetic", "--preset", preset,
+                    "--seed", str(seed), "--out", root], cwd=ROOT, check=True,
+                   stdout=log, stderr=subprocess.STDOUT)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(lock):
+    """Take the lock folder (atomic mkdir); a lock of a dead process is taken over."""
+    try:
+        os.makedirs(lock)
+    except FileExistsError:
+        try:
+            with open(os.path.join(lock, "pid")) as f:
+                pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and _alive(pid):
+            return False
+        print(f"taking over {lock} (process {pid} is gone)", flush=True)
+    with open(os.path.join(lock, "pid"), "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def save_results(run_dir, dest):
+    """Copy what the study keeps of a finished run into `dest` (complete or absent)."""
+    tmp = dest + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in ("final_metrics.json", "config.yaml"):
+        shutil.copy(os.path.join(run_dir, name), tmp)
+    regime = os.path.join(run_dir, "regime_indicators.jsonl")
+    if os.path.isfile(regime):
+        with open(regime, "rb") as src, gzip.open(os.path.join(tmp, "regime_indicators.jsonl.gz"),
+                                                  "wb", mtime=0) as dst:
+            shutil.copyfileobj(src, dst)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    os.rename(tmp, dest)
+
+
+def cmd_run(args):
+    os.makedirs(args.out, exist_ok=True)
+    wanted = [(a, s) for a, s in RUNS
+              if (not args.arms or a in args.arms) and (args.seeds is None or s in args.seeds)]
+    for arm, seed in wanted:
+        name = run_name(arm, seed)
+        dest = os.path.join(RESULTS, name)
+        if os.path.isfile(os.path.join(dest, "final_metrics.json")):
+            continue
+        lock = os.path.join(args.out, name + ".lock")
+        if not claim(lock):
+            continue
+        try:
+            config, extra, kind = ARMS[arm]
+            run_dir = os.path.join(args.out, name)
+            os.makedirs(run_dir, exist_ok=True)
+            log_path = run_dir + ".log"
+            with open(log_path, "a") as log:
+                generate_data(kind, seed, args.datasets, log)
+                env = {**os.environ, "OMP_NUM_THREADS": "1",
+                       **dataset_env(kind, seed, args.datasets)}
+                cmd = [sys.executable, "train_net.py", "--resume", "--config-file", config,
+                       "SEED", str(seed), "OUTPUT_DIR", run_dir, "SOLVER.CHECKPOINT_PERIOD", "100",
+                       *dataset_options(kind), *extra, *args.opts]
+                print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+                start = time.time()
+                proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            if proc.returncode != 0:
+                print(f"   {name} failed (exit {proc.returncode}), see {log_path}", flush=True)
+                continue
+            save_results(run_dir, dest)
+            print(f"   {name}: {time.time() - start:.0f} s, results in {dest}", flush=True)
+        finally:
+            shutil.rmtree(lock, ignore_errors=True)
+
+
+def load_metrics():
+    """{arm: {seed: {dataset: {"bbox": {...}}}}} of the finished runs."""
+    out = {}
+    for arm in ARMS:
+        for seed in SEEDS:
+            path = os.path.join(RESULTS, run_name(arm, seed), "final_metrics.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    out.setdefault(arm, {})[seed] = json.load(f)
+    return out
+
+
+def _bbox(metrics, dataset=None):
+    dataset = dataset or next(iter(metrics))
+    return metrics[dataset]["bbox"]
+
+
+def _mean_std(values):
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def cmd_table(args):
+    from eql_d2.evaluation.regime import group_summary, read_regime_indicators
+
+    done = load_metrics()
+    print("### Runs: bbox AP on the federated val, mean ± standard deviation over seeds\n")
+    print("| arm | seeds | " + " | ".join(KEYS) + " |")
+    print("|---|---|" + "---|" * len(KEYS))
+    for arm in ARMS:
+        if arm not in done:
+            continue
+        seeds = sorted(done[arm])
+        cells = [_mean_std([_bbox(done[arm][s])[k] for s in seeds]) for k in KEYS]
+        print(f"| {arm} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    print("\n### Paired differences (same data and training seed), per seed and mean ± std\n")
+    print("| comparison | seeds | " + " | ".join(f"Δ{k}" for k in KEYS) + " |")
+    print("|---|---|" + "---|" * len(KEYS))
+    for label, arm, ref in COMPARISONS:
+        seeds = sorted(set(done.get(arm, {})) & set(done.get(ref, {})))
+        if not seeds:
+            continue
+        cells = []
+        for k in KEYS:
+            diffs = [_bbox(done[arm][s])[k] - _bbox(done[ref][s])[k] for s in seeds]
+            per_seed = " / ".join(f"{d:+.2f}" for d in diffs)
+            cells.append(per_seed + (f" ({_mean_std(diffs)})" if len(diffs) > 1 else ""))
+        print(f"| {label} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    slt = [a for a in ("slt_sigmoid", "slt_eql", "slt_eqlv2") if a in done]
+    if slt:
+        print("\n### Synthetic-LT, 700 iterations, seed 0: federated vs exhaustive val (bbox)\n")
+        print("| run | val | " + " | ".join(KEYS) + " |")
+        print("|---|---|" + "---|" * len(KEYS))
+        for arm in slt:
+            for dataset, m in done[arm][0].items():
+                print(f"| {arm} | {dataset} | "
+                      + " | ".join(f"{m['bbox'][k]:.2f}" for k in KEYS) + " |")
+    print("\n### Regime indicators at the end of training: median raw g_j = pos_grad / neg_grad "
+          "(number of seen categories with g_j < 1 / seen), median positives / negatives seen\n")
+    print("| run | rare g | common g | frequent g | rare pos/neg | common pos/neg | "
+          "frequent pos/neg |")
+    print("|---|---|---|---|---|---|---|")
+    for arm in ARMS:
+        for seed in sorted(done.get(arm, {})):
+            run_dir = os.path.join(RESULTS, run_name(arm, seed))
+            try:
+                snaps = read_regime_indicators(run_dir)
+            except FileNotFoundError:
+                continue
+            summary = group_summary(snaps[-1])
+            g_cells, r_cells = [], []
+            for group in ("r", "c", "f"):
+                s = summary.get(group)
+                if s is None:
+                    g_cells.append("-")
+                    r_cells.append("-")
+                    continue
+                g_cells.append(f"{s['median_g']:.3g} ({s['below_1']}/{s['seen']})")
+                r_cells.append(f"{s['median_pos_neg']:.2g}")
+            if set(summary) == {"c"} or set(summary) == {"all"}:
+                only = summary.get("c") or summary.get("all")
+                g_cells = ["-", f"{only['median_g']:.3g} ({only['below_1']}/{only['seen']}), "
+                           "all categories", "-"]
+                r_cells = ["-", f"{only['median_pos_neg']:.2g}", "-"]
+            print(f"| {run_name(arm, seed)} | " + " | ".join(g_cells + r_cells) + " |")
+
+
+def cmd_plots(args):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from plot_gradients import plot_regime
+
+    groups = {
+        "synthetic_lvis_seed0": [("atss_focal", 0), ("atss_efl", 0), ("frcnn_sigmoid", 0),
+                                 ("frcnn_eql", 0), ("frcnn_eqlv2", 0)],
+        "synthetic_lt": [("slt_sigmoid", 0), ("slt_eql", 0), ("slt_eqlv2", 0)],
+        "balanced": [("balanced_atss_focal", 0), ("balanced_atss_efl", 0)],
+    }
+    for folder, runs in groups.items():
+        have = [(a, s) for a, s in runs
+                if os.path.isfile(os.path.join(RESULTS, run_name(a, s),
+                                               "regime_indicators.jsonl.gz"))]
+        if have:
+            plot_regime([os.path.join(RESULTS, run_name(a, s)) for a, s in have],
+                        [run_name(a, s) for a, s in have], os.path.join(args.plots, folder))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train and evaluate the runs not done yet")
+    r.add_argument("--out", default=os.path.join(ROOT, "output", "study"))
+    r.add_argument("--datasets", default=os.path.join(ROOT, "datasets"))
+    r.add_argument("--arms", nargs="+", choices=sorted(ARMS))
+    r.add_argument("--seeds", nargs="+", type=int)
+    r.add_argument("opts", nargs=argparse.REMAINDER, help="train_net.py overrides for every run")
+    sub.add_parser("table", help="Markdown tables of the finished runs")
+    pl = sub.add_parser("plots", help="regime plots of the finished runs")
+    pl.add_argument("--plots", default=os.path.join(ROOT, "docs", "regime"))
+    args = p.parse_args(argv)
+    {"run": cmd_run, "table": cmd_table, "plots": cmd_plots}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

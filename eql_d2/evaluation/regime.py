@@ -1,0 +1,83 @@
+"""Reading and summarising the regime indicators that training writes
+(``regime_indicators.jsonl``, see :class:`eql_d2.engine.hooks.RegimeIndicatorWriter`)."""
+
+import gzip
+import json
+import math
+import os
+import statistics
+from typing import Dict, List, Optional
+
+__all__ = ["read_regime_indicators", "regime_file", "group_summary", "head_names"]
+
+FILE_NAMES = ("regime_indicators.jsonl", "regime_indicators.jsonl.gz")
+
+
+def regime_file(path: str) -> str:
+    """`path` itself if it is a file, else the indicators file in run folder `path`."""
+    if os.path.isfile(path):
+        return path
+    for name in FILE_NAMES:
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"{path}: no {' or '.join(FILE_NAMES)} (written by training with "
+                            "MODEL.REGIME_INDICATORS.ENABLED and PERIOD > 0)")
+
+
+def read_regime_indicators(path: str) -> List[dict]:
+    """The snapshots of a run (a folder or a .jsonl / .jsonl.gz file), by iteration."""
+    path = regime_file(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    rows = []
+    with opener(path, "rt") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {line_no} is not JSON ({e})") from e
+    if not rows:
+        raise ValueError(f"{path}: no snapshots")
+    return sorted(rows, key=lambda r: r["iteration"])
+
+
+def head_names(snapshot: dict) -> List[str]:
+    """Module paths of the heads in a snapshot, in a stable order."""
+    return sorted(snapshot["heads"])
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else math.inf
+
+
+def group_summary(snapshot: dict, head: Optional[str] = None) -> Dict[str, dict]:
+    """Per LVIS group ("r", "c", "f", or "all" without class_frequency), over the categories
+    that have had a positive: ``seen`` (of ``categories``), ``median_g`` and ``min_g`` of the
+    raw gradient ratio pos_grad / neg_grad, ``below_1`` (how many have g < 1),
+    ``median_pos_neg`` (positives / negatives seen) and the medians of ``pos_grad`` and
+    ``neg_grad``. `head`: one of :func:`head_names` (default: the first)."""
+    head = head or head_names(snapshot)[0]
+    values = snapshot["heads"][head]
+    num = len(values["pos_count"])
+    groups = snapshot.get("class_frequency") or ["all"] * num
+    out = {}
+    for group in dict.fromkeys(groups):
+        idx = [j for j in range(num) if groups[j] == group]
+        seen = [j for j in idx if values["pos_count"][j] > 0]
+        g = [_ratio(values["pos_grad"][j], values["neg_grad"][j]) for j in seen]
+        out[group] = {
+            "categories": len(idx), "seen": len(seen),
+            "median_g": statistics.median(g) if g else math.nan,
+            "min_g": min(g) if g else math.nan,
+            "below_1": sum(x < 1 for x in g),
+            "median_pos_neg": statistics.median(
+                [_ratio(values["pos_count"][j], values["neg_count"][j]) for j in seen])
+            if seen else math.nan,
+            "median_pos_grad": statistics.median([values["pos_grad"][j] for j in seen])
+            if seen else math.nan,
+            "median_neg_grad": statistics.median([values["neg_grad"][j] for j in seen])
+            if seen else math.nan,
+        }
+    return out
