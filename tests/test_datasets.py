@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -283,3 +284,76 @@ def test_builtin_lvis_split_uses_the_checked_loader(tmp_path, monkeypatch, cache
     finally:
         MetadataCatalog.remove(name)
         MetadataCatalog.get(name).set(**saved)
+
+
+# ------------------------------------------------------------ synthetic_lvis_balanced
+
+BALANCED_SPLITS = {"synthetic_lvis_balanced_train": "train", "synthetic_lvis_balanced_val": "val",
+                   "synthetic_lvis_balanced_val_fed": "val_fed"}
+
+
+def test_synthetic_preset_roots(tmp_path, monkeypatch):
+    for var in datasets.SYNTHETIC_PRESET_ROOT_VARS.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "d2"))
+    assert datasets.synthetic_preset_root("synthetic_lvis_balanced") == str(
+        tmp_path / "d2" / "synthetic_lvis_balanced")
+    assert datasets.synthetic_lvis_root() == str(tmp_path / "d2" / "synthetic_lvis")
+    monkeypatch.setenv("EQL_D2_SYNTHETIC_LVIS_BALANCED_ROOT", str(tmp_path / "b"))
+    assert datasets.synthetic_preset_root("synthetic_lvis_balanced") == str(tmp_path / "b")
+    assert datasets.synthetic_lvis_root() == str(tmp_path / "d2" / "synthetic_lvis")
+
+
+def test_balanced_names_resolve_and_generate_on_first_use(tmp_path, monkeypatch, cache_dir):
+    """The balanced preset's names are registered at import as synthetic_lvis's are; with its
+    root set they generate the preset there on first use (a scaled-down one here), and its
+    category metadata, one LVIS group only, serves the per-group statistics."""
+    import torch
+    from detectron2.utils.events import EventStorage
+
+    from eql_d2.data import synthetic
+    from eql_d2.modeling.category_frequency import frequency_groups
+    from eql_d2.modeling.stats_logging import put_group_means
+
+    for name, split in {**BALANCED_SPLITS, **{f"synthetic_lvis_{s}": s for s in
+                                              ("train", "val", "val_fed")}}.items():
+        assert name in DatasetCatalog.list()
+        meta = MetadataCatalog.get(name)
+        assert meta.evaluator_type == "lvis"
+        assert meta.json_file == os.path.join(meta.image_root, f"lvis_v1_{split}.json")
+    assert MetadataCatalog.get("synthetic_lvis_balanced_train").image_root == (
+        datasets.synthetic_preset_root("synthetic_lvis_balanced"))
+
+    small = replace(synthetic.PRESETS["synthetic_lvis_balanced"], num_categories=6,
+                    image_size=64, val_instances=1, train_images_per_category=12)
+    monkeypatch.setitem(synthetic.PRESETS, "synthetic_lvis_balanced", small)
+    root = str(tmp_path / "balanced")
+    monkeypatch.setenv("EQL_D2_SYNTHETIC_LVIS_BALANCED_ROOT", root)
+    saved = {name: (DatasetCatalog[name], {k: v for k, v in MetadataCatalog.get(name).as_dict().items()
+                                           if k != "name"}) for name in BALANCED_SPLITS}
+    try:
+        for name in BALANCED_SPLITS:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        datasets.register_synthetic_presets(("synthetic_lvis_balanced",))
+        meta = load_category_metadata("synthetic_lvis_balanced_train")
+        assert synthetic.spec_of(root) == small
+        assert meta.class_frequency == ["c"] * 6
+        assert [e["image_count"] for e in meta.class_image_count] == [12] * 6
+        assert meta.num_train_images == synthetic.num_train_images(small)
+        assert len(DatasetCatalog.get("synthetic_lvis_balanced_train")) == meta.num_train_images
+        val_fed = DatasetCatalog.get("synthetic_lvis_balanced_val_fed")
+        assert val_fed and all(d["file_name"].startswith(root) for d in val_fed)
+        assert len(DatasetCatalog.get("synthetic_lvis_balanced_val")) == len(val_fed)
+        # the logged group means skip the empty rare and frequent groups
+        groups = frequency_groups("synthetic_lvis_balanced_train", 6)
+        with EventStorage(start_iter=0) as storage:
+            put_group_means("g", torch.arange(6.0), groups)
+            latest = storage.latest()
+        assert {k for k in latest if k.startswith("g/")} == {"g/c"} and latest["g/c"][0] == 2.5
+    finally:
+        for name, (load, meta) in saved.items():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+            DatasetCatalog.register(name, load)
+            MetadataCatalog.get(name).set(**meta)

@@ -301,3 +301,100 @@ def test_new_spec_fields_are_checked():
         SyntheticLTSpec(val_negatives_per_positive=-1.0).validate()
     with pytest.raises(ValueError, match="under 8 px"):
         SyntheticLTSpec(image_size=64, min_object_size=0.1).validate()
+
+
+# ----------------------------------------------------------------------------- synthetic_lvis_balanced
+
+
+def _small_balanced_spec(**kw):
+    """_small_lvis_spec with every category on 52 train images: 24 x 52 = 1248 (category,
+    image) pairs against the long-tailed curve's 1252, as the full presets' 36,000 / 35,983."""
+    return replace(_small_lvis_spec(**kw), train_images_per_category=52)
+
+
+@pytest.fixture(scope="module")
+def small_balanced(tmp_path_factory):
+    return synthetic.generate(str(tmp_path_factory.mktemp("sbal") / "a"), _small_balanced_spec())
+
+
+def test_balanced_every_category_on_the_same_train_images(small_balanced, small_lvis):
+    spec = _small_balanced_spec()
+    train = _load(small_balanced, "train")
+    images_of = {c["id"]: set() for c in train["categories"]}
+    for a in train["annotations"]:
+        images_of[a["category_id"]].add(a["image_id"])
+    assert {len(s) for s in images_of.values()} == {52}
+    assert {c["image_count"] for c in train["categories"]} == {52}
+    # 52 is in LVIS's common band, so the rare and frequent groups are empty
+    assert {c["frequency"] for c in train["categories"]} == {"c"}
+    # about the size of the long-tailed variant at the same scale
+    long_tailed = _load(small_lvis, "train")
+    assert len(train["images"]) == synthetic.num_train_images(spec) == 250
+    assert abs(len(train["images"]) - len(long_tailed["images"])) <= 0.01 * len(long_tailed["images"])
+    assert (abs(len(train["annotations"]) - len(long_tailed["annotations"]))
+            <= 0.05 * len(long_tailed["annotations"]))
+    # the same vocabulary and val protocol as the long-tailed variant
+    names = [c["name"] for c in sorted(train["categories"], key=lambda c: c["id"])]
+    assert names == [c["name"] for c in sorted(long_tailed["categories"], key=lambda c: c["id"])]
+    val = _load(small_balanced, "val")
+    per_cat = {}
+    for a in val["annotations"]:
+        per_cat[a["category_id"]] = per_cat.get(a["category_id"], 0) + 1
+    assert len(per_cat) == 24 and min(per_cat.values()) >= spec.val_instances
+    _check_federated(val, _load(small_balanced, "val_fed"), spec.val_negatives_per_positive)
+
+
+def test_balanced_same_seed_same_bytes_and_recorded_spec(small_balanced, tmp_path):
+    again = synthetic.generate(str(tmp_path / "again"), _small_balanced_spec())
+    assert _tree_digest(again) == _tree_digest(small_balanced)
+    other = synthetic.generate(str(tmp_path / "other"), _small_balanced_spec(seed=1))
+    assert _tree_digest(other) != _tree_digest(small_balanced)
+    assert synthetic.spec_of(small_balanced) == _small_balanced_spec()
+
+
+def test_long_tailed_generator_json_is_unchanged(small_lvis):
+    """The new field is recorded only when set, so the long-tailed presets' files keep the
+    bytes of generator version 1, and spec_of reads them (and older files) as long-tailed."""
+    with open(os.path.join(small_lvis, "generator.json")) as f:
+        recorded = json.load(f)
+    assert "train_images_per_category" not in recorded
+    assert recorded["version"] == synthetic.GENERATOR_VERSION == 1
+    assert synthetic.spec_of(small_lvis) == _small_lvis_spec()
+    assert not synthetic.spec_of(small_lvis).balanced
+
+
+def test_balanced_preset_matches_synthetic_lvis():
+    lvis = synthetic.PRESETS["synthetic_lvis"]
+    spec = synthetic.PRESETS["synthetic_lvis_balanced"]
+    spec.validate()
+    assert replace(spec, train_images_per_category=0) == lvis
+    counts = synthetic.train_image_counts(spec)
+    assert counts == [90] * 400
+    assert {frequency_group(n) for n in counts} == {"c"}
+    lt_pairs = sum(synthetic.train_image_counts(lvis))
+    assert abs(sum(counts) - lt_pairs) < 0.001 * lt_pairs
+    assert (synthetic.num_train_images(spec), synthetic.num_train_images(lvis)) == (8000, 7997)
+
+
+def test_balanced_spec_is_checked():
+    with pytest.raises(ValueError, match="train_images_per_category=-1"):
+        SyntheticLTSpec(train_images_per_category=-1).validate()
+    # max_frequent_images and the three-group minimum only constrain the long-tailed curve
+    SyntheticLTSpec(train_images_per_category=5, max_frequent_images=50).validate()
+    SyntheticLTSpec(num_categories=1, train_images_per_category=5).validate()
+    with pytest.raises(ValueError, match="num_categories=0"):
+        SyntheticLTSpec(num_categories=0, train_images_per_category=5).validate()
+
+
+def test_cli_balanced_preset(tmp_path, capsys):
+    out = tmp_path / "cli"
+    synthetic.main(["--preset", "synthetic_lvis_balanced", "--out", str(out), "--num-categories",
+                    "6", "--image-size", "64", "--val-instances", "1",
+                    "--train-images-per-category", "12"])
+    spec = synthetic.spec_of(str(out))
+    assert spec == replace(synthetic.PRESETS["synthetic_lvis_balanced"], num_categories=6,
+                           image_size=64, val_instances=1, train_images_per_category=12)
+    assert {c["image_count"] for c in _load(str(out), "train")["categories"]} == {12}
+    err = capsys.readouterr().err
+    assert "(rare 0, common 6, frequent 0)" in err
+    assert "balanced: every category on 12 train images, so all are common" in err

@@ -36,9 +36,12 @@ The embedded default, Synthetic-LT (:mod:`eql_d2.data.synthetic`), is registered
 ``synthetic_lt_train``, ``synthetic_lt_val`` (exhaustive) and ``synthetic_lt_val_fed`` (the
 same images, federated as LVIS val). It is generated on first use into
 ``$EQL_D2_SYNTHETIC_ROOT`` if set, else ``$DETECTRON2_DATASETS/synthetic_lt`` (detectron2's
-default ``datasets/``). Its large-vocabulary preset is registered the same way as
-``synthetic_lvis_{train,val,val_fed}``, in ``$EQL_D2_SYNTHETIC_LVIS_ROOT`` or
-``$DETECTRON2_DATASETS/synthetic_lvis``.
+default ``datasets/``). Its large-vocabulary presets are registered the same way, each as
+``<preset>_{train,val,val_fed}`` in the folder named by its variable of
+:data:`SYNTHETIC_PRESET_ROOT_VARS`, else ``$DETECTRON2_DATASETS/<preset>``:
+``synthetic_lvis`` (``$EQL_D2_SYNTHETIC_LVIS_ROOT``) and its balanced control
+``synthetic_lvis_balanced`` (``$EQL_D2_SYNTHETIC_LVIS_BALANCED_ROOT``), whose categories
+are all in one LVIS group (common).
 """
 
 import hashlib
@@ -65,6 +68,9 @@ __all__ = [
     "synthetic_lt_root",
     "ensure_synthetic_lt",
     "register_synthetic_lt",
+    "synthetic_preset_root",
+    "ensure_synthetic_preset",
+    "register_synthetic_presets",
     "load_category_metadata",
     "metadata_cache_file",
 ]
@@ -374,8 +380,9 @@ def load_category_metadata(dataset_name):
             return meta
         if dataset_name in SYNTHETIC_LT_SPLITS:
             ensure_synthetic_lt()
-        elif dataset_name in SYNTHETIC_LVIS_SPLITS:
-            ensure_synthetic_lvis()
+        elif dataset_name in SYNTHETIC_PRESET_SPLITS:
+            preset, _ = SYNTHETIC_PRESET_SPLITS[dataset_name]
+            ensure_synthetic_preset(preset, meta.get("image_root"))
         json_file = meta.get("json_file")
         if json_file is None:
             return meta
@@ -493,36 +500,61 @@ def register_synthetic_lt():
 
 # ----------------------------------------------------------------------------- Synthetic-LVIS
 
-SYNTHETIC_LVIS_SPLITS = {"synthetic_lvis_train": "train", "synthetic_lvis_val": "val",
-                         "synthetic_lvis_val_fed": "val_fed"}
+# Presets of eql_d2.data.synthetic registered as <preset>_{train,val,val_fed}, each with the
+# environment variable that names its folder.
+SYNTHETIC_PRESET_ROOT_VARS = {
+    "synthetic_lvis": "EQL_D2_SYNTHETIC_LVIS_ROOT",
+    "synthetic_lvis_balanced": "EQL_D2_SYNTHETIC_LVIS_BALANCED_ROOT",
+}
+
+# registered name -> (preset, split file lvis_v1_<split>.json)
+SYNTHETIC_PRESET_SPLITS = {f"{preset}_{split}": (preset, split)
+                           for preset in SYNTHETIC_PRESET_ROOT_VARS
+                           for split in ("train", "val", "val_fed")}
 
 
-def synthetic_lvis_root():
-    """Folder of the ``synthetic_lvis`` preset: ``$EQL_D2_SYNTHETIC_LVIS_ROOT`` if set, else
-    ``$DETECTRON2_DATASETS/synthetic_lvis`` (default ``datasets/synthetic_lvis``)."""
-    root = os.environ.get("EQL_D2_SYNTHETIC_LVIS_ROOT")
+def synthetic_preset_root(preset):
+    """Folder of a registered preset (:data:`SYNTHETIC_PRESET_ROOT_VARS`): its environment
+    variable if set, else ``$DETECTRON2_DATASETS/<preset>`` (default ``datasets/<preset>``)."""
+    root = os.environ.get(SYNTHETIC_PRESET_ROOT_VARS[preset])
     if root:
         return os.path.abspath(root)
-    return os.path.abspath(os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"),
-                                        "synthetic_lvis"))
+    return os.path.abspath(os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), preset))
 
 
-def ensure_synthetic_lvis(root=None):
-    """Return `root` holding the ``synthetic_lvis`` preset, generating it if absent (one
-    time, a few minutes); as :func:`ensure_synthetic_lt` otherwise."""
-    return ensure_synthetic_lt(root or synthetic_lvis_root(), synthetic.PRESETS["synthetic_lvis"])
+def ensure_synthetic_preset(preset, root=None):
+    """Return `root` (default :func:`synthetic_preset_root`) holding the preset, generating
+    it if absent (one time, a few minutes); as :func:`ensure_synthetic_lt` otherwise."""
+    return ensure_synthetic_lt(root or synthetic_preset_root(preset), synthetic.PRESETS[preset])
 
 
-def register_synthetic_lvis():
-    """Register ``synthetic_lvis_train``, ``synthetic_lvis_val`` (exhaustive) and
-    ``synthetic_lvis_val_fed`` (federated, as LVIS val), generated on first use."""
-    root = synthetic_lvis_root()
-    for name, split in SYNTHETIC_LVIS_SPLITS.items():
+def register_synthetic_presets(presets=tuple(SYNTHETIC_PRESET_ROOT_VARS)):
+    """Register ``<preset>_train``, ``<preset>_val`` (exhaustive) and ``<preset>_val_fed``
+    (federated, as LVIS val) of each preset, generated on first use."""
+    for name, (preset, split) in SYNTHETIC_PRESET_SPLITS.items():
+        if preset not in presets:
+            continue
+        root = synthetic_preset_root(preset)
         json_file = os.path.join(root, f"lvis_v1_{split}.json")
 
-        def load(json_file=json_file, name=name):
-            ensure_synthetic_lvis(root)
+        def load(json_file=json_file, name=name, preset=preset, root=root):
+            ensure_synthetic_preset(preset, root)
             return load_lvis_format(json_file, root, name)
 
         DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(json_file=json_file, image_root=root, evaluator_type="lvis")
+
+
+def synthetic_lvis_root():
+    """:func:`synthetic_preset_root` of ``synthetic_lvis``."""
+    return synthetic_preset_root("synthetic_lvis")
+
+
+def ensure_synthetic_lvis(root=None):
+    """:func:`ensure_synthetic_preset` of ``synthetic_lvis``."""
+    return ensure_synthetic_preset("synthetic_lvis", root)
+
+
+def register_synthetic_lvis():
+    """:func:`register_synthetic_presets` of ``synthetic_lvis`` alone."""
+    register_synthetic_presets(("synthetic_lvis",))

@@ -17,15 +17,19 @@ category in ``not_exhaustive_category_ids``. Val comes twice, on the same images
   is verified absent on a random sample of images about as large as its positive set, and
   LVISEval ignores a category's detections on the other images.
 
-Two named presets (:data:`PRESETS`, ``--preset``): ``synthetic_lt``, the default (60
-categories, 160 px), and ``synthetic_lvis``, a large-vocabulary variant (400 categories in
+Three named presets (:data:`PRESETS`, ``--preset``): ``synthetic_lt``, the default (60
+categories, 160 px); ``synthetic_lvis``, a large-vocabulary variant (400 categories in
 (shape, colour) families whose members differ only by texture, 128 px, more objects and
-images); see docs/synthetic_lvis.md.
+images); and ``synthetic_lvis_balanced``, the same but with every category on the same
+number of train images (``train_images_per_category``), a balanced control of about the
+same size; see docs/synthetic_lvis.md.
 
 Usage::
 
     python -m eql_d2.data.synthetic --out datasets/synthetic_lt --seed 0
     python -m eql_d2.data.synthetic --preset synthetic_lvis --out datasets/synthetic_lvis
+    python -m eql_d2.data.synthetic --preset synthetic_lvis_balanced \
+        --out datasets/synthetic_lvis_balanced
 
 The output folder holds ``train/*.png``, ``val/*.png``, ``lvis_v1_train.json``,
 ``lvis_v1_val.json``, ``lvis_v1_val_fed.json`` and ``generator.json`` (the arguments it was
@@ -91,7 +95,9 @@ class SyntheticLTSpec:
     Sizes are in pixels, object sizes in fractions of the image side. ``shapes``,
     ``colours`` and ``textures`` 0 keep Synthetic-LT's cycling vocabulary
     (:func:`category_table`); all three > 0 build (shape, colour) families whose members
-    differ only by texture (:func:`family_table`).
+    differ only by texture (:func:`family_table`). ``train_images_per_category`` 0 gives
+    the long-tailed train counts of :func:`train_image_counts`; n > 0 puts every category
+    on exactly n train images (balanced; ``max_frequent_images`` is then unused).
     """
 
     num_categories: int = 60
@@ -119,16 +125,30 @@ class SyntheticLTSpec:
     # instances on an image loses one annotation and is flagged not exhaustive
     val_negatives_per_positive: float = 1.0
     val_not_exhaustive_prob: float = 0.15
+    # train distribution: 0 = long-tailed (train_image_counts' LVIS bands); n > 0 = every
+    # category on exactly n train images, a balanced control for the long-tailed presets
+    train_images_per_category: int = 0
+
+    @property
+    def balanced(self):
+        return self.train_images_per_category > 0
 
     def validate(self):
-        if not 3 <= self.num_categories <= MAX_CATEGORIES:
+        if self.train_images_per_category < 0:
+            raise ValueError(f"train_images_per_category={self.train_images_per_category}: "
+                             "must be >= 0 (0: long-tailed)")
+        if self.balanced:
+            if not 1 <= self.num_categories <= MAX_CATEGORIES:
+                raise ValueError(f"num_categories={self.num_categories}: must be in "
+                                 f"[1, {MAX_CATEGORIES}]")
+        elif not 3 <= self.num_categories <= MAX_CATEGORIES:
             raise ValueError(
                 f"num_categories={self.num_categories}: must be in [3, {MAX_CATEGORIES}] "
                 "so that rare, common and frequent groups all exist"
             )
         if self.image_size < 64:
             raise ValueError(f"image_size={self.image_size}: must be at least 64 pixels")
-        if self.max_frequent_images <= COMMON_MAX_IMAGES:
+        if not self.balanced and self.max_frequent_images <= COMMON_MAX_IMAGES:
             raise ValueError(
                 f"max_frequent_images={self.max_frequent_images}: must exceed "
                 f"{COMMON_MAX_IMAGES}, the LVIS threshold of the frequent group"
@@ -166,15 +186,19 @@ class SyntheticLTSpec:
                              "must be in [0, 1]")
 
 
-# The large-vocabulary preset (docs/synthetic_lvis.md gives the reasons for each number).
+# The large-vocabulary presets (docs/synthetic_lvis.md gives the reasons for each number).
+_SYNTHETIC_LVIS = SyntheticLTSpec(
+    num_categories=400, shapes=10, colours=8, textures=5,
+    image_size=128, max_frequent_images=400, val_instances=10,
+    max_objects=8, max_categories_per_image=6, mean_categories_per_image=4.5,
+    val_categories_per_image=4, min_object_size=0.14, max_object_size=0.28,
+)
 PRESETS = {
     "synthetic_lt": SyntheticLTSpec(),
-    "synthetic_lvis": SyntheticLTSpec(
-        num_categories=400, shapes=10, colours=8, textures=5,
-        image_size=128, max_frequent_images=400, val_instances=10,
-        max_objects=8, max_categories_per_image=6, mean_categories_per_image=4.5,
-        val_categories_per_image=4, min_object_size=0.14, max_object_size=0.28,
-    ),
+    "synthetic_lvis": _SYNTHETIC_LVIS,
+    # 400 x 90 = 36,000 (category, image) pairs against synthetic_lvis's 35,983: 8000
+    # train images against 7997, each with 4 or 5 categories in both, so as many objects
+    "synthetic_lvis_balanced": replace(_SYNTHETIC_LVIS, train_images_per_category=90),
 }
 
 
@@ -246,10 +270,14 @@ def group_sizes(num_categories):
 def train_image_counts(spec):
     """Target number of train images per category (category index order).
 
-    Within each LVIS band the counts fall geometrically with rank (a power law in rank,
-    i.e. Zipf-like), from the top of the band to its bottom: frequent from
-    ``max_frequent_images`` down to 101, common 100 -> 11, rare 10 -> 1.
+    Long-tailed (``train_images_per_category`` 0): within each LVIS band the counts fall
+    geometrically with rank (a power law in rank, i.e. Zipf-like), from the top of the
+    band to its bottom: frequent from ``max_frequent_images`` down to 101, common
+    100 -> 11, rare 10 -> 1. Balanced: ``train_images_per_category`` for every category,
+    so all categories fall in the one LVIS group of that count.
     """
+    if spec.balanced:
+        return [spec.train_images_per_category] * spec.num_categories
     n_r, n_c, n_f = group_sizes(spec.num_categories)
 
     def band(n, hi, lo):
@@ -285,6 +313,8 @@ def rfs_threshold(spec):
 
     LVIS's t = 0.001 is 100 of its ~100k train images, the common / frequent boundary;
     100 / (train images) is the same boundary here, rounded to 4 decimals for a config.
+    On a balanced spec every image gets the same repeat factor at any threshold, so
+    repeat factor sampling does not change what is seen (and is best left off).
     """
     return round(COMMON_MAX_IMAGES / num_train_images(spec), 4)
 
@@ -296,6 +326,20 @@ def frequency_group(image_count):
     if image_count <= COMMON_MAX_IMAGES:
         return "c"
     return "f"
+
+
+GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
+
+# Spec fields added after GENERATOR_VERSION 1 without changing the output of specs that
+# leave them at their defaults: generator.json records them only when set, so the files of
+# those specs stay byte for byte as before (spec_of gives an absent field its default).
+_RECORDED_WHEN_SET = ("train_images_per_category",)
+
+
+def _recorded_args(spec):
+    default = SyntheticLTSpec()
+    return {k: v for k, v in asdict(spec).items()
+            if k not in _RECORDED_WHEN_SET or v != getattr(default, k)}
 
 
 # ----------------------------------------------------------------------------- layout
@@ -694,7 +738,7 @@ def _generate_into(out_dir, spec):
             "categories": categories,
         })
     _write_json(os.path.join(out_dir, "generator.json"),
-                {"version": GENERATOR_VERSION, **asdict(spec)})
+                {"version": GENERATOR_VERSION, **_recorded_args(spec)})
     add_federated_val(out_dir)
 
 
@@ -756,9 +800,11 @@ def main(argv=None):
     p.add_argument("--val-instances", type=int,
                    help="val images (hence at least instances) per category")
     p.add_argument("--max-objects", type=int, help="objects per image")
+    p.add_argument("--train-images-per-category", type=int,
+                   help="0: long-tailed train counts; n > 0: every category on n train images")
     a = p.parse_args(argv)
     overridable = ("seed", "num_categories", "image_size", "max_frequent_images",
-                   "val_instances", "max_objects")
+                   "val_instances", "max_objects", "train_images_per_category")
     spec = replace(PRESETS[a.preset],
                    **{k: getattr(a, k) for k in overridable if getattr(a, k) is not None})
     try:
@@ -770,8 +816,15 @@ def main(argv=None):
         data = json.load(f)
     cats = data["categories"]
     groups = {g: sum(c["frequency"] == g for c in cats) for g in "rcf"}
-    print(f"wrote {out}: {len(cats)} categories (rare {groups['r']}, common {groups['c']}, "
-          f"frequent {groups['f']}), {len(data['images'])} train images", file=sys.stderr)
+    summary = (f"wrote {out}: {len(cats)} categories (rare {groups['r']}, common "
+               f"{groups['c']}, frequent {groups['f']}), {len(data['images'])} train images, "
+               f"{len(data['annotations'])} train objects")
+    if spec.balanced:
+        group = frequency_group(spec.train_images_per_category)
+        summary += (f"; balanced: every category on {spec.train_images_per_category} train "
+                    f"images, so all are {GROUP_NAMES[group]} under LVIS's thresholds and "
+                    "the other groups (their APs too) are empty")
+    print(summary, file=sys.stderr)
 
 
 if __name__ == "__main__":
