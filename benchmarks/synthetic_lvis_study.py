@@ -56,8 +56,8 @@ ARMS = {
     "frcnn_eql_no_excluding_function": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_eql.yaml",
                                         ["MODEL.EQL.EXCLUDING_FUNCTION", "False"], "lvis"),
     # all categories equally frequent (EFL Tab. 9: EFL = focal there)
-    "balanced_atss_focal": (f"{LVIS_CFG}/atss_R18_FPN_focal.yaml", [], "balanced"),
-    "balanced_atss_efl": (f"{LVIS_CFG}/atss_R18_FPN_efl.yaml", [], "balanced"),
+    "balanced_atss_focal": (f"{LVIS_CFG}/balanced_atss_R18_FPN_focal.yaml", [], "balanced"),
+    "balanced_atss_efl": (f"{LVIS_CFG}/balanced_atss_R18_FPN_efl.yaml", [], "balanced"),
     # BENCHMARKS.md's 700-iteration Synthetic-LT Faster R-CNN runs, federated and exhaustive val
     "slt_sigmoid": ("configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_sigmoid.yaml", SLT_SCHEDULE,
                     "slt"),
@@ -104,9 +104,6 @@ def dataset_env(kind, seed, datasets_dir):
 
 
 def dataset_options(kind):
-    if kind == "balanced":
-        return ["DATASETS.TRAIN", '("synthetic_lvis_balanced_train",)',
-                "DATASETS.TEST", '("synthetic_lvis_balanced_val_fed",)']
     if kind == "slt":
         return ["DATASETS.TEST", '("synthetic_lt_val_fed", "synthetic_lt_val")']
     return []
