@@ -2,8 +2,8 @@
 """The multi-seed study of the papers' claims on Synthetic-LVIS (federated val).
 
     # start one driver per free core; each takes the next run nobody has claimed
-    nohup benchmarks/synthetic_lvis_study.py run > output/study/driver0.log 2>&1 &
-    nohup benchmarks/synthetic_lvis_study.py run > output/study/driver1.log 2>&1 &
+    nohup benchmarks/synthetic_lvis_study.sh > output/study/driver0.log 2>&1 &
+    nohup benchmarks/synthetic_lvis_study.sh > output/study/driver1.log 2>&1 &
     benchmarks/synthetic_lvis_study.py table            # Markdown tables of what is done
     benchmarks/synthetic_lvis_study.py plots            # regime plots into docs/regime/
 
@@ -169,7 +169,10 @@ def save_results(run_dir, dest):
 
 
 def cmd_run(args):
+    """Train the runs not done yet, at most --max-runs of them (exit status 3: none left to
+    take, so a loop that restarts the driver, re-reading the code between runs, can stop)."""
     os.makedirs(args.out, exist_ok=True)
+    started = 0
     wanted = [(a, s) for a, s in RUNS
               if (not args.arms or a in args.arms) and (args.seeds is None or s in args.seeds)]
     for arm, seed in wanted:
@@ -177,9 +180,12 @@ def cmd_run(args):
         dest = os.path.join(RESULTS, name)
         if os.path.isfile(os.path.join(dest, "final_metrics.json")):
             continue
+        if args.max_runs and started >= args.max_runs:
+            return
         lock = os.path.join(args.out, name + ".lock")
         if not claim(lock):
             continue
+        started += 1
         try:
             config, extra, kind = ARMS[arm]
             run_dir = os.path.join(args.out, name)
@@ -202,6 +208,8 @@ def cmd_run(args):
             print(f"   {name}: {time.time() - start:.0f} s, results in {dest}", flush=True)
         finally:
             shutil.rmtree(lock, ignore_errors=True)
+    if not started:
+        sys.exit(3)
 
 
 def load_metrics():
@@ -323,6 +331,7 @@ def main(argv=None):
     r.add_argument("--datasets", default=os.path.join(ROOT, "datasets"))
     r.add_argument("--arms", nargs="+", choices=sorted(ARMS))
     r.add_argument("--seeds", nargs="+", type=int)
+    r.add_argument("--max-runs", type=int, default=0, help="stop after starting this many")
     r.add_argument("opts", nargs=argparse.REMAINDER, help="train_net.py overrides for every run")
     sub.add_parser("table", help="Markdown tables of the finished runs")
     pl = sub.add_parser("plots", help="regime plots of the finished runs")
