@@ -30,6 +30,7 @@ __all__ = [
     "check_quality",
     "check_verified",
     "check_scalar",
+    "check_switch",
     "check_num_classes",
     "check_finite_logits",
     "raise_if_nonfinite",
@@ -54,6 +55,13 @@ def reads_values(t: torch.Tensor) -> bool:
     if env in ("1", "true", "yes", "on"):
         return True
     raise ValueError(f"{DEBUG_CHECKS_ENV} must be 1 or 0, got {env!r}")
+
+
+def check_switch(name: str, value) -> bool:
+    """A component switch must be a bool: ``bool("False")`` would silently turn it on."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_scalar(name: str, value, *, low=None, high=None, low_open=False) -> float:

@@ -6,20 +6,13 @@ from typing import Optional, Union
 import torch
 
 from ._checks import (check_labels, check_logits, check_normalizer, check_num_classes,
-                      check_quality, check_scalar)
+                      check_quality, check_scalar, check_switch)
 from ._fused import focal_family_loss
 from ._stats import GradientStatistics
 
 __all__ = ["EqualizedFocalLoss", "EqualizedQualityFocalLoss"]
 
 Number = Union[float, int, torch.Tensor]
-
-
-def check_switch(name: str, value) -> bool:
-    """A component switch must be a bool: ``bool("False")`` would silently turn it on."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
 
 
 class _EqualizedFocalBase(GradientStatistics):

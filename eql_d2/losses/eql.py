@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from ._checks import (check_class_vector, check_labels, check_logits, check_scalar,
-                      check_verified)
+                      check_switch, check_verified)
 from ._fused import sigmoid_bce_loss
-from .efl import check_switch
 
 __all__ = ["EQLLoss", "tail_ratio"]
 
