@@ -16,8 +16,10 @@ synthetic_lvis_study/<run>/``, which is kept in the repository: a run with resul
 never repeated, so a later session (or another machine) continues the study where it
 stopped. Checkpoints stay in --out (not kept).
 
-Runs are taken in the order of :data:`RUNS`: the main arms seed by seed, then the
-ablations, the balanced check and the Synthetic-LT comparison under the federated protocol.
+Runs are taken in the order of :data:`RUNS`: the main arms for seeds 0 and 1, the
+Synthetic-LT runs (the 700-iteration comparison under the federated protocol, and ATSS focal
+for its regime indicators), the main arms for seed 2, then the ablations and the balanced
+check.
 A run is claimed with a lock folder holding the driver's pid; a lock whose process is gone
 is taken over.
 """
@@ -63,13 +65,18 @@ ARMS = {
                     "slt"),
     "slt_eql": ("configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_eql.yaml", SLT_SCHEDULE, "slt"),
     "slt_eqlv2": ("configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_eqlv2.yaml", SLT_SCHEDULE, "slt"),
+    # the one-stage regime on Synthetic-LT, for the indicators (BENCHMARKS.md's ATSS runs)
+    "slt_atss_focal": ("configs/Synthetic-LT/atss_R18_FPN_focal.yaml",
+                       SLT_SCHEDULE + ["DATALOADER.REPEAT_THRESHOLD", "0.001"], "slt"),
 }
 MAIN = ("atss_focal", "atss_efl", "frcnn_sigmoid", "frcnn_eql", "frcnn_eqlv2")
-RUNS = ([(arm, s) for s in SEEDS for arm in MAIN]
+SLT = ("slt_sigmoid", "slt_eql", "slt_eqlv2", "slt_atss_focal")
+RUNS = ([(arm, s) for s in SEEDS[:2] for arm in MAIN]
+        + [(arm, 0) for arm in SLT]
+        + [(arm, s) for s in SEEDS[2:] for arm in MAIN]
         + [(arm, 0) for arm in ("atss_efl_focusing_only", "atss_efl_weighting_only",
                                 "frcnn_eql_no_excluding_function")]
-        + [("balanced_atss_focal", 0), ("balanced_atss_efl", 0)]
-        + [(arm, 0) for arm in ("slt_sigmoid", "slt_eql", "slt_eqlv2")])
+        + [("balanced_atss_focal", 0), ("balanced_atss_efl", 0)])
 
 # paired comparisons: (name, arm, reference arm)
 COMPARISONS = [
@@ -264,7 +271,7 @@ def cmd_table(args):
             per_seed = " / ".join(f"{d:+.2f}" for d in diffs)
             cells.append(per_seed + (f" ({_mean_std(diffs)})" if len(diffs) > 1 else ""))
         print(f"| {label} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
-    slt = [a for a in ("slt_sigmoid", "slt_eql", "slt_eqlv2") if a in done]
+    slt = [a for a in SLT if a in done]
     if slt:
         print("\n### Synthetic-LT, 700 iterations, seed 0: federated vs exhaustive val (bbox)\n")
         print("| run | val | " + " | ".join(KEYS) + " |")
@@ -310,7 +317,7 @@ def cmd_plots(args):
     groups = {
         "synthetic_lvis_seed0": [("atss_focal", 0), ("atss_efl", 0), ("frcnn_sigmoid", 0),
                                  ("frcnn_eql", 0), ("frcnn_eqlv2", 0)],
-        "synthetic_lt": [("slt_sigmoid", 0), ("slt_eql", 0), ("slt_eqlv2", 0)],
+        "synthetic_lt": [(a, 0) for a in SLT],
         "balanced": [("balanced_atss_focal", 0), ("balanced_atss_efl", 0)],
     }
     for folder, runs in groups.items():
