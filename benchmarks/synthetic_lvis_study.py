@@ -168,8 +168,8 @@ def save_results(run_dir, dest):
         shutil.copy(os.path.join(run_dir, name), tmp)
     regime = os.path.join(run_dir, "regime_indicators.jsonl")
     if os.path.isfile(regime):
-        with open(regime, "rb") as src, gzip.open(os.path.join(tmp, "regime_indicators.jsonl.gz"),
-                                                  "wb", mtime=0) as dst:
+        with open(regime, "rb") as src, gzip.GzipFile(
+                os.path.join(tmp, "regime_indicators.jsonl.gz"), "wb", mtime=0) as dst:
             shutil.copyfileobj(src, dst)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     os.rename(tmp, dest)

@@ -1,0 +1,80 @@
+"""The Synthetic-LVIS study driver: run claiming between drivers, kept results, and the paired
+differences of its table."""
+
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import synthetic_lvis_study as study  # noqa: E402
+
+
+def test_a_run_is_claimed_once_and_a_dead_drivers_lock_is_taken_over(tmp_path):
+    lock = str(tmp_path / "arm" / "seed0.lock")
+    assert study.claim(lock)
+    assert not study.claim(lock)  # held by a live process (this one)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(os.path.join(lock, "pid"), "w") as f:
+        f.write(str(dead.pid))
+    assert study.claim(lock)
+    with open(os.path.join(lock, "pid")) as f:
+        assert int(f.read()) == os.getpid()
+
+
+def test_kept_results_hold_metrics_config_and_compressed_indicators(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final_metrics.json").write_text('{"v": {"bbox": {"AP": 1.0}}}')
+    (run / "config.yaml").write_text("SEED: 0\n")
+    (run / "regime_indicators.jsonl").write_text('{"iteration": 1}\n')
+    dest = str(tmp_path / "kept" / "arm" / "seed0")
+    study.save_results(str(run), dest)
+    assert sorted(os.listdir(dest)) == ["config.yaml", "final_metrics.json",
+                                        "regime_indicators.jsonl.gz"]
+    with gzip.open(os.path.join(dest, "regime_indicators.jsonl.gz"), "rt") as f:
+        assert f.read() == '{"iteration": 1}\n'
+    assert not [p for p in os.listdir(os.path.dirname(dest)) if ".tmp-" in p]
+
+
+def _fake_results(root, arm, seed, ap, apr):
+    path = os.path.join(root, arm, f"seed{seed}")
+    os.makedirs(path)
+    bbox = {"AP": ap, "APr": apr, "APc": 0.0, "APf": 0.0}
+    with open(os.path.join(path, "final_metrics.json"), "w") as f:
+        json.dump({"synthetic_lvis_val_fed": {"bbox": bbox}}, f)
+
+
+def test_table_reports_paired_differences_per_seed_with_mean_and_std(tmp_path, monkeypatch,
+                                                                     capsys):
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    focal = {0: (20.0, 1.0), 1: (22.0, 3.0), 2: (21.0, 2.0)}
+    efl = {0: (21.0, 4.0), 1: (22.5, 2.0), 2: (24.0, 2.5)}
+    for seed in focal:
+        _fake_results(str(tmp_path), "atss_focal", seed, *focal[seed])
+        _fake_results(str(tmp_path), "atss_efl", seed, *efl[seed])
+    study.cmd_table(None)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| EFL - focal (ATSS)"))
+    d_ap = [efl[s][0] - focal[s][0] for s in (0, 1, 2)]
+    d_apr = [efl[s][1] - focal[s][1] for s in (0, 1, 2)]
+    assert "+1.00 / +0.50 / +3.00" in row
+    assert f"({statistics.mean(d_ap):.2f} ± {statistics.stdev(d_ap):.2f})" in row
+    assert f"({statistics.mean(d_apr):.2f} ± {statistics.stdev(d_apr):.2f})" in row
+    means = next(line for line in out.splitlines() if line.startswith("| atss_focal |"))
+    assert f"{statistics.mean(v[0] for v in focal.values()):.2f} ± 1.00" in means
+    # arms without results are left out, not shown as zeros
+    assert "frcnn_eql" not in out
+
+
+@pytest.mark.parametrize("arm", sorted(study.ARMS))
+def test_every_arm_names_a_shipped_config(arm):
+    config, _, kind = study.ARMS[arm]
+    assert os.path.isfile(os.path.join(ROOT, config)) and kind in ("lvis", "balanced", "slt")
