@@ -37,7 +37,7 @@ def _loss(logits, labels, weights):
 def _brute_force(logits, labels, weights):
     z = logits.detach().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(_loss(z, labels, weights), z)
-    ref = {n: torch.zeros(C, dtype=torch.float64) for n in RegimeIndicators._NAMES}
+    ref = {n: torch.zeros(C, dtype=torch.float64) for n in RegimeIndicators._STAT_NAMES}
     for i in range(len(labels)):
         if labels[i] < 0:
             continue
@@ -50,14 +50,14 @@ def _brute_force(logits, labels, weights):
 
 def test_counts_and_gradient_sums_equal_a_brute_force_reference():
     reg = RegimeIndicators(C).train()
-    ref = {n: torch.zeros(C, dtype=torch.float64) for n in RegimeIndicators._NAMES}
+    ref = {n: torch.zeros(C, dtype=torch.float64) for n in RegimeIndicators._STAT_NAMES}
     for seed in (0, 1):  # two steps accumulate
         logits, labels, weights = _batch(seed=seed)
         z = logits.clone().requires_grad_(True)
         reg.observe(_loss(z, labels, weights), z, labels)
         for n, v in _brute_force(logits, labels, weights).items():
             ref[n] += v
-    for n in RegimeIndicators._NAMES:
+    for n in RegimeIndicators._STAT_NAMES:
         torch.testing.assert_close(getattr(reg, n), ref[n], rtol=1e-12, atol=1e-15)
     # every non-ignored row is positive or negative for each category
     valid = sum(int((_batch(seed=s)[1] >= 0).sum()) for s in (0, 1))
@@ -121,13 +121,13 @@ def _worker_steps(rows, world=1):
         z = logits[rows].clone().requires_grad_(True)
         loss = _loss(z, labels[rows], weights[rows]) * world
         reg.observe(loss, z, labels[rows])
-    return {n: getattr(reg, n).clone() for n in RegimeIndicators._NAMES}
+    return {n: getattr(reg, n).clone() for n in RegimeIndicators._STAT_NAMES}
 
 
 def test_two_workers_with_half_batches_equal_one_process_on_the_whole_batch():
     ranks = run_on_gloo_workers(_worker_steps, 40, world_size=2, world=2)
     whole = _worker_steps(slice(0, 40))
-    for n in RegimeIndicators._NAMES:
+    for n in RegimeIndicators._STAT_NAMES:
         assert torch.equal(ranks[0][n], ranks[1][n])
         torch.testing.assert_close(ranks[0][n], whole[n], rtol=1e-12, atol=1e-15)
 
@@ -177,7 +177,7 @@ def test_baseline_runs_write_indicators_equal_to_their_checkpoint(small_syntheti
     state = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu",
                        weights_only=False)["model"]
     last = rows[-1]["heads"][head]
-    for n in RegimeIndicators._NAMES:
+    for n in RegimeIndicators._STAT_NAMES:
         assert last[n] == state[f"{head}.{n}"].tolist()
     total = [p + q for p, q in zip(last["pos_count"], last["neg_count"])]
     assert len(set(total)) == 1 and sum(last["pos_count"]) > 0

@@ -1,11 +1,12 @@
 """Accumulated per-class gradient statistics of the gradient-guided losses (EQLv2, EFL, EQFL)."""
 
 import warnings
+from typing import List, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["GradientStatistics"]
+__all__ = ["GradientStatistics", "RestartableStatistics"]
 
 
 def _all_reduce_sum(t: torch.Tensor, mean: bool = False) -> torch.Tensor:
@@ -19,7 +20,40 @@ def _all_reduce_sum(t: torch.Tensor, mean: bool = False) -> torch.Tensor:
     return t
 
 
-class GradientStatistics(nn.Module):
+class RestartableStatistics(nn.Module):
+    """A module whose statistics buffers (names in ``_STAT_NAMES``) describe one training run.
+
+    Loading a state_dict that lacks any of them (a checkpoint written before they existed,
+    or by another loss) does not fail: all of them restart from zero, as for a fresh model
+    (part of a set would mix statistics of two runs), and a ``UserWarning`` from
+    :meth:`_restart_warning` names the missing keys.
+    """
+
+    _STAT_NAMES: Tuple[str, ...] = ()
+
+    def reset_statistics(self) -> None:
+        """Forget the accumulated statistics (back to the state before the first step)."""
+        for name in self._STAT_NAMES:
+            getattr(self, name).zero_()
+
+    def _restart_warning(self, absent: List[str]) -> str:
+        return (f"{type(self).__name__}: the state_dict has no {', '.join(absent)}; the "
+                "statistics restart from zero.")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        absent = [prefix + n for n in self._STAT_NAMES if prefix + n not in state_dict]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if absent:
+            for key in absent:
+                if key in missing_keys:
+                    missing_keys.remove(key)
+            self.reset_statistics()
+            warnings.warn(self._restart_warning(absent), UserWarning, stacklevel=2)
+
+
+class GradientStatistics(RestartableStatistics):
     """Base class holding ``pos_grad`` and ``neg_grad``, float32 buffers [C].
 
     ``pos_grad[j]`` / ``neg_grad[j]``: sum, over every training step so far and over every
@@ -36,9 +70,9 @@ class GradientStatistics(nn.Module):
     sum, equals one worker's gradient on the whole batch.
 
     Loading a state_dict that lacks the buffers (a checkpoint from an older model or another
-    loss) does not fail: the statistics restart from zero, as for a fresh model, and a
-    ``UserWarning`` names the missing keys. The statistics describe one training run, so a
-    run started from such weights collects its own.
+    loss) does not fail (:class:`RestartableStatistics`): the statistics restart from zero,
+    as for a fresh model. The statistics describe one training run, so a run started from
+    such weights collects its own.
     """
 
     _STAT_NAMES = ("pos_grad", "neg_grad")
@@ -49,11 +83,6 @@ class GradientStatistics(nn.Module):
         self.num_classes = num_classes
         self.register_buffer("pos_grad", torch.zeros(num_classes))
         self.register_buffer("neg_grad", torch.zeros(num_classes))
-
-    def reset_statistics(self) -> None:
-        """Forget the accumulated statistics (back to the state before the first step)."""
-        self.pos_grad.zero_()
-        self.neg_grad.zero_()
 
     def _updating_statistics(self) -> bool:
         return self.training and torch.is_grad_enabled()
@@ -75,19 +104,7 @@ class GradientStatistics(nn.Module):
         return torch.where(neg > 0, pos / neg.clamp_min(torch.finfo(neg.dtype).tiny),
                            torch.full_like(pos, float("inf")))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        keys = [prefix + name for name in self._STAT_NAMES]
-        absent = [k for k in keys if k not in state_dict]
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if absent:
-            for k in absent:
-                if k in missing_keys:
-                    missing_keys.remove(k)
-            # Half a pair would pair statistics of two different runs: restart both.
-            self.reset_statistics()
-            warnings.warn(
-                f"{type(self).__name__}: the state_dict has no {', '.join(absent)}; the "
+    def _restart_warning(self, absent):
+        return (f"{type(self).__name__}: the state_dict has no {', '.join(absent)}; the "
                 "gradient statistics restart from zero (the loss starts again as its "
-                "baseline and re-learns the ratios).", UserWarning, stacklevel=2)
+                "baseline and re-learns the ratios).")

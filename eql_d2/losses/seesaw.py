@@ -4,21 +4,19 @@ branch of the authors' released implementation (mmdetection's ``SeesawLoss``). E
 numbers are not cited: the paper's text was not at hand to check them."""
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ._checks import (check_finite_logits, check_labels, check_logits, check_num_classes,
                       check_scalar)
 from ._fused import compute_dtype
-from ._stats import _all_reduce_sum
+from ._stats import RestartableStatistics, _all_reduce_sum
 
 __all__ = ["SeesawLoss"]
 
 
-class SeesawLoss(nn.Module):
+class SeesawLoss(RestartableStatistics):
     """Seesaw loss with an objectness branch (Wang et al., CVPR 2021).
 
     Logits have C + 2 columns: C class logits, then two objectness logits [fg, bg]. For a
@@ -77,9 +75,7 @@ class SeesawLoss(nn.Module):
         self.eps = check_scalar("eps", eps, low=0.0, low_open=True, high=1.0)
         self.register_buffer("cum_samples", torch.zeros(num_classes, dtype=torch.int64))
 
-    def reset_statistics(self) -> None:
-        """Forget the accumulated counts (back to the state before the first step)."""
-        self.cum_samples.zero_()
+    _STAT_NAMES = ("cum_samples",)
 
     def _accumulate(self, labels: torch.Tensor) -> None:
         """Add the foreground label counts of ``labels`` (summed over workers)."""
@@ -147,20 +143,9 @@ class SeesawLoss(nn.Module):
         check_logits(logits, c + 2, "C+2")
         return F.softmax(logits[:, :c], dim=1) * F.softmax(logits[:, c:], dim=1)[:, :1]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        key = prefix + "cum_samples"
-        absent = key not in state_dict
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if absent:
-            if key in missing_keys:
-                missing_keys.remove(key)
-            self.reset_statistics()
-            warnings.warn(
-                f"{type(self).__name__}: the state_dict has no {key}; the cumulative class "
-                "counts restart from zero, as for a fresh model.",
-                UserWarning, stacklevel=2)
+    def _restart_warning(self, absent):
+        return (f"{type(self).__name__}: the state_dict has no {', '.join(absent)}; the "
+                "cumulative class counts restart from zero, as for a fresh model.")
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, p={self.p}, q={self.q}, eps={self.eps}"

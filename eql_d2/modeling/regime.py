@@ -11,10 +11,9 @@ head's classification loss actually sends to its logits, whatever the loss, so t
 baseline run shows the regime it trains in and runs with different losses compare.
 """
 
-import warnings
-
 import torch
-from torch import nn
+
+from ..losses._stats import RestartableStatistics
 
 __all__ = ["RegimeIndicators"]
 
@@ -32,7 +31,7 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class RegimeIndicators(nn.Module):
+class RegimeIndicators(RestartableStatistics):
     """Per-category counts of positive / negative samples and sums of gradient magnitudes.
 
     Buffers, float64 [C], all summed over training steps (saved in checkpoints):
@@ -55,14 +54,14 @@ class RegimeIndicators(nn.Module):
     on the same training steps.
     """
 
-    _NAMES = ("pos_count", "neg_count", "pos_grad", "neg_grad")
+    _STAT_NAMES = ("pos_count", "neg_count", "pos_grad", "neg_grad")
 
     def __init__(self, num_classes: int):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.num_classes = int(num_classes)
-        for name in self._NAMES:
+        for name in self._STAT_NAMES:
             self.register_buffer(name, torch.zeros(num_classes, dtype=torch.float64))
 
     @property
@@ -127,20 +126,9 @@ class RegimeIndicators(nn.Module):
 
     def snapshot(self) -> dict:
         """The four buffers as lists of floats (one read from the device)."""
-        values = torch.stack([getattr(self, n) for n in self._NAMES]).cpu().tolist()
-        return dict(zip(self._NAMES, values))
+        values = torch.stack([getattr(self, n) for n in self._STAT_NAMES]).cpu().tolist()
+        return dict(zip(self._STAT_NAMES, values))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        absent = [prefix + n for n in self._NAMES if prefix + n not in state_dict]
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if absent:
-            for k in absent:
-                if k in missing_keys:
-                    missing_keys.remove(k)
-            for n in self._NAMES:
-                getattr(self, n).zero_()
-            warnings.warn(f"the checkpoint has no regime indicators ({prefix}*), written "
-                          "before they existed: they restart from zero", UserWarning,
-                          stacklevel=2)
+    def _restart_warning(self, absent):
+        return (f"the checkpoint has no regime indicators ({', '.join(absent)}), written "
+                "before they existed: they restart from zero")
