@@ -39,7 +39,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "synthetic_lvis_study")
+# $EQL_D2_STUDY_RESULTS: a driver running from another checkout (say a snapshot of the code
+# the study runs with) can keep its results in the repository being worked on
+RESULTS = os.environ.get("EQL_D2_STUDY_RESULTS",
+                         os.path.join(ROOT, "benchmarks", "results", "synthetic_lvis_study"))
 SEEDS = (0, 1, 2)
 LVIS_CFG = "configs/Synthetic-LVIS"
 SLT_SCHEDULE = ["SOLVER.MAX_ITER", "700", "SOLVER.STEPS", "(540, 650)"]
