@@ -142,7 +142,7 @@ def plot_regime(runs, labels, out_dir, head=None):
     labels = labels or [os.path.basename(os.path.normpath(r)) for r in runs]
     series = [read_regime_indicators(r) for r in runs]
     n = len(runs)
-    fig_s, axes_s = plt.subplots(n, 1, figsize=(8, 2.4 * n), squeeze=False)
+    fig_s, axes_s = plt.subplots(n, 1, figsize=(8, 2.7 * n), squeeze=False)
     fig_g, axes_g = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False, sharey=True)
     rows = []
     for k, (label, snaps) in enumerate(zip(labels, series)):
@@ -184,6 +184,8 @@ def plot_regime(runs, labels, out_dir, head=None):
             rows.append({"run": label, "head": name, "iteration": last["iteration"],
                          "group": group, **stats})
     axes_s[-1][0].set_xlabel("categories, most positives seen first")
+    fig_s.tight_layout()
+    fig_g.tight_layout()
     os.makedirs(out_dir, exist_ok=True)
     written = [os.path.join(out_dir, "regime_samples_per_category.png"),
                os.path.join(out_dir, "regime_gradient_ratio_over_training.png"),
