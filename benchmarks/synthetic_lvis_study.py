@@ -251,7 +251,7 @@ def _mean_std(values):
 
 
 def cmd_table(args):
-    from eql_d2.evaluation.regime import group_summary, read_regime_indicators
+    from eql_d2.evaluation.regime import difference, group_summary, read_regime_indicators
 
     done = load_metrics()
     print("### Runs: bbox AP on the federated val, mean ± standard deviation over seeds\n")
@@ -285,11 +285,12 @@ def cmd_table(args):
             for dataset, m in done[arm][0].items():
                 print(f"| {arm} | {dataset} | "
                       + " | ".join(f"{m['bbox'][k]:.2f}" for k in KEYS) + " |")
-    print("\n### Regime indicators at the end of training: median raw g_j = pos_grad / neg_grad "
-          "(number of seen categories with g_j < 1 / seen), median positives / negatives seen\n")
-    print("| run | rare g | common g | frequent g | rare pos/neg | common pos/neg | "
-          "frequent pos/neg |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n### Regime indicators: median raw g_j = pos_grad / neg_grad over the whole run "
+          "and over its last snapshot interval (in brackets: seen categories with g_j < 1 / "
+          "seen), median positives / negatives seen\n")
+    print("| run | rare g | common g | frequent g | last interval: rare g | common g | "
+          "frequent g | rare pos/neg | common pos/neg | frequent pos/neg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for arm in ARMS:
         for seed in sorted(done.get(arm, {})):
             run_dir = os.path.join(RESULTS, run_name(arm, seed))
@@ -297,22 +298,25 @@ def cmd_table(args):
                 snaps = read_regime_indicators(run_dir)
             except FileNotFoundError:
                 continue
-            summary = group_summary(snaps[-1])
-            g_cells, r_cells = [], []
-            for group in ("r", "c", "f"):
-                s = summary.get(group)
-                if s is None:
-                    g_cells.append("-")
-                    r_cells.append("-")
-                    continue
-                g_cells.append(f"{s['median_g']:.3g} ({s['below_1']}/{s['seen']})")
-                r_cells.append(f"{s['median_pos_neg']:.2g}")
-            if set(summary) == {"c"} or set(summary) == {"all"}:
-                only = summary.get("c") or summary.get("all")
-                g_cells = ["-", f"{only['median_g']:.3g} ({only['below_1']}/{only['seen']}), "
-                           "all categories", "-"]
-                r_cells = ["-", f"{only['median_pos_neg']:.2g}", "-"]
-            print(f"| {run_name(arm, seed)} | " + " | ".join(g_cells + r_cells) + " |")
+            cells = _regime_cells(group_summary(snaps[-1]), "median_g")
+            cells += (_regime_cells(group_summary(difference(snaps[-1], snaps[-2])), "median_g")
+                      if len(snaps) > 1 else ["-"] * 3)
+            cells += _regime_cells(group_summary(snaps[-1]), "median_pos_neg")
+            print(f"| {run_name(arm, seed)} | " + " | ".join(cells) + " |")
+
+
+def _regime_cells(summary, key):
+    """Cells for rare / common / frequent; a dataset with one group fills the common cell."""
+    cells = []
+    for group in ("r", "c", "f"):
+        s = summary.get(group) or (summary.get("all") if group == "c" else None)
+        if s is None or not s["seen"]:
+            cells.append("-")
+        elif key == "median_g":
+            cells.append(f"{s['median_g']:.3g} ({s['below_1']}/{s['seen']})")
+        else:
+            cells.append(f"{s[key]:.2g}")
+    return cells
 
 
 def cmd_plots(args):

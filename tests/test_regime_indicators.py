@@ -185,3 +185,35 @@ def test_baseline_runs_write_indicators_equal_to_their_checkpoint(small_syntheti
     assert sum(last["neg_grad"]) > 0
     for a, b in zip(rows[0]["heads"][head]["pos_count"], last["pos_count"]):
         assert a <= b
+
+
+def _snapshot(iteration, pos_count, neg_count, pos_grad, neg_grad, groups):
+    return {"iteration": iteration, "class_frequency": groups,
+            "heads": {"h": {"pos_count": pos_count, "neg_count": neg_count,
+                            "pos_grad": pos_grad, "neg_grad": neg_grad}}}
+
+
+def test_group_summary_and_window_difference_on_a_hand_built_run(tmp_path):
+    from eql_d2.evaluation.regime import difference, group_summary, read_regime_indicators
+
+    groups = ["r", "r", "r", "c", "f"]
+    early = _snapshot(10, [0, 1, 1, 5, 9], [10, 9, 9, 5, 1], [0, 2.0, 1.0, 3.0, 4.0],
+                      [0.5, 1.0, 4.0, 3.0, 2.0], groups)
+    late = _snapshot(20, [0, 2, 3, 9, 19], [20, 18, 17, 11, 1], [0, 2.5, 1.5, 4.0, 5.0],
+                     [1.0, 2.0, 8.0, 5.0, 2.0], groups)
+    s = group_summary(late)
+    # rare: category 0 never had a positive and is not "seen"; g = 1.25 and 0.1875
+    assert (s["r"]["categories"], s["r"]["seen"], s["r"]["below_1"]) == (3, 2, 1)
+    assert s["r"]["median_g"] == pytest.approx((2.5 / 2.0 + 1.5 / 8.0) / 2)
+    assert s["r"]["min_g"] == pytest.approx(1.5 / 8.0)
+    assert s["r"]["median_pos_neg"] == pytest.approx((2 / 18 + 3 / 17) / 2)
+    assert s["c"]["median_g"] == pytest.approx(0.8) and s["f"]["below_1"] == 0
+    w = group_summary(difference(late, early))
+    # over iterations 10-20: rare g = 0.5 / 1 and 0.5 / 4; frequent has no new negatives
+    assert w["r"]["median_g"] == pytest.approx((0.5 + 0.125) / 2)
+    assert w["f"]["median_g"] == float("inf")
+    with pytest.raises(ValueError, match="not before"):
+        difference(early, late)
+    path = tmp_path / "regime_indicators.jsonl"
+    path.write_text(json.dumps(late) + "\n" + json.dumps(early) + "\n")
+    assert [r["iteration"] for r in read_regime_indicators(str(tmp_path))] == [10, 20]

@@ -8,7 +8,8 @@ import os
 import statistics
 from typing import Dict, List, Optional
 
-__all__ = ["read_regime_indicators", "regime_file", "group_summary", "head_names"]
+__all__ = ["read_regime_indicators", "regime_file", "group_summary", "head_names",
+           "difference"]
 
 FILE_NAMES = ("regime_indicators.jsonl", "regime_indicators.jsonl.gz")
 
@@ -81,3 +82,18 @@ def group_summary(snapshot: dict, head: Optional[str] = None) -> Dict[str, dict]
             if seen else math.nan,
         }
     return out
+
+
+def difference(later: dict, earlier: dict) -> dict:
+    """A snapshot of what happened between two snapshots of one run (buffers subtracted),
+    for :func:`group_summary` of a window of training: the gradient ratio of recent steps,
+    which the accumulated ratio of the whole run hides behind its early steps."""
+    if earlier["iteration"] >= later["iteration"]:
+        raise ValueError(f"snapshot of iteration {earlier['iteration']} is not before "
+                         f"{later['iteration']}")
+    heads = {}
+    for name, values in later["heads"].items():
+        before = earlier["heads"][name]
+        heads[name] = {k: [a - b for a, b in zip(v, before[k])] for k, v in values.items()}
+    return {"iteration": later["iteration"], "class_frequency": later.get("class_frequency"),
+            "heads": heads}
