@@ -17,10 +17,10 @@ never repeated, so a later session (or another machine) continues the study wher
 stopped. Checkpoints stay in --out (not kept).
 
 Runs are taken in the order of :data:`RUNS`, so that a partial study covers every claim
-once before it repeats any: the main arms for seed 0, the ablations and the balanced check
-(seed 0), the main arms for seed 1, the Synthetic-LT runs (the 700-iteration comparison
-under the federated protocol, and ATSS focal for its regime indicators), then the main arms
-for seed 2.
+once before it repeats any: the main arms for seed 0, ATSS focal on Synthetic-LT (its
+regime indicators), the ablations and the balanced check (seed 0), the main arms for seed
+1, the Synthetic-LT two-stage runs (the 700-iteration comparison under the federated
+protocol), then the main arms for seed 2.
 A run is claimed with a lock folder holding the driver's pid; a lock whose process is gone
 is taken over.
 """
@@ -78,9 +78,10 @@ SLT = ("slt_sigmoid", "slt_eql", "slt_eqlv2", "slt_atss_focal")
 ABLATIONS = ("atss_efl_focusing_only", "atss_efl_weighting_only",
              "frcnn_eql_no_excluding_function", "balanced_atss_focal", "balanced_atss_efl")
 RUNS = ([(arm, 0) for arm in MAIN]
+        + [("slt_atss_focal", 0)]
         + [(arm, 0) for arm in ABLATIONS]
         + [(arm, 1) for arm in MAIN]
-        + [(arm, 0) for arm in SLT]
+        + [(arm, 0) for arm in SLT if arm != "slt_atss_focal"]
         + [(arm, 2) for arm in MAIN])
 
 # paired comparisons: (name, arm, reference arm)
