@@ -321,22 +321,27 @@ def _regime_cells(summary, key):
 
 
 def cmd_plots(args):
+    """Regime plots of the finished runs, one folder per dataset, into --plots."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from plot_gradients import plot_regime
 
+    def study(runs):
+        return [(run_name(a, s), os.path.join(RESULTS, run_name(a, s))) for a, s in runs]
+
+    # BENCHMARKS.md's 700-iteration Cascade run on Synthetic-LT keeps its indicators here
+    cascade = os.path.join(ROOT, "benchmarks", "results", "synthetic_lt_700", "cascade_sigmoid")
     groups = {
-        "synthetic_lvis_seed0": [("atss_focal", 0), ("atss_efl", 0), ("frcnn_sigmoid", 0),
-                                 ("frcnn_eql", 0), ("frcnn_eqlv2", 0)],
-        "synthetic_lt": [(a, 0) for a in SLT],
-        "balanced": [("balanced_atss_focal", 0), ("balanced_atss_efl", 0)],
+        "synthetic_lvis_seed0": study([(a, 0) for a in MAIN]),
+        "synthetic_lt": study([(a, 0) for a in SLT]) + [("cascade_sigmoid (700 it.)", cascade)],
+        "synthetic_lvis_balanced": study([("balanced_atss_focal", 0), ("balanced_atss_efl", 0)]),
     }
     for folder, runs in groups.items():
-        have = [(a, s) for a, s in runs
-                if os.path.isfile(os.path.join(RESULTS, run_name(a, s),
-                                               "regime_indicators.jsonl.gz"))]
+        have = [(label, path) for label, path in runs
+                if any(os.path.isfile(os.path.join(path, n)) for n in
+                       ("regime_indicators.jsonl", "regime_indicators.jsonl.gz"))]
         if have:
-            plot_regime([os.path.join(RESULTS, run_name(a, s)) for a, s in have],
-                        [run_name(a, s) for a, s in have], os.path.join(args.plots, folder))
+            plot_regime([p for _, p in have], [label for label, _ in have],
+                        os.path.join(args.plots, folder))
 
 
 def main(argv=None):
