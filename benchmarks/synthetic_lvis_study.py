@@ -75,8 +75,8 @@ ARMS = {
 }
 MAIN = ("atss_focal", "atss_efl", "frcnn_sigmoid", "frcnn_eql", "frcnn_eqlv2")
 SLT = ("slt_sigmoid", "slt_eql", "slt_eqlv2", "slt_atss_focal")
-ABLATIONS = ("atss_efl_focusing_only", "atss_efl_weighting_only",
-             "frcnn_eql_no_excluding_function", "balanced_atss_focal", "balanced_atss_efl")
+ABLATIONS = ("atss_efl_focusing_only", "atss_efl_weighting_only", "balanced_atss_focal",
+             "balanced_atss_efl", "frcnn_eql_no_excluding_function")
 RUNS = ([(arm, 0) for arm in MAIN]
         + [("slt_atss_focal", 0)]
         + [(arm, 0) for arm in ABLATIONS]
@@ -238,7 +238,10 @@ def load_metrics():
 
 
 def _bbox(metrics, dataset=None):
-    dataset = dataset or next(iter(metrics))
+    """bbox metrics of `dataset`, by default the federated val where a run has several."""
+    if dataset is None:
+        fed = [name for name in metrics if name.endswith("_val_fed")]
+        dataset = fed[0] if fed else next(iter(metrics))
     return metrics[dataset]["bbox"]
 
 
