@@ -245,6 +245,12 @@ def _bbox(metrics, dataset=None):
     return metrics[dataset]["bbox"]
 
 
+def _defined(value):
+    """LVISEval reports the AP of an empty group (e.g. APr of the balanced preset) as -1,
+    shown x100; such a value, or NaN, is no measurement."""
+    return not math.isnan(value) and value >= 0
+
+
 def _mean_std(values):
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -265,7 +271,8 @@ def cmd_table(args):
         if arm not in done:
             continue
         seeds = sorted(done[arm])
-        cells = [_mean_std([_bbox(done[arm][s])[k] for s in seeds]) for k in KEYS]
+        cells = [_mean_std([v for v in (_bbox(done[arm][s])[k] for s in seeds) if _defined(v)])
+                 for k in KEYS]
         print(f"| {arm} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     print("\n### Paired differences (same data and training seed), per seed and mean ± std\n")
     print("| comparison | seeds | " + " | ".join(f"Δ{k}" for k in KEYS) + " |")
@@ -276,7 +283,11 @@ def cmd_table(args):
             continue
         cells = []
         for k in KEYS:
-            diffs = [_bbox(done[arm][s])[k] - _bbox(done[ref][s])[k] for s in seeds]
+            pairs = [(_bbox(done[arm][s])[k], _bbox(done[ref][s])[k]) for s in seeds]
+            if not all(_defined(a) and _defined(b) for a, b in pairs):
+                cells.append("n/a")
+                continue
+            diffs = [a - b for a, b in pairs]
             per_seed = " / ".join(f"{d:+.2f}" for d in diffs)
             cells.append(per_seed + (f" ({_mean_std(diffs)})" if len(diffs) > 1 else ""))
         print(f"| {label} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")

@@ -78,3 +78,16 @@ def test_table_reports_paired_differences_per_seed_with_mean_and_std(tmp_path, m
 def test_every_arm_names_a_shipped_config(arm):
     config, _, kind = study.ARMS[arm]
     assert os.path.isfile(os.path.join(ROOT, config)) and kind in ("lvis", "balanced", "slt")
+
+
+def test_empty_groups_are_not_averaged_or_differenced(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    # the balanced preset has no rare or frequent categories: LVISEval's -1 (x100)
+    _fake_results(str(tmp_path), "balanced_atss_focal", 0, 60.0, -100.0)
+    _fake_results(str(tmp_path), "balanced_atss_efl", 0, 61.5, -100.0)
+    study.cmd_table(None)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| balanced: EFL - focal"))
+    assert row.split("|")[3:5] == [" +1.50 ", " n/a "]
+    means = next(line for line in out.splitlines() if line.startswith("| balanced_atss_efl |"))
+    assert means.split("|")[3:5] == [" 61.50 ", " n/a "]
