@@ -346,6 +346,9 @@ def cmd_plots(args):
     cascade = os.path.join(ROOT, "benchmarks", "results", "synthetic_lt_700", "cascade_sigmoid")
     groups = {
         "synthetic_lvis_seed0": study([(a, 0) for a in MAIN]),
+        "synthetic_lvis_seed0_ablations": study([(a, 0) for a in (
+            "frcnn_eql", "frcnn_eql_no_excluding_function", "atss_focal",
+            "atss_efl_focusing_only", "atss_efl_weighting_only", "atss_efl")]),
         "synthetic_lt": study([(a, 0) for a in SLT]) + [("cascade_sigmoid (700 it.)", cascade)],
         "synthetic_lvis_balanced": study([("balanced_atss_focal", 0), ("balanced_atss_efl", 0)]),
     }
