@@ -252,7 +252,7 @@ def _defined(value):
 
 
 def _mean_std(values):
-    values = [v for v in values if not math.isnan(v)]
+    """Mean ± sample standard deviation of measured values (callers drop undefined ones)."""
     if not values:
         return "n/a"
     if len(values) == 1:
