@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_RCNN, run_train_net
+from eql_d2.engine import AtomicCheckpointer
 
 CFG = os.path.join(ROOT, "configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_eqlv2.yaml")
 # 10 iterations, a checkpoint every 2 (after iterations 1, 3, 5, 7, 9)
@@ -81,3 +82,27 @@ def test_killed_and_resumed_run_ends_bit_identical(variant, small_synthetic, tmp
     with open(os.path.join(whole, "final_metrics.json")) as f1, \
             open(os.path.join(resumed, "final_metrics.json")) as f2:
         assert json.load(f1) == json.load(f2)
+
+
+def test_a_checkpoint_cut_off_while_written_is_never_taken_for_one(tmp_path, monkeypatch):
+    """What a save leaves when the process dies (a "<name>.pth.partial-<pid>" file) or fails
+    (nothing) is never a checkpoint: resuming takes the last complete one."""
+    checkpointer = AtomicCheckpointer(torch.nn.Linear(2, 2), save_dir=str(tmp_path))
+    checkpointer.save("model_0000001")
+    complete = str(tmp_path / "model_0000001.pth")
+    (tmp_path / "model_0000003.pth.partial-12345").write_bytes(b"cut off by SIGKILL")
+    assert checkpointer.get_checkpoint_file() == complete
+    assert checkpointer.get_all_checkpoint_files() == [complete]
+
+    def fail(obj, f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        checkpointer.save("model_0000005")
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth",
+                                            "model_0000003.pth.partial-12345"]
+    assert checkpointer.get_checkpoint_file() == complete
+    monkeypatch.undo()
+    assert set(torch.load(complete, weights_only=False)["model"]) == {"weight", "bias"}

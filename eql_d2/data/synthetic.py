@@ -40,13 +40,14 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..utils.groups import GROUP_NAMES, GROUPS
+from ..utils.io import atomic_directory, atomic_write
 
 __all__ = [
     "PRESETS",
@@ -327,8 +328,6 @@ def frequency_group(image_count):
         return "c"
     return "f"
 
-
-GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 
 # Spec fields added after GENERATOR_VERSION 1 without changing the output of specs that
 # leave them at their defaults: generator.json records them only when set, so the files of
@@ -678,35 +677,22 @@ def _counts(images, annotations, num_categories):
 
 
 def _write_json(path, obj):
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, sort_keys=True, separators=(",", ":"))
 
 
 def generate(out_dir, spec=None):
     """Generate the dataset into `out_dir` atomically and return `out_dir`.
 
-    The files are written into a temporary sibling folder which is renamed into place
-    only when complete, so an interrupted run never leaves a folder that looks finished.
+    The files are written into a temporary sibling folder which replaces `out_dir` only
+    when complete, so an interrupted run never leaves a folder that looks finished.
     An existing `out_dir` is replaced.
     """
     spec = spec or SyntheticLTSpec()
     spec.validate()
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    try:
+    with atomic_directory(out_dir) as tmp:
         _generate_into(tmp, spec)
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "d"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -776,13 +762,7 @@ def add_federated_val(root):
         val["images"], val["annotations"], spec.num_categories,
         spec.val_negatives_per_positive, spec.val_not_exhaustive_prob,
         np.random.default_rng([spec.seed, 2]))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        _write_json(tmp, {**val, "images": images, "annotations": anns})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _write_json(path, {**val, "images": images, "annotations": anns})
     return path
 
 
@@ -815,7 +795,7 @@ def main(argv=None):
     with open(os.path.join(out, "lvis_v1_train.json")) as f:
         data = json.load(f)
     cats = data["categories"]
-    groups = {g: sum(c["frequency"] == g for c in cats) for g in "rcf"}
+    groups = {g: sum(c["frequency"] == g for c in cats) for g in GROUPS}
     summary = (f"wrote {out}: {len(cats)} categories (rare {groups['r']}, common "
                f"{groups['c']}, frequent {groups['f']}), {len(data['images'])} train images, "
                f"{len(data['annotations'])} train objects")

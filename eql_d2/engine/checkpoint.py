@@ -3,6 +3,8 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..utils.io import atomic_write
+
 __all__ = ["AtomicCheckpointer"]
 
 
@@ -11,8 +13,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     detectron2 writes ``<name>.pth`` in place, so a run killed while saving leaves a
     truncated file where the last good checkpoint was. Here the data goes to a temporary
-    file that replaces the target with one atomic rename, and ``last_checkpoint`` is
-    updated only after that.
+    file (``<name>.pth.partial-<pid>``, which detectron2 never takes for a checkpoint) that
+    is flushed to disk and replaces the target with one atomic rename, and
+    ``last_checkpoint`` is updated only after that.
     """
 
     def save(self, name, **kwargs):
@@ -24,11 +27,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
-        partial = save_file + ".partial"
         self.logger.info("Saving checkpoint to %s", save_file)
-        with open(partial, "wb") as f:
+        with atomic_write(save_file, "wb", fsync=True) as f:
             torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, save_file)
         self.tag_last_checkpoint(basename)

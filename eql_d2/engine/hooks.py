@@ -10,6 +10,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from ..data.train_loader import SEED_TRAIN_STEP, derive_seed
+from ..utils.io import atomic_write
 
 __all__ = ["RegimeIndicatorWriter", "SeedEachIteration"]
 
@@ -73,10 +74,8 @@ class RegimeIndicatorWriter(HookBase):
         kept = [line for line in lines
                 if line.strip() and json.loads(line)["iteration"] <= done]
         if len(kept) != len(lines):
-            tmp = f"{self.path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
+            with atomic_write(self.path) as f:
                 f.writelines(kept)
-            os.replace(tmp, self.path)
 
     def after_step(self):
         done = self.trainer.iter + 1

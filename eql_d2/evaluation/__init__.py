@@ -2,4 +2,4 @@
 
 from .build import build_evaluator  # noqa: F401
 from .lvis_evaluation import LVISPerCategoryEvaluator, evaluate_lvis  # noqa: F401
-from .results_io import check_lvis_results, read_lvis_results, write_json_atomic  # noqa: F401
+from .results_io import check_lvis_results, read_lvis_results  # noqa: F401

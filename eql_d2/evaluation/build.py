@@ -1,18 +1,11 @@
 import os
 
-import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 
 from .lvis_evaluation import LVISPerCategoryEvaluator
 
 __all__ = ["build_evaluator"]
-
-# lvis 0.5.3 (the version detectron2's LVISEvaluator is written for) still calls `np.float`,
-# which numpy 1.24 removed; LVISEval.accumulate fails without this alias. It is the only
-# compatibility shim in eql_d2, applied once when evaluation is imported.
-if not hasattr(np, "float"):
-    np.float = float
 
 
 def build_evaluator(cfg, dataset_name, output_folder=None):

@@ -18,13 +18,14 @@ over the whole dataset are kept; it is reported beside standard AP as ``AP-fixed
 ``APr-fixed``, ... in the same task dict.
 """
 
+import contextlib
 import copy
 import csv
 import itertools
 import logging
 import math
 import os
-from collections import Counter, OrderedDict, defaultdict
+from collections import Counter, OrderedDict
 
 import numpy as np
 from detectron2.data import MetadataCatalog
@@ -32,13 +33,15 @@ from detectron2.evaluation import LVISEvaluator
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
+from ..utils.io import atomic_write, write_json_atomic
 from .plots import plot_ap_by_frequency, plot_ap_vs_train_images
-from .results_io import atomic_path, top_k_per, write_json_atomic
+from .results_io import top_k_per
 
 __all__ = [
     "LVIS_METRICS",
     "LVISPerCategoryEvaluator",
     "evaluate_lvis",
+    "numpy_float_alias",
     "per_category_ap",
     "top_k_per_category",
     "train_image_counts_from_metadata",
@@ -55,6 +58,24 @@ def top_k_per_category(results, k):
     return top_k_per(results, "category_id", k)
 
 
+@contextlib.contextmanager
+def numpy_float_alias():
+    """``np.float`` (= ``float``) for the length of the block, when numpy lacks it.
+
+    lvis 0.5.3, the version detectron2's LVISEvaluator is written for, calls ``np.float``
+    in ``LVISEval.accumulate``; numpy 1.24 removed that alias. It is added around the LVIS
+    call only and removed afterwards, so no other code sees a patched numpy.
+    """
+    if hasattr(np, "float"):
+        yield
+        return
+    np.float = float
+    try:
+        yield
+    finally:
+        del np.float
+
+
 def _run_lvis_eval(lvis_gt, results, iou_type, max_dets):
     """One LVISEval run; `max_dets` < 0 removes the per-image cap. Returns the LVISEval."""
     from lvis import LVISEval, LVISResults
@@ -68,7 +89,8 @@ def _run_lvis_eval(lvis_gt, results, iou_type, max_dets):
     lvis_dt = LVISResults(lvis_gt, results, max_dets=max_dets)
     lvis_eval = LVISEval(lvis_gt, lvis_dt, iou_type)
     lvis_eval.params.max_dets = max_dets
-    lvis_eval.run()
+    with numpy_float_alias():
+        lvis_eval.run()
     return lvis_eval
 
 
@@ -123,20 +145,13 @@ def train_image_counts_from_metadata(train_dataset_name, lvis_gt):
 
 
 def _write_csv(rows, fields, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k])
-                                     else round(r[k], 4) if isinstance(r[k], float) else r[k])
-                                 for k in fields})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k])
+                                 else round(r[k], 4) if isinstance(r[k], float) else r[k])
+                             for k in fields})
 
 
 def evaluate_lvis(lvis_gt, results, iou_types=("bbox",), *, max_dets_per_image=300,

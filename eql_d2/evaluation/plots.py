@@ -1,33 +1,25 @@
-"""PNG plots of per-category LVIS results (matplotlib, Agg backend: no display needed)."""
+"""PNG plots of per-category LVIS results.
+
+Figures are plain ``matplotlib.figure.Figure`` objects, not pyplot ones: no display is
+needed, and importing this module leaves the process's matplotlib backend alone.
+"""
 
 import math
-import os
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from ..utils.groups import GROUP_NAMES, GROUPS
+from ..utils.io import atomic_write
 
-from .results_io import atomic_path  # noqa: E402
+__all__ = ["GROUP_COLORS", "save_figure", "plot_ap_vs_train_images", "plot_ap_by_frequency"]
 
-__all__ = ["GROUP_COLORS", "GROUP_NAMES", "save_figure", "plot_ap_vs_train_images",
-           "plot_ap_by_frequency"]
-
-GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 GROUP_COLORS = {"r": "tab:red", "c": "tab:orange", "f": "tab:blue"}
 
 
 def save_figure(fig, path):
-    """Save `fig` as PNG at `path` (complete or absent), then close it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = atomic_path(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Save `fig` as PNG at `path` (complete or absent)."""
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
 
 
 def plot_ap_vs_train_images(rows, path, title, ap_key="AP"):
@@ -38,9 +30,10 @@ def plot_ap_vs_train_images(rows, path, title, ap_key="AP"):
     Categories with an unknown or zero train image count cannot sit on a log axis and are
     counted in the legend title instead.
     """
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     off_axis = 0
-    for group in ("r", "c", "f"):
+    for group in GROUPS:
         xs, ys = [], []
         for r in rows:
             ap = r.get(ap_key)
@@ -73,7 +66,8 @@ def plot_ap_by_frequency(metrics, path, title):
     series = [("standard", "")]
     if any(f"{k}-fixed" in metrics for k in keys):
         series.append(("AP-fixed", "-fixed"))
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    fig = Figure(figsize=(5.2, 3.8))
+    ax = fig.subplots()
     width = 0.8 / len(series)
     for s, (label, suffix) in enumerate(series):
         values = [metrics.get(k + suffix, float("nan")) for k in keys]

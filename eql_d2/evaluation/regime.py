@@ -8,6 +8,8 @@ import os
 import statistics
 from typing import Dict, List, Optional
 
+from ..utils.groups import check_groups, group_indices
+
 __all__ = ["read_regime_indicators", "regime_file", "group_summary", "head_names",
            "difference"]
 
@@ -23,7 +25,7 @@ def regime_file(path: str) -> str:
         if os.path.isfile(candidate):
             return candidate
     raise FileNotFoundError(f"{path}: no {' or '.join(FILE_NAMES)} (written by training with "
-                            "MODEL.REGIME_INDICATORS.ENABLED and PERIOD > 0)")
+                            "MODEL.CLS_LOSS.REGIME_INDICATORS True and LOG_PERIOD > 0)")
 
 
 def read_regime_indicators(path: str) -> List[dict]:
@@ -54,18 +56,21 @@ def _ratio(a: float, b: float) -> float:
 
 
 def group_summary(snapshot: dict, head: Optional[str] = None) -> Dict[str, dict]:
-    """Per LVIS group ("r", "c", "f", or "all" without class_frequency), over the categories
-    that have had a positive: ``seen`` (of ``categories``), ``median_g`` and ``min_g`` of the
-    raw gradient ratio pos_grad / neg_grad, ``below_1`` (how many have g < 1),
-    ``median_pos_neg`` (positives / negatives seen) and the medians of ``pos_grad`` and
-    ``neg_grad``. `head`: one of :func:`head_names` (default: the first)."""
+    """Per LVIS group ("r", "c", "f" in that order, or "all" without class_frequency), over
+    the categories that have had a positive: ``seen`` (of ``categories``), ``median_g`` and
+    ``min_g`` of the raw gradient ratio pos_grad / neg_grad, ``below_1`` (how many have
+    g < 1), ``median_pos_neg`` (positives / negatives seen) and the medians of ``pos_grad``
+    and ``neg_grad``. `head`: one of :func:`head_names` (default: the first)."""
     head = head or head_names(snapshot)[0]
     values = snapshot["heads"][head]
     num = len(values["pos_count"])
-    groups = snapshot.get("class_frequency") or ["all"] * num
+    if snapshot.get("class_frequency"):
+        groups = check_groups(snapshot["class_frequency"], num, "the snapshot's class_frequency")
+        indices = {g: idx.tolist() for g, idx in group_indices(groups).items()}
+    else:
+        indices = {"all": list(range(num))}
     out = {}
-    for group in dict.fromkeys(groups):
-        idx = [j for j in range(num) if groups[j] == group]
+    for group, idx in indices.items():
         seen = [j for j in idx if values["pos_count"][j] > 0]
         g = [_ratio(values["pos_grad"][j], values["neg_grad"][j]) for j in seen]
         out[group] = {

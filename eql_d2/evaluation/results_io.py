@@ -1,4 +1,4 @@
-"""LVIS-format results files: checked reading, atomic writing.
+"""LVIS-format results files: checked reading (written with :func:`eql_d2.utils.io.write_json_atomic`).
 
 A results file is what ``lvis.LVISResults`` reads and the LVIS evaluation server takes:
 a JSON list of ``{"image_id", "category_id", "score", "bbox": [x, y, w, h]}`` with an
@@ -10,26 +10,7 @@ import numbers
 import os
 from collections import defaultdict
 
-__all__ = ["read_lvis_results", "check_lvis_results", "write_json_atomic", "atomic_path"]
-
-
-def atomic_path(path):
-    """Temporary name next to `path`; rename it to `path` once it is complete."""
-    return f"{path}.partial-{os.getpid()}"
-
-
-def write_json_atomic(path, obj):
-    """Write `obj` as JSON so that `path` either does not exist or is complete."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+__all__ = ["read_lvis_results", "check_lvis_results", "top_k_per"]
 
 
 def _first(items, n=5):
