@@ -23,11 +23,10 @@ from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-import eql_d2.data  # noqa: F401  (registers Synthetic-LT)
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from eql_d2.config import get_eql_cfg
-from eql_d2.data import load_category_metadata
-from eql_d2.evaluation.results_io import atomic_path
+from eql_d2.data import load_category_metadata, register_all
+from eql_d2.utils.io import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 logger = logging.getLogger("eql_d2.demo")
@@ -92,6 +91,7 @@ def main(argv=None):
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
     args = p.parse_args(argv)
     setup_logger(name="eql_d2")
+    register_all()
     cfg = setup_cfg(args)
     images = list_images(args.input)
     metadata = category_metadata(cfg)
@@ -106,9 +106,8 @@ def main(argv=None):
                          instance_mode=ColorMode.IMAGE)
         drawn = vis.draw_instance_predictions(instances)
         out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
-        tmp = atomic_path(out) + ".png"  # the extension tells the writer the format
-        drawn.save(tmp)
-        os.replace(tmp, out)
+        with atomic_write(out, "wb") as f:
+            drawn.fig.savefig(f, format="png")
         written.append(out)
         logger.info("[%d/%d] %s: %d detections >= %.2f -> %s", n, len(images), path,
                     len(instances), args.confidence_threshold, out)

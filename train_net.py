@@ -8,17 +8,17 @@
         --dist-url tcp://<host of rank 0>:<port>                      # and rank 1 on the other
 """
 
-import json
 import os
 
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import eql_d2.data  # noqa: F401  (registers Synthetic-LT)
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from eql_d2.config import get_eql_cfg
+from eql_d2.data import register_all
 from eql_d2.engine import AtomicCheckpointer, Trainer, prepare_datasets
+from eql_d2.utils.io import write_json_atomic
 
 
 def setup(args):
@@ -45,14 +45,8 @@ def summarize(results):
     return "\n".join(lines)
 
 
-def write_metrics(cfg, results, name):
-    path = os.path.join(cfg.OUTPUT_DIR, name)
-    with open(path + ".partial", "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
-    os.replace(path + ".partial", path)
-
-
 def main(args):
+    register_all()
     cfg = setup(args)
     # evaluation needs only the test sets: a trained model's config and checkpoint hold the
     # rest, so the training JSON may be absent
@@ -73,7 +67,8 @@ def main(args):
     if comm.is_main_process() and results:
         if len(cfg.DATASETS.TEST) == 1:  # DefaultTrainer.test unwraps a single dataset
             results = {cfg.DATASETS.TEST[0]: results}
-        write_metrics(cfg, results, metrics_file)
+        write_json_atomic(os.path.join(cfg.OUTPUT_DIR, metrics_file), results, indent=1,
+                          sort_keys=True)
         print(summarize(results), flush=True)
     return results
 

@@ -1,12 +1,21 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from eql_d2.data import datasets, load_category_metadata, load_lvis_format, register_lvis_format
+from eql_d2.data import (datasets, load_category_metadata, load_lvis_format, register_all,
+                         register_lvis_format)
+
+
+@pytest.fixture
+def builtin_datasets():
+    """The built-in dataset names, registered as train_net.py registers them."""
+    register_all()
 
 
 def test_dataset_dicts_carry_lvis_image_labels(small_synthetic):
@@ -244,7 +253,30 @@ def test_unwritable_cache_folder_only_costs_a_parse(small_synthetic, tmp_path, m
     assert any("EQL_D2_CACHE_DIR" in r.getMessage() for r in caplog.records)
 
 
-def test_builtin_lvis_split_uses_the_checked_loader(tmp_path, monkeypatch, cache_dir):
+def test_importing_registers_nothing_and_register_all_does_it_once():
+    """Importing eql_d2 leaves detectron2's catalogs (and numpy) as they were;
+    register_all() adds the built-in names and may be called again."""
+    script = """
+import numpy as np
+from detectron2.data import DatasetCatalog
+before = DatasetCatalog["lvis_v1_val"]
+import eql_d2.data, eql_d2.engine, eql_d2.evaluation, eql_d2.modeling
+assert not [n for n in DatasetCatalog.list() if n.startswith("synthetic_")]
+assert DatasetCatalog["lvis_v1_val"] is before
+assert not hasattr(np, "float")
+eql_d2.data.register_all()
+eql_d2.data.register_all()
+names = set(DatasetCatalog.list())
+for preset in ("synthetic_lt", "synthetic_lvis", "synthetic_lvis_balanced"):
+    assert {f"{preset}_{s}" for s in ("train", "val", "val_fed")} <= names, preset
+assert DatasetCatalog["lvis_v1_val"].__module__ == "eql_d2.data.datasets"
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_builtin_lvis_split_uses_the_checked_loader(tmp_path, monkeypatch, cache_dir,
+                                                    builtin_datasets):
     """detectron2 registers lvis_v1_val with paths relative to DETECTRON2_DATASETS (default
     ``datasets/``); eql_d2 re-registers it so that its JSON goes through load_lvis_format:
     a polygon detectron2's loader would assert on is skipped, and detectron2's name table
@@ -304,10 +336,11 @@ def test_synthetic_preset_roots(tmp_path, monkeypatch):
     assert datasets.synthetic_lvis_root() == str(tmp_path / "d2" / "synthetic_lvis")
 
 
-def test_balanced_names_resolve_and_generate_on_first_use(tmp_path, monkeypatch, cache_dir):
-    """The balanced preset's names are registered at import as synthetic_lvis's are; with its
-    root set they generate the preset there on first use (a scaled-down one here), and its
-    category metadata, one LVIS group only, serves the per-group statistics."""
+def test_balanced_names_resolve_and_generate_on_first_use(tmp_path, monkeypatch, cache_dir,
+                                                         builtin_datasets):
+    """The balanced preset's names are registered by register_all as synthetic_lvis's are;
+    with its root set they generate the preset there on first use (a scaled-down one here),
+    and its category metadata, one LVIS group only, serves the per-group statistics."""
     import torch
     from detectron2.utils.events import EventStorage
 

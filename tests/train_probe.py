@@ -1,16 +1,22 @@
 """train_net.py with a hook that saves, on every rank, the loss statistics after each
 iteration and the parameters at the end (OUTPUT_DIR/probe/), for the distributed tests."""
 
+import importlib.util
 import os
-import sys
 
 import torch
 from detectron2.engine import HookBase, default_argument_parser, launch
 from detectron2.utils import comm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_net  # noqa: E402
-from eql_d2.engine import Trainer, prepare_datasets  # noqa: E402
+from eql_d2.data import register_all
+from eql_d2.engine import Trainer, prepare_datasets
+
+# train_net.py is a script at the repository root, not a module on the path
+_spec = importlib.util.spec_from_file_location(
+    "train_net", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "train_net.py"))
+train_net = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_net)
 
 STAT_KEYS = ("pos_grad", "neg_grad")
 
@@ -40,6 +46,7 @@ class SaveRankState(HookBase):
 
 
 def main(args):
+    register_all()
     cfg = train_net.setup(args)
     prepare_datasets(cfg)
     trainer = Trainer(cfg)

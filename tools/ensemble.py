@@ -32,31 +32,27 @@ Files appear only when complete (written under a temporary name, then renamed).
 import argparse
 import logging
 import os
-import sys
 import time
 from collections import OrderedDict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog, build_detection_test_loader
+from detectron2.engine import launch
+from detectron2.evaluation import inference_on_dataset
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.data import MetadataCatalog, build_detection_test_loader  # noqa: E402
-from detectron2.engine import launch  # noqa: E402
-from detectron2.evaluation import inference_on_dataset  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-
-import eql_d2.data  # noqa: E402,F401  (registers Synthetic-LT)
-import eql_d2.modeling  # noqa: E402,F401  (registers eql_d2's models)
-from eql_d2.config import get_eql_cfg  # noqa: E402
-from eql_d2.data import load_category_metadata  # noqa: E402
-from eql_d2.engine.trainer import NUM_CLASSES_KEYS, prepare_datasets  # noqa: E402
-from eql_d2.evaluation import (LVISPerCategoryEvaluator, evaluate_lvis,  # noqa: E402
-                               read_lvis_results, write_json_atomic)
-from eql_d2.evaluation.ensemble import (METHODS, calibrate_quantile, cap_per_image,  # noqa: E402
+import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
+from eql_d2.config import get_eql_cfg
+from eql_d2.data import load_category_metadata, register_all
+from eql_d2.engine.trainer import NUM_CLASSES_KEYS, prepare_datasets
+from eql_d2.evaluation import LVISPerCategoryEvaluator, evaluate_lvis, read_lvis_results
+from eql_d2.evaluation.ensemble import (METHODS, calibrate_quantile, cap_per_image,
                                         merge_results)
-from eql_d2.evaluation.lvis_evaluation import top_k_per_category  # noqa: E402
-from eql_d2.evaluation.tta import build_tta_model  # noqa: E402
+from eql_d2.evaluation.lvis_evaluation import top_k_per_category
+from eql_d2.evaluation.tta import build_tta_model
+from eql_d2.utils.io import write_json_atomic
 
 logger = logging.getLogger("eql_d2.ensemble")
 
@@ -169,6 +165,7 @@ def _setup_logging(args):
 def run_model_members(args):
     """Inference of every model member on args.dataset (inside detectron2's launch), then
     merging on the main process."""
+    register_all()  # again: launch may have started this process afresh
     _setup_logging(args)
     specs = [s for s in args.specs if s["kind"] == "model"]
     for n, spec in enumerate(specs):
@@ -321,6 +318,7 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    register_all()
     specs = [parse_member(text, i) for i, text in enumerate(args.member)]
     names = [s["name"] for s in specs]
     if len(set(names)) != len(names):

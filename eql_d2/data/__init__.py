@@ -1,5 +1,10 @@
 """Datasets: LVIS-format loading with validation and metadata, and the generated Synthetic-LT
-(default) and Synthetic-LVIS (large-vocabulary presets: long-tailed and balanced) datasets."""
+(default) and Synthetic-LVIS (large-vocabulary presets: long-tailed and balanced) datasets.
+
+Importing this package registers nothing; call :func:`register_all` for the built-in names
+(``synthetic_lt_*``, ``synthetic_lvis*_*`` and detectron2's LVIS splits with the checked
+loader), or :func:`register_lvis_format` for a dataset of your own.
+"""
 
 from .datasets import (  # noqa: F401
     ensure_synthetic_lt,
@@ -9,6 +14,7 @@ from .datasets import (  # noqa: F401
     load_lvis_format,
     metadata_cache_file,
     read_lvis_categories,
+    register_all,
     register_builtin_lvis,
     register_lvis_format,
     register_synthetic_lt,
@@ -18,7 +24,3 @@ from .datasets import (  # noqa: F401
     synthetic_lvis_root,
     synthetic_preset_root,
 )
-
-register_synthetic_lt()
-register_synthetic_presets()
-register_builtin_lvis()

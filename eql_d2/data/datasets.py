@@ -32,9 +32,11 @@ the other processes read it. The dataset folder itself is never written to (it i
 shared or read-only). The metadata is checked against the JSON again when the dicts are
 loaded, from the same parse.
 
-The embedded default, Synthetic-LT (:mod:`eql_d2.data.synthetic`), is registered as
-``synthetic_lt_train``, ``synthetic_lt_val`` (exhaustive) and ``synthetic_lt_val_fed`` (the
-same images, federated as LVIS val). It is generated on first use into
+Importing eql_d2 registers nothing; :func:`register_all` (which ``train_net.py``,
+``demo.py`` and the tools call first) registers the built-in datasets below and re-registers
+detectron2's annotated LVIS splits. The embedded default, Synthetic-LT
+(:mod:`eql_d2.data.synthetic`), is registered as ``synthetic_lt_train``, ``synthetic_lt_val``
+(exhaustive) and ``synthetic_lt_val_fed`` (the same images, federated as LVIS val). It is generated on first use into
 ``$EQL_D2_SYNTHETIC_ROOT`` if set, else ``$DETECTRON2_DATASETS/synthetic_lt`` (detectron2's
 default ``datasets/``). Its large-vocabulary presets are registered the same way, each as
 ``<preset>_{train,val,val_fed}`` in the folder named by its variable of
@@ -56,11 +58,13 @@ from collections import defaultdict
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from ..utils.io import write_json_atomic
 from . import synthetic
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "register_all",
     "register_lvis_format",
     "register_builtin_lvis",
     "load_lvis_format",
@@ -347,12 +351,8 @@ def _cached_metadata(json_file, key):
 
 def _write_cached_metadata(json_file, key, info):
     path = metadata_cache_file(json_file)
-    tmp = f"{path}.{os.getpid()}.partial"
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump({"key": key, "metadata": info}, f)
-        os.replace(tmp, path)  # readers see the old file or the whole new one
+        write_json_atomic(path, {"key": key, "metadata": info})
     except OSError as e:
         # without the cache every process parses the JSON once more; training is unaffected
         logger.warning("Could not write the category metadata cache %s (%s); set EQL_D2_CACHE_DIR "
@@ -558,3 +558,20 @@ def ensure_synthetic_lvis(root=None):
 def register_synthetic_lvis():
     """:func:`register_synthetic_presets` of ``synthetic_lvis`` alone."""
     register_synthetic_presets(("synthetic_lvis",))
+
+
+# ----------------------------------------------------------------------------- all built-in
+
+
+def register_all():
+    """Register Synthetic-LT, the Synthetic-LVIS presets (folders from the environment, as
+    :func:`synthetic_lt_root` and :func:`synthetic_preset_root` read it now) and the checked
+    loader of detectron2's annotated LVIS splits. Names already registered are left as
+    they are, so a second call changes nothing."""
+    registered = DatasetCatalog.list()
+    if "synthetic_lt_train" not in registered:
+        register_synthetic_lt()
+    presets = tuple(p for p in SYNTHETIC_PRESET_ROOT_VARS if f"{p}_train" not in registered)
+    if presets:
+        register_synthetic_presets(presets)
+    register_builtin_lvis()
