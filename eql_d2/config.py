@@ -1,22 +1,28 @@
 """eql_d2's config keys. Call ``add_eql_config(cfg)`` on detectron2's default config, or
 start from ``get_eql_cfg(config_file, opts)``.
 
-Every key has its default here with a one-line comment; each concern has its own node
-and its own ``_add_*_config`` function below.
+Every key has its default here with a one-line comment, one node per concern. The settings
+of each classification loss are not listed here: every loss registered in
+:data:`~eql_d2.modeling.cls_losses.CLS_LOSS_REGISTRY` adds its own node under
+``MODEL.CLS_LOSS`` (``add_config``), so a new loss is one file.
 """
 
 import os
 
-from detectron2.config import CfgNode as CN  # noqa: F401  (used by the node functions)
+from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["add_eql_config", "get_eql_cfg"]
+__all__ = ["add_eql_config", "get_eql_cfg", "RENAMED_KEYS"]
 
 
 def add_eql_config(cfg):
-    """Add every eql_d2 key, with its default, to a detectron2 config (in place)."""
+    """Add every eql_d2 key, with its default, to a detectron2 config (in place).
+
+    Registered losses add their nodes under ``MODEL.CLS_LOSS``; keys of earlier layouts
+    raise an error naming their new key when a config file or an override sets them."""
     for add in _NODES:
         add(cfg)
+    _register_renamed_keys(cfg)
 
 
 def get_eql_cfg(config_file=None, opts=()):
@@ -36,160 +42,99 @@ def get_eql_cfg(config_file=None, opts=()):
 _NODES = []
 
 
-def _add_eql_roi_heads_config(cfg):
-    """MODEL.EQL: classification loss of EQLROIHeads (two-stage detectors) and its inputs."""
-    cfg.MODEL.EQL = CN()
-    # Box classification loss of the EQL ROI heads, by CLS_LOSS_REGISTRY name: SoftmaxCE
-    # ("softmax"), SigmoidCE ("sigmoid"), EQL, EQLv2, Seesaw, Federated, or one you register.
-    cfg.MODEL.EQL.LOSS = "softmax"
-    # EQL frequency threshold lambda (eq. 7): categories with f_j < lambda are tail categories.
-    cfg.MODEL.EQL.LAMBDA = 1.76e-3
-    # EQL excluding function E(r) (eq. 7, Tab. 4); False: background proposals skip tail too.
-    cfg.MODEL.EQL.EXCLUDING_FUNCTION = True
-    # Initial probability of every category in sigmoid-type classifiers (sets the bias).
-    cfg.MODEL.EQL.PRIOR_PROB = 0.001
-    cfg.MODEL.EQL.EQLV2 = CN()
-    # EQLv2 steepness gamma of the gradient-ratio -> negative-weight mapping.
-    cfg.MODEL.EQL.EQLV2.GAMMA = 12.0
-    # EQLv2 centre mu of that mapping.
-    cfg.MODEL.EQL.EQLV2.MU = 0.8
-    # EQLv2 positive up-weighting alpha.
-    cfg.MODEL.EQL.EQLV2.ALPHA = 4.0
-    # Keep full weight for categories in an image's positive or neg_category_ids set (EQL 4.2).
-    cfg.MODEL.EQL.USE_IMAGE_LEVEL_LABELS = True
-    # Background proposals are not negatives for the image's not_exhaustive_category_ids.
-    cfg.MODEL.EQL.IGNORE_NOT_EXHAUSTIVE = False
-    # Log EQLv2 gradient-ratio means (rare / common / frequent) every PERIOD iterations.
-    cfg.MODEL.EQL.PERIOD = 20
+def _add_cls_loss_config(cfg):
+    """MODEL.CLS_LOSS: the classification loss of every head (two-stage and dense), with one
+    node per registered loss (added by the loss itself)."""
+    # registry imported here: the registered losses import this module's users
+    from .modeling.cls_losses import add_cls_loss_configs
+
+    cfg.MODEL.CLS_LOSS = CN()
+    # CLS_LOSS_REGISTRY name (any case, "_" ignored): SoftmaxCE, SigmoidCE, EQL, EQLv2, Seesaw,
+    # Federated (two-stage); Focal, QFL, EFL, EQFL, SigmoidCE (dense); "": the head's
+    # detectron2 default (SoftmaxCE in ROI heads, Focal in dense heads)
+    cfg.MODEL.CLS_LOSS.NAME = ""
+    # log the rare / common / frequent means of the loss's statistics (and write regime
+    # indicator snapshots) every LOG_PERIOD iterations (0: never)
+    cfg.MODEL.CLS_LOSS.LOG_PERIOD = 20
+    # keep per-category regime indicators of every head (positives / negatives seen and their
+    # gradient sums; costs one extra backward through the loss alone per iteration)
+    cfg.MODEL.CLS_LOSS.REGIME_INDICATORS = False
+    add_cls_loss_configs(cfg.MODEL.CLS_LOSS)
 
 
-_NODES.append(_add_eql_roi_heads_config)
+_NODES.append(_add_cls_loss_config)
 
 
-def _add_efl_config(cfg):
-    """MODEL.EFL: classification loss of the dense detectors (EFLRetinaNet, ATSS, EFLFCOS)."""
-    cfg.MODEL.EFL = CN()
-    # Classification loss of the dense heads, by CLS_LOSS_REGISTRY name: focal, efl, qfl,
-    # eqfl (EFL, EQFL: Li et al. CVPR 2022 eq. 4, 5), sigmoid_ce, or one you register.
-    cfg.MODEL.EFL.LOSS = "focal"
-    # gamma_b, base focusing factor of EFL/EQFL (eq. 3); gamma of focal, beta of QFL
-    cfg.MODEL.EFL.GAMMA_B = 2.0
-    # s of eq. 3, upper limit of the category-specific focusing term (0: EFL = focal)
-    cfg.MODEL.EFL.SCALE = 8.0
-    # alpha_t balance of positives/negatives for focal and EFL (QFL/EQFL/sigmoid_ce: unused)
-    cfg.MODEL.EFL.ALPHA = 0.25
-    # EFL/EQFL focusing factor (Tab. 3 "FF"); False: exponent gamma_b for every category
-    cfg.MODEL.EFL.FOCUSING_FACTOR = True
-    # EFL/EQFL weighting factor (Tab. 3 "WF"); False: weight 1 instead of gamma^j / gamma_b
-    cfg.MODEL.EFL.WEIGHTING_FACTOR = True
-    # log r/c/f means of g^j and gamma^j every PERIOD iterations (0: never)
-    cfg.MODEL.EFL.PERIOD = 20
+def _add_image_labels_config(cfg):
+    """MODEL.IMAGE_LABELS: LVIS image-level labels in the two-stage heads' training."""
+    cfg.MODEL.IMAGE_LABELS = CN()
+    # losses that take the verified mask (EQL, EQLv2) keep weight 1 for an image's positive
+    # and verified-negative (neg_category_ids) categories (EQL paper, sec. 4.2)
+    cfg.MODEL.IMAGE_LABELS.VERIFIED = True
+    # background proposals are not negatives for the image's not_exhaustive_category_ids
+    cfg.MODEL.IMAGE_LABELS.IGNORE_NOT_EXHAUSTIVE = False
 
 
-_NODES.append(_add_efl_config)
+_NODES.append(_add_image_labels_config)
 
 
-def _add_regime_indicators_config(cfg):
-    """MODEL.REGIME_INDICATORS: per-category training regime of every classification head
-    (eql_d2.modeling.regime.RegimeIndicators), whatever its loss."""
-    cfg.MODEL.REGIME_INDICATORS = CN()
-    # accumulate positives / negatives seen and gradient sums per category (one extra
-    # backward through the classification loss alone per iteration)
-    cfg.MODEL.REGIME_INDICATORS.ENABLED = True
-    # append a snapshot to OUTPUT_DIR/regime_indicators.jsonl every PERIOD iterations and at
-    # the last one (0: never written; the buffers are still in checkpoints)
-    cfg.MODEL.REGIME_INDICATORS.PERIOD = 100
+def _add_box_head_config(cfg):
+    """MODEL.ROI_BOX_HEAD: keys eql_d2's box predictor adds to detectron2's node."""
+    # initial probability of every category in sigmoid-type classifiers (sets the bias)
+    cfg.MODEL.ROI_BOX_HEAD.PRIOR_PROB = 0.001
 
 
-_NODES.append(_add_regime_indicators_config)
+_NODES.append(_add_box_head_config)
 
 
-def _add_seesaw_config(cfg):
-    """MODEL.SEESAW: Seesaw loss (Wang et al., CVPR 2021), MODEL.EQL.LOSS "seesaw"."""
-    cfg.MODEL.SEESAW = CN()
-    # mitigation exponent p of M_ij = (N_j / N_i)^p (0: no mitigation)
-    cfg.MODEL.SEESAW.P = 0.8
-    # compensation exponent q of C_ij = (sigma_j / sigma_i)^q (0: no compensation)
-    cfg.MODEL.SEESAW.Q = 2.0
-    # lower bound of sigma_i in the compensation factor
-    cfg.MODEL.SEESAW.EPS = 0.01
-    # temperature tau of the normalized linear (cosine) classifier
-    cfg.MODEL.SEESAW.TAU = 20.0
-
-
-_NODES.append(_add_seesaw_config)
-
-
-def _add_federated_config(cfg):
-    """MODEL.FEDERATED: federated loss (Zhou et al., 2021), MODEL.EQL.LOSS "federated"."""
-    cfg.MODEL.FEDERATED = CN()
-    # foreground classes per iteration: the batch's positives plus classes drawn by frequency
-    cfg.MODEL.FEDERATED.NUM_CLASSES_SAMPLED = 50
-    # draw weight of a class: its training image frequency to this power
-    cfg.MODEL.FEDERATED.FREQ_WEIGHT_POWER = 0.5
-
-
-_NODES.append(_add_federated_config)
+def _dense_head_node():
+    """The keys ATSS and FCOS share, with their defaults (the EFL paper's settings)."""
+    node = CN()
+    # number of foreground categories
+    node.NUM_CLASSES = 80
+    # FPN levels the head runs on (P3-P7 in the paper)
+    node.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # convs per head branch, each followed by NORM and ReLU
+    node.NUM_CONVS = 4
+    # head normalization (GroupNorm in the paper)
+    node.NORM = "GN"
+    # initial foreground probability of the classifier (0.001 for LVIS, as in the EFL paper)
+    node.PRIOR_PROB = 0.001
+    # keep only scores above this before NMS (0: keep all, as the EFL paper)
+    node.SCORE_THRESH_TEST = 0.0
+    # candidates kept per pyramid level before NMS
+    node.TOPK_CANDIDATES_TEST = 1000
+    # per-class NMS IoU threshold
+    node.NMS_THRESH_TEST = 0.6
+    return node
 
 
 def _add_atss_config(cfg):
     """MODEL.ATSS: the improved ATSS baseline of Li et al. (CVPR 2022, sec. 4.1, Tab. 5)."""
-    cfg.MODEL.ATSS = CN()
-    # number of foreground categories
-    cfg.MODEL.ATSS.NUM_CLASSES = 80
-    # FPN levels the head runs on (P3-P7 in the paper)
-    cfg.MODEL.ATSS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    cfg.MODEL.ATSS = _dense_head_node()
     # anchor side = scale x level stride; {6, 8} is the paper's "increased anchor scale"
     cfg.MODEL.ATSS.ANCHOR_SCALES = [6.0, 8.0]
     # anchor aspect ratios (h / w)
     cfg.MODEL.ATSS.ANCHOR_ASPECT_RATIOS = [1.0]
     # k: candidates per ground-truth box and pyramid level, nearest centres first (paper: 18)
     cfg.MODEL.ATSS.TOPK = 18
-    # convs per head branch, each followed by NORM and ReLU
-    cfg.MODEL.ATSS.NUM_CONVS = 4
-    # head normalization (GroupNorm in the paper)
-    cfg.MODEL.ATSS.NORM = "GN"
-    # initial foreground probability of the classifier (0.001 for LVIS, as in the paper)
-    cfg.MODEL.ATSS.PRIOR_PROB = 0.001
     # Box2BoxTransform weights (dx, dy, dw, dh)
     cfg.MODEL.ATSS.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
     # weight of the GIoU box loss
     cfg.MODEL.ATSS.BBOX_REG_LOSS_WEIGHT = 2.0
     # weight of the IoU-branch BCE loss (positives only)
     cfg.MODEL.ATSS.IOU_LOSS_WEIGHT = 1.0
-    # keep only scores above this before NMS (0: keep all, as the paper)
-    cfg.MODEL.ATSS.SCORE_THRESH_TEST = 0.0
-    # candidates kept per pyramid level before NMS
-    cfg.MODEL.ATSS.TOPK_CANDIDATES_TEST = 1000
-    # per-class NMS IoU threshold
-    cfg.MODEL.ATSS.NMS_THRESH_TEST = 0.6
 
 
 _NODES.append(_add_atss_config)
 
 
 def _add_fcos_config(cfg):
-    """MODEL.FCOS: detectron2's FCOS as EFLFCOS (detectron2 configures FCOS by LazyConfig only)."""
-    cfg.MODEL.FCOS = CN()
-    # number of foreground categories
-    cfg.MODEL.FCOS.NUM_CLASSES = 80
-    # FPN levels the head runs on (P3-P7; detectron2's scale ranges assume strides 8-128)
-    cfg.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
-    # convs per head branch, each followed by NORM and ReLU
-    cfg.MODEL.FCOS.NUM_CONVS = 4
-    # head normalization (GroupNorm, as detectron2's FCOS)
-    cfg.MODEL.FCOS.NORM = "GN"
-    # initial foreground probability of the classifier (0.001 for LVIS, as in the EFL paper)
-    cfg.MODEL.FCOS.PRIOR_PROB = 0.001
+    """MODEL.FCOS: detectron2's FCOS as EFLFCOS (detectron2 configures FCOS by LazyConfig only;
+    its scale ranges assume strides 8-128, i.e. P3-P7)."""
+    cfg.MODEL.FCOS = _dense_head_node()
     # a point is positive only within this many strides of the box centre (center sampling)
     cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
-    # keep only scores sqrt(cls * centerness) above this before NMS (0: keep all, as the
-    # EFL paper; detectron2's COCO FCOS uses 0.2)
-    cfg.MODEL.FCOS.SCORE_THRESH_TEST = 0.0
-    # candidates kept per pyramid level before NMS
-    cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
-    # per-class NMS IoU threshold
-    cfg.MODEL.FCOS.NMS_THRESH_TEST = 0.6
 
 
 _NODES.append(_add_fcos_config)
@@ -223,3 +168,64 @@ def _add_eval_config(cfg):
 
 
 _NODES.append(_add_eval_config)
+
+
+# Keys of the earlier layout -> where their value lives now. Setting one (in a YAML file or
+# an override) raises a KeyError that names the new key.
+RENAMED_KEYS = {
+    "MODEL.EQL.LOSS": "MODEL.CLS_LOSS.NAME",
+    "MODEL.EQL.LAMBDA": "MODEL.CLS_LOSS.EQL.LAMBDA",
+    "MODEL.EQL.EXCLUDING_FUNCTION": "MODEL.CLS_LOSS.EQL.EXCLUDING_FUNCTION",
+    "MODEL.EQL.EQLV2.GAMMA": "MODEL.CLS_LOSS.EQLV2.GAMMA",
+    "MODEL.EQL.EQLV2.MU": "MODEL.CLS_LOSS.EQLV2.MU",
+    "MODEL.EQL.EQLV2.ALPHA": "MODEL.CLS_LOSS.EQLV2.ALPHA",
+    "MODEL.EQL.PRIOR_PROB": "MODEL.ROI_BOX_HEAD.PRIOR_PROB",
+    "MODEL.EQL.USE_IMAGE_LEVEL_LABELS": "MODEL.IMAGE_LABELS.VERIFIED",
+    "MODEL.EQL.IGNORE_NOT_EXHAUSTIVE": "MODEL.IMAGE_LABELS.IGNORE_NOT_EXHAUSTIVE",
+    "MODEL.EQL.PERIOD": "MODEL.CLS_LOSS.LOG_PERIOD",
+    "MODEL.EFL.LOSS": "MODEL.CLS_LOSS.NAME",
+    "MODEL.EFL.GAMMA_B": ("MODEL.CLS_LOSS.EFL.GAMMA_B / MODEL.CLS_LOSS.EQFL.GAMMA_B "
+                          "(focal: MODEL.CLS_LOSS.FOCAL.GAMMA, qfl: MODEL.CLS_LOSS.QFL.BETA)"),
+    "MODEL.EFL.SCALE": "MODEL.CLS_LOSS.EFL.SCALE / MODEL.CLS_LOSS.EQFL.SCALE",
+    "MODEL.EFL.ALPHA": "MODEL.CLS_LOSS.EFL.ALPHA (focal: MODEL.CLS_LOSS.FOCAL.ALPHA)",
+    "MODEL.EFL.FOCUSING_FACTOR": ("MODEL.CLS_LOSS.EFL.FOCUSING_FACTOR / "
+                                  "MODEL.CLS_LOSS.EQFL.FOCUSING_FACTOR"),
+    "MODEL.EFL.WEIGHTING_FACTOR": ("MODEL.CLS_LOSS.EFL.WEIGHTING_FACTOR / "
+                                   "MODEL.CLS_LOSS.EQFL.WEIGHTING_FACTOR"),
+    "MODEL.EFL.PERIOD": "MODEL.CLS_LOSS.LOG_PERIOD",
+    "MODEL.REGIME_INDICATORS.ENABLED": "MODEL.CLS_LOSS.REGIME_INDICATORS",
+    "MODEL.REGIME_INDICATORS.PERIOD": "MODEL.CLS_LOSS.LOG_PERIOD",
+    "MODEL.SEESAW.P": "MODEL.CLS_LOSS.SEESAW.P",
+    "MODEL.SEESAW.Q": "MODEL.CLS_LOSS.SEESAW.Q",
+    "MODEL.SEESAW.EPS": "MODEL.CLS_LOSS.SEESAW.EPS",
+    "MODEL.SEESAW.TAU": "MODEL.CLS_LOSS.SEESAW.TAU",
+    "MODEL.FEDERATED.NUM_CLASSES_SAMPLED": "MODEL.CLS_LOSS.FEDERATED.NUM_CLASSES_SAMPLED",
+    "MODEL.FEDERATED.FREQ_WEIGHT_POWER": "MODEL.CLS_LOSS.FEDERATED.FREQ_WEIGHT_POWER",
+}
+
+
+def _register_renamed_keys(cfg):
+    """Make yacs reject the earlier keys with their new names: each key for overrides
+    (``merge_from_list``) and each removed node for YAML files, which yacs checks node by
+    node."""
+    nodes = {}
+    for old, new in RENAMED_KEYS.items():
+        cfg.register_renamed_key(old, new)
+        parts = old.split(".")
+        for depth in range(2, len(parts)):
+            node = ".".join(parts[:depth])
+            nodes.setdefault(node, []).append(f"{old} -> {new}")
+    for node, moves in nodes.items():
+        if node in RENAMED_KEYS or _has_key(cfg, node):
+            continue
+        cfg.register_renamed_key(node, "MODEL.CLS_LOSS / MODEL.IMAGE_LABELS",
+                                 message=" Its keys moved: " + "; ".join(moves))
+
+
+def _has_key(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, CN) or part not in node:
+            return False
+        node = node[part]
+    return True

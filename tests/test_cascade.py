@@ -14,7 +14,7 @@ CFG = os.path.join(ROOT, "configs/Synthetic-LT/EQL/cascade_mask_rcnn_R18_FPN_eql
 def test_cascade_eqlv2_trains_keeps_statistics_per_stage_and_evaluates(small_synthetic, tmp_path):
     env = {"EQL_D2_SYNTHETIC_ROOT": small_synthetic, "OMP_NUM_THREADS": "1"}
     out = str(tmp_path)
-    opts = [*TINY_RCNN, "MODEL.EQL.PERIOD", "1"]
+    opts = [*TINY_RCNN, "MODEL.CLS_LOSS.LOG_PERIOD", "1"]
     proc = run_train_net(["--config-file", CFG, *opts, "OUTPUT_DIR", out], env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu",

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models and losses)
+from detectron2.config import CfgNode
 from conftest import ROOT, TINY_ONE_STAGE, TINY_RCNN, register_small
 from eql_d2.config import get_eql_cfg
 from eql_d2.engine import AtomicCheckpointer, Trainer
@@ -19,23 +20,35 @@ RCNN_CFG = os.path.join(ROOT, "configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_soft
 ATSS_CFG = os.path.join(ROOT, "configs/Synthetic-LT/atss_R18_FPN_focal.yaml")
 
 
-# ---- a new loss, registered here: sigmoid CE on the C classes, weighted by 1/2 ----
+# ---- a new loss, registered here with its own config node: weighted sigmoid CE ----
 @CLS_LOSS_REGISTRY.register()
-class HalfSigmoidCEForTest(torch.nn.Module, ClassificationLoss):
+class WeightedSigmoidCEForTest(torch.nn.Module, ClassificationLoss):
     heads = ("two_stage", "dense")
 
-    def __init__(self, num_classes):
+    def __init__(self, num_classes, weight=0.5):
         super().__init__()
         self.num_classes = num_classes
-        self.calls = 0
+        self.weight = weight
+        self.calls = []
 
-    def head_loss(self, logits, labels, *, normalizer=None, **unused):
-        self.calls += 1
+    @classmethod
+    def add_config(cls, node):
+        node.WEIGHTED_SIGMOID_CE_FOR_TEST = CfgNode()
+        node.WEIGHTED_SIGMOID_CE_FOR_TEST.WEIGHT = 0.5
+
+    @classmethod
+    def from_config(cls, cfg, num_classes, train_datasets):
+        return {"num_classes": num_classes,
+                "weight": cfg.MODEL.CLS_LOSS.WEIGHTED_SIGMOID_CE_FOR_TEST.WEIGHT}
+
+    def head_loss(self, *args, **kwargs):
+        self.calls.append((len(args), sorted(kwargs)))
+        logits, labels, avg_factor = args
         keep = labels >= 0
         z, y = logits[keep, : self.num_classes], labels[keep]
         target = F.one_hot(y, self.num_classes + 1)[:, : self.num_classes].to(z.dtype)
-        total = 0.5 * F.binary_cross_entropy_with_logits(z, target, reduction="sum")
-        return total / (len(z) if normalizer is None else normalizer)
+        total = F.binary_cross_entropy_with_logits(z, target, reduction="sum")
+        return self.weight * total / avg_factor
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +57,8 @@ def datasets(small_synthetic):
 
 
 def _cfg(head, loss, datasets, out):
-    base, tiny, key = ((RCNN_CFG, TINY_RCNN, "MODEL.EQL.LOSS") if head == "two_stage" else
-                       (ATSS_CFG, TINY_ONE_STAGE, "MODEL.EFL.LOSS"))
+    base, tiny, key = ((RCNN_CFG, TINY_RCNN, "MODEL.CLS_LOSS.NAME") if head == "two_stage" else
+                       (ATSS_CFG, TINY_ONE_STAGE, "MODEL.CLS_LOSS.NAME"))
     return get_eql_cfg(base, [*tiny, key, loss, "DATASETS.TRAIN", (datasets[0],),
                               "DATASETS.TEST", (datasets[1],), "TEST.EVAL_PERIOD", "0",
                               "TEST.EVAL.PER_CATEGORY_OUTPUTS", "False",
@@ -67,16 +80,38 @@ def _loss_module(model, head):
 @pytest.mark.parametrize("head", ["two_stage", "dense"])
 def test_a_loss_registered_elsewhere_trains_without_touching_the_heads(head, datasets,
                                                                         tmp_path, one_thread):
-    trainer, _ = _train(_cfg(head, "half_sigmoid_ce_for_test", datasets, tmp_path))
+    cfg = _cfg(head, "weighted_sigmoid_ce_for_test", datasets, tmp_path)
+    assert cfg.MODEL.CLS_LOSS.WEIGHTED_SIGMOID_CE_FOR_TEST.WEIGHT == 0.5  # its own node
+    cfg.MODEL.CLS_LOSS.WEIGHTED_SIGMOID_CE_FOR_TEST.WEIGHT = 0.25
+    trainer, _ = _train(cfg)
     loss = _loss_module(trainer.model, head)
-    assert type(loss) is HalfSigmoidCEForTest and loss.calls == 3
+    assert type(loss) is WeightedSigmoidCEForTest and loss.weight == 0.25
+    # one call convention for both head families: (logits, labels, avg_factor) and the
+    # optional inputs the loss declares, here none
+    assert loss.calls == [(3, [])] * 3
     values = [v for v, _ in trainer.storage.histories()["loss_cls"].values()]
     assert len(values) == 3 and all(torch.isfinite(torch.tensor(values)))
 
 
-CASES = [("two_stage", name) for name in losses_for_head("two_stage")
-         if name != "HalfSigmoidCEForTest"] + \
-        [("dense", name) for name in losses_for_head("dense") if name != "HalfSigmoidCEForTest"]
+def test_heads_pass_exactly_the_declared_inputs(monkeypatch, datasets, tmp_path, one_thread):
+    """EQLv2 (declares verified) in Faster R-CNN and EQFL (declares quality) in ATSS get
+    (logits, labels, avg_factor) plus their declared input and nothing else."""
+    seen = []
+    for head, name in (("two_stage", "EQLv2"), ("dense", "EQFL")):
+        cls = CLS_LOSS_REGISTRY.get(name)
+        original = cls.head_loss
+
+        def spy(self, *args, _original=original, **kwargs):
+            seen.append((type(self).__name__, len(args), sorted(kwargs)))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "head_loss", spy)
+        _train(_cfg(head, name, datasets, tmp_path / head))
+    assert seen == [("EQLv2", 3, ["verified"])] * 3 + [("EQFL", 3, ["quality"])] * 3
+
+
+CASES = [(head, name) for head in ("two_stage", "dense") for name in losses_for_head(head)
+         if name != "WeightedSigmoidCEForTest"]
 
 
 @pytest.mark.parametrize("head,loss", CASES)

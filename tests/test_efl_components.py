@@ -1,5 +1,5 @@
 """EFL / EQFL with each component switched off (Li et al., CVPR 2022, Tab. 3: "WF" weighting
-factor, "FF" focusing factor): MODEL.EFL.FOCUSING_FACTOR and MODEL.EFL.WEIGHTING_FACTOR.
+factor, "FF" focusing factor): MODEL.CLS_LOSS.EFL / EQFL .FOCUSING_FACTOR and .WEIGHTING_FACTOR.
 
 Without the focusing factor the exponent is gamma_b for every category ("setting the
 focusing factor always be gamma_b among all categories"); without the weighting factor
@@ -165,21 +165,23 @@ def test_switches_are_booleans():
 
 @pytest.mark.parametrize("name", ["efl", "eqfl"])
 def test_config_keys_reach_the_built_loss(name):
-    cfg = get_eql_cfg(opts=["MODEL.EFL.LOSS", name])
-    assert cfg.MODEL.EFL.FOCUSING_FACTOR is True and cfg.MODEL.EFL.WEIGHTING_FACTOR is True
-    built = build_cls_loss(cfg, "MODEL.EFL.LOSS", C, "dense")
+    cfg = get_eql_cfg(opts=["MODEL.CLS_LOSS.NAME", name])
+    node = f"MODEL.CLS_LOSS.{name.upper()}"
+    assert cfg.MODEL.CLS_LOSS[name.upper()].FOCUSING_FACTOR is True
+    assert cfg.MODEL.CLS_LOSS[name.upper()].WEIGHTING_FACTOR is True
+    built = build_cls_loss(cfg, C, "dense")
     assert built.use_focusing_factor and built.use_weighting_factor
     quality = name == "eqfl"
     extra = dict(quality=QUALITY) if quality else {}
     for ff, wf in SWITCHES:
-        cfg = get_eql_cfg(opts=["MODEL.EFL.LOSS", name, "MODEL.EFL.FOCUSING_FACTOR", str(ff),
-                                "MODEL.EFL.WEIGHTING_FACTOR", str(wf)])
-        built = build_cls_loss(cfg, "MODEL.EFL.LOSS", C, "dense").eval()
+        cfg = get_eql_cfg(opts=["MODEL.CLS_LOSS.NAME", name, f"{node}.FOCUSING_FACTOR", str(ff),
+                                f"{node}.WEIGHTING_FACTOR", str(wf)])
+        built = build_cls_loss(cfg, C, "dense").eval()
         assert (built.use_focusing_factor, built.use_weighting_factor) == (ff, wf)
         built.pos_grad.copy_(POS)
         built.neg_grad.copy_(NEG)
         z = _logits(3)
-        got = built.head_loss(z, LABELS, normalizer=NORMALIZER, **extra)
+        got = built.head_loss(z, LABELS, NORMALIZER, **extra)
         expected = paper_loss(z, LABELS, *paper_factors(POS, NEG, ff, wf), NORMALIZER,
                               QUALITY if quality else None)
         assert math.isclose(got.item(), expected.item(), rel_tol=1e-12)

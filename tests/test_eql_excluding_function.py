@@ -1,5 +1,5 @@
 """EQL with and without the excluding function E(r) (Tan et al., CVPR 2020, eq. 7 and
-Tab. 4): MODEL.EQL.EXCLUDING_FUNCTION.
+Tab. 4): MODEL.CLS_LOSS.EQL.EXCLUDING_FUNCTION.
 
     w_ij = 1 - E(r_i) T_lambda(f_j) (1 - y_ij)                                  (eq. 7)
 
@@ -128,16 +128,17 @@ def test_switch_is_a_boolean():
 
 
 def test_config_key_reaches_the_built_loss():
-    assert get_eql_cfg().MODEL.EQL.EXCLUDING_FUNCTION is True
+    assert get_eql_cfg().MODEL.CLS_LOSS.EQL.EXCLUDING_FUNCTION is True
     logits = torch.randn(6, C, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for excluding in (True, False):
-        cfg = get_eql_cfg(opts=["MODEL.EQL.LOSS", "eql", "MODEL.EQL.LAMBDA", str(LAMBDA),
-                                "MODEL.EQL.EXCLUDING_FUNCTION", str(excluding)])
-        built = build_cls_loss(cfg, "MODEL.EQL.LOSS", C, "two_stage")
+        cfg = get_eql_cfg(opts=["MODEL.CLS_LOSS.NAME", "eql",
+                                "MODEL.CLS_LOSS.EQL.LAMBDA", str(LAMBDA),
+                                "MODEL.CLS_LOSS.EQL.EXCLUDING_FUNCTION", str(excluding)])
+        built = build_cls_loss(cfg, C, "two_stage")
         assert built.use_excluding_function is excluding
         assert f"use_excluding_function={excluding}" in repr(built)
         # no training data here: the frequencies come as from a checkpoint
         built.load_state_dict({"freq": FREQ})
-        got = built.head_loss(logits, LABELS, verified=VERIFIED)
+        got = built.head_loss(logits, LABELS, len(logits), verified=VERIFIED)
         expected = paper_loss(logits, LABELS, paper_weights(LABELS, FREQ, excluding, VERIFIED))
         assert math.isclose(got.item(), expected.item(), rel_tol=1e-10)

@@ -168,7 +168,8 @@ def test_baseline_runs_write_indicators_equal_to_their_checkpoint(small_syntheti
                                                                   config, tiny, head):
     out = str(tmp_path)
     proc = run_train_net(["--config-file", os.path.join(ROOT, config), *tiny,
-                          "MODEL.REGIME_INDICATORS.PERIOD", "2", "DATASETS.TEST", "()",
+                          "MODEL.CLS_LOSS.REGIME_INDICATORS", "True",
+                          "MODEL.CLS_LOSS.LOG_PERIOD", "2", "DATASETS.TEST", "()",
                           "OUTPUT_DIR", out],
                          {"EQL_D2_SYNTHETIC_ROOT": small_synthetic, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,28 +3,23 @@
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper, MetadataCatalog
 
-from .image_labels import image_label_masks
+from .image_labels import ImageLabels, image_label_masks
 
-__all__ = ["ImageLabelDatasetMapper", "IMAGE_LABEL_FIELDS"]
-
-# Instances fields added in training; ROI heads find them on matched proposals.
-IMAGE_LABEL_FIELDS = ("gt_verified", "gt_not_exhaustive")
+__all__ = ["ImageLabelDatasetMapper"]
 
 
 class ImageLabelDatasetMapper(DatasetMapper):
-    """detectron2's DatasetMapper; in training, the image's ``instances`` also get
+    """detectron2's DatasetMapper; in training, the image's ``instances`` also get the field
+    ``image_labels``, an :class:`~eql_d2.data.image_labels.ImageLabels` holding the image's
 
-    - ``gt_verified`` [N, C] bool: the image's positive categories and its verified negatives
+    - ``verified`` [C] bool: its positive categories and its verified negatives
       (``neg_category_ids``), the set EQL / EQLv2 keep at full weight (EQL paper, sec. 4.2);
-    - ``gt_not_exhaustive`` [N, C] bool: its ``not_exhaustive_category_ids``.
+    - ``not_exhaustive`` [C] bool: its ``not_exhaustive_category_ids``.
 
-    Every row holds the same image-level vector (an expanded view, no copy). Fields named
-    ``gt_*`` follow the ground truth: detectron2's ROI heads copy them to each sampled
-    proposal from its matched box, so the image-level labels reach the box predictor with
-    the proposals, through a plain ``GeneralizedRCNN``. An image without instances has no
-    rows, hence no labels; it has no foreground proposals either, and its background
-    proposals are then treated as on an image that lists no negative or not-exhaustive
-    categories.
+    The vectors are stored once per image, also for an image without instances, whose
+    background proposals then still see its verified negatives and not-exhaustive
+    categories. The EQL ROI heads give them to their sampled proposals
+    (:class:`~eql_d2.modeling.roi_heads.ImageLabelHeads`).
     """
 
     @configurable
@@ -61,8 +56,8 @@ class ImageLabelDatasetMapper(DatasetMapper):
                                                      self.category_id_map)
         out = super().__call__(dataset_dict)
         instances = out.get("instances")
-        if instances is not None:
-            n = len(instances)
-            instances.gt_verified = verified.expand(n, self.num_classes)
-            instances.gt_not_exhaustive = not_exhaustive.expand(n, self.num_classes)
+        if instances is None:  # no "annotations" key: not a detection training dict
+            return out
+        num_rows = len(instances) if instances.get_fields() else 0
+        instances.image_labels = ImageLabels.for_image(verified, not_exhaustive, num_rows)
         return out

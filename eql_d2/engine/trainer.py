@@ -12,6 +12,7 @@ from ..data import load_category_metadata
 from ..evaluation import build_evaluator
 from ..data.dataset_mapper import ImageLabelDatasetMapper
 from ..data.train_loader import ResumableTrainLoader, check_image_files
+from ..modeling.roi_heads import needs_image_labels
 from .checkpoint import AtomicCheckpointer
 from .hooks import RegimeIndicatorWriter, SeedEachIteration
 
@@ -21,7 +22,6 @@ __all__ = ["Trainer", "prepare_datasets", "check_num_classes", "wrap_distributed
 # Which config key holds the number of foreground classes, per meta-architecture.
 NUM_CLASSES_KEYS = {
     "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
-    "ImageLabelRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
     "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
     "EFLRetinaNet": "MODEL.RETINANET.NUM_CLASSES",
     "ATSS": "MODEL.ATSS.NUM_CLASSES",
@@ -142,10 +142,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_mapper(cls, cfg):
-        """Two-stage detectors: detectron2's DatasetMapper plus the LVIS image-level labels
-        on the ground truth (:class:`~eql_d2.data.ImageLabelDatasetMapper`), which the EQL
-        ROI heads read from their proposals. Others: detectron2's DatasetMapper."""
-        if NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE) == "MODEL.ROI_HEADS.NUM_CLASSES":
+        """The mapper the heads need: detectron2's DatasetMapper plus the LVIS image-level
+        labels on the ground truth (:class:`~eql_d2.data.ImageLabelDatasetMapper`) when the
+        ROI heads read them (:func:`~eql_d2.modeling.roi_heads.needs_image_labels`),
+        detectron2's DatasetMapper otherwise."""
+        if needs_image_labels(cfg):
             return ImageLabelDatasetMapper(cfg, True, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
         return DatasetMapper(cfg, True)
 
@@ -159,11 +160,11 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
-        regime = self.cfg.MODEL.REGIME_INDICATORS
-        if regime.ENABLED and regime.PERIOD > 0:
+        loss = self.cfg.MODEL.CLS_LOSS
+        if loss.REGIME_INDICATORS and loss.LOG_PERIOD > 0:
             train = self.cfg.DATASETS.TRAIN
             groups = MetadataCatalog.get(train[0]).get("class_frequency") if train else None
-            hooks.append(RegimeIndicatorWriter(regime.PERIOD, self.cfg.OUTPUT_DIR, groups))
+            hooks.append(RegimeIndicatorWriter(loss.LOG_PERIOD, self.cfg.OUTPUT_DIR, groups))
         # first, so that every other hook's before_step already sees the seeded RNGs
         return [SeedEachIteration(self.train_loader)] + hooks
 

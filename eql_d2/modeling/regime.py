@@ -13,7 +13,8 @@ baseline run shows the regime it trains in and runs with different losses compar
 
 import torch
 
-from ..losses._stats import RestartableStatistics
+from ..utils.comm import all_reduce_, world_size
+from ..utils.statistics import RestartableStatistics
 
 __all__ = ["RegimeIndicators"]
 
@@ -22,13 +23,6 @@ __all__ = ["RegimeIndicators"]
 # zero. The gradient is taken at this scale and divided out in float64. Gradients of the
 # heads' losses are at most ~1, so 2^12 cannot overflow float16 (max 65504).
 _FP16_SCALE = 2.0 ** 12
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 class RegimeIndicators(RestartableStatistics):
@@ -113,12 +107,8 @@ class RegimeIndicators(RestartableStatistics):
         pos_grad.index_add_(0, cls, own)
         # summed in float64: a rare category's negatives (~1e-9 each) next to its positives
         neg_grad = grad.masked_fill(~valid[:, None], 0.0).sum(dim=0, dtype=f64) - pos_grad
-        world = 1
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size()
-        step = _all_reduce(torch.stack([pos_count, neg_count, pos_grad, neg_grad]))
-        step[2:] /= world
+        step = all_reduce_(torch.stack([pos_count, neg_count, pos_grad, neg_grad]))
+        step[2:] /= world_size()
         self.pos_count.add_(step[0])
         self.neg_count.add_(step[1])
         self.pos_grad.add_(step[2].clamp_min(0.0))

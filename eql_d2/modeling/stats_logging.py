@@ -6,40 +6,23 @@ a head log per-iteration quantities without doing so on every iteration: callers
 iterations that are logged.
 """
 
-import functools
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import torch
 from detectron2.utils.events import get_event_storage
+
+from ..utils.groups import group_means
 
 __all__ = ["WRITER_PERIOD", "logging_due", "put_group_means", "put_scalar_periodically"]
 
 # detectron2's DefaultTrainer writes metrics every 20 iterations (PeriodicWriter).
 WRITER_PERIOD = 20
 
-_GROUPS = ("r", "c", "f")
-
 
 def logging_due(period: int) -> bool:
     """Whether this iteration logs statistics of period ``period`` (``storage.iter %
     period == 0``; never for period <= 0). Must run inside an EventStorage."""
     return period > 0 and get_event_storage().iter % period == 0
-
-
-@functools.lru_cache(maxsize=16)
-def _group_index(class_frequency: Tuple[str, ...]) -> Tuple[Tuple[str, torch.Tensor], ...]:
-    """(group, category indices [C_g]) for each LVIS group with categories, computed once
-    per grouping."""
-    unknown = sorted({g for g in class_frequency if g not in _GROUPS})
-    if unknown:
-        raise ValueError(f"class_frequency entries must be 'r', 'c' or 'f', got {unknown}")
-    out = []
-    for group in _GROUPS:
-        idx = torch.tensor([i for i, g in enumerate(class_frequency) if g == group],
-                           dtype=torch.long)
-        if idx.numel():
-            out.append((group, idx))
-    return tuple(out)
 
 
 def put_group_means(name: str, values: torch.Tensor, class_frequency: Sequence[str],
@@ -65,11 +48,10 @@ def put_group_means(name: str, values: torch.Tensor, class_frequency: Sequence[s
         )
     if not logging_due(period):
         return
-    groups = _group_index(tuple(class_frequency))
-    values = values.detach().float().cpu()  # one read back, on logging iterations only
+    # one read back, on logging iterations only
+    means = group_means(values.float(), class_frequency)
     get_event_storage().put_scalars(
-        smoothing_hint=False,
-        **{f"{name}/{group}": values[idx].mean().item() for group, idx in groups})
+        smoothing_hint=False, **{f"{name}/{group}": mean for group, mean in means.items()})
 
 
 def put_scalar_periodically(name: str, value: torch.Tensor,

@@ -4,44 +4,47 @@ A registered loss is an ``nn.Module`` (usually a loss of :mod:`eql_d2.losses` pl
 :class:`ClassificationLoss`) that declares what heads need to know, so heads never branch on
 loss names:
 
-- ``heads``: which heads accept it: ``"two_stage"`` (the EQL box predictor of Faster / Mask /
+- ``heads``: which heads accept it: ``"two_stage"`` (the box predictor of Faster / Mask /
   Cascade R-CNN) and / or ``"dense"`` (ATSS, RetinaNet, FCOS);
 - ``extra_columns``: logit columns after the C class columns in a two-stage predictor
   (1: detectron2's background column, used or not; 2: Seesaw's objectness pair); dense
   heads give C columns;
-- ``uses_verified``: takes the image-level ``verified`` mask [N, C] (LVIS positive and
-  verified-negative categories); ``uses_quality``: takes the IoU quality of positives;
+- ``inputs``: the optional inputs it takes besides logits and labels: ``"verified"`` (the
+  image-level mask [N, C] of LVIS positive and verified-negative categories) and / or
+  ``"quality"`` (the IoU of each positive's predicted box with its ground truth);
+- :meth:`ClassificationLoss.add_config` and :meth:`ClassificationLoss.from_config`: its own
+  config node under ``MODEL.CLS_LOSS`` and its settings from it;
 - :meth:`ClassificationLoss.classifier` and :meth:`ClassificationLoss.init_bias`: the
   two-stage classifier layer and its initial bias;
-- :meth:`ClassificationLoss.head_loss`: the loss, one call convention for every entry;
+- :meth:`ClassificationLoss.head_loss`: the loss, one call convention for every head;
 - :meth:`ClassificationLoss.scores`: inference probabilities [N, C];
-- :meth:`ClassificationLoss.statistics`: per-category tensors logged by r/c/f group;
-- :meth:`ClassificationLoss.from_config`: its settings, from its own config node.
+- :meth:`ClassificationLoss.statistics`: per-category tensors logged by r/c/f group.
 
-A new loss is one file that registers a class, plus its config node (see README, "Adding a
-loss"). The config names it by registry name (case and ``_`` do not matter; the names
-earlier versions used, such as ``softmax`` and ``sigmoid``, keep working) in
-``MODEL.EQL.LOSS`` (two-stage heads) or ``MODEL.EFL.LOSS`` (dense heads).
+A new loss is one file that registers a class (see docs/GETTING_STARTED.md, "Adding a
+loss"); the config names it by registry name in ``MODEL.CLS_LOSS.NAME`` (case and ``_`` do
+not matter).
 """
 
 import math
 from typing import Dict, Optional, Tuple
 
 import torch
+from detectron2.config import CfgNode
 from detectron2.utils.registry import Registry
 from torch import nn
 
-__all__ = ["CLS_LOSS_REGISTRY", "ClassificationLoss", "build_cls_loss", "resolve_loss_name",
-           "losses_for_head"]
+__all__ = ["CLS_LOSS_REGISTRY", "ClassificationLoss", "add_cls_loss_configs", "build_cls_loss",
+           "cls_loss_class", "resolve_loss_name", "losses_for_head", "HEAD_DEFAULTS"]
 
 CLS_LOSS_REGISTRY = Registry("CLS_LOSS")
 CLS_LOSS_REGISTRY.__doc__ = """Classification losses of eql_d2's heads (ClassificationLoss
-subclasses), named in MODEL.EQL.LOSS (two-stage) and MODEL.EFL.LOSS (dense)."""
+subclasses), named in MODEL.CLS_LOSS.NAME."""
 
 HEADS = ("two_stage", "dense")
+INPUTS = ("verified", "quality")
 
-# Names of earlier versions that differ from a registry name by more than case and "_".
-_ALIASES = {"softmax": "SoftmaxCE", "sigmoid": "SigmoidCE"}
+# MODEL.CLS_LOSS.NAME "" means the loss detectron2 trains each kind of head with.
+HEAD_DEFAULTS = {"two_stage": "SoftmaxCE", "dense": "Focal"}
 
 
 class ClassificationLoss:
@@ -49,10 +52,15 @@ class ClassificationLoss:
 
     heads: Tuple[str, ...] = ("two_stage",)
     extra_columns: int = 1
-    uses_verified: bool = False
-    uses_quality: bool = False
+    inputs: Tuple[str, ...] = ()
     # prefix of the logged group means of :meth:`statistics` (None: nothing logged)
     statistics_name: Optional[str] = None
+
+    @classmethod
+    def add_config(cls, node: CfgNode) -> None:
+        """Add this loss's settings, with defaults and comments, to ``MODEL.CLS_LOSS``
+        (conventionally as a sub-node named after the loss, e.g. ``node.EQLV2``).
+        Default: the loss has no settings."""
 
     @classmethod
     def from_config(cls, cfg, num_classes: int, train_datasets: Tuple[str, ...]) -> dict:
@@ -72,15 +80,15 @@ class ClassificationLoss:
         sigmoid-type, every category starts at probability ``prior_prob``."""
         nn.init.constant_(bias[: self.num_classes], -math.log((1 - prior_prob) / prior_prob))
 
-    def head_loss(self, logits: torch.Tensor, labels: torch.Tensor, *,
-                  verified: Optional[torch.Tensor] = None, normalizer=None,
-                  quality: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The loss of logits for labels, one convention for every entry.
+    def head_loss(self, logits: torch.Tensor, labels: torch.Tensor, avg_factor,
+                  **inputs) -> torch.Tensor:
+        """The sum of the loss over entries divided by ``avg_factor``, for every head.
 
         Two-stage heads: logits [N, C + extra_columns], labels [N] in 0..C (C: background),
-        normalizer None (the loss averages over its rows), verified [N, C] bool or None.
-        Dense heads: logits [N, C], labels [N] in {-1 ignored, 0..C-1, C background},
-        normalizer > 0 (the loss is a sum divided by it), quality [N] or None.
+        avg_factor the number of sampled proposals. Dense heads: logits [N, C], labels [N] in
+        {-1 ignored, 0..C-1, C background}, avg_factor the number of positives (averaged over
+        workers, at least 1). ``inputs``: exactly the names in :attr:`inputs` —
+        ``verified`` [N, C] bool or None (no image-level labels), ``quality`` [N] float.
         """
         raise NotImplementedError(f"{type(self).__name__} must define head_loss")
 
@@ -101,8 +109,8 @@ def _normalized(name: str) -> str:
 
 
 def resolve_loss_name(name: str) -> str:
-    """The registry name that `name` (any case, ``_``-insensitive, or an earlier alias) means."""
-    wanted = _normalized(_ALIASES.get(name.lower(), name))
+    """The registry name that `name` (any case, ``_``-insensitive) means; KeyError if none."""
+    wanted = _normalized(name)
     for registered, _ in CLS_LOSS_REGISTRY:
         if _normalized(registered) == wanted:
             return registered
@@ -114,27 +122,45 @@ def losses_for_head(head: str):
     return sorted(name for name, cls in CLS_LOSS_REGISTRY if head in cls.heads)
 
 
-def build_cls_loss(cfg, key: str, num_classes: int, head: str) -> nn.Module:
-    """The registered loss named by config key `key` (e.g. ``"MODEL.EQL.LOSS"``) for a head.
+def add_cls_loss_configs(node: CfgNode) -> None:
+    """Let every registered loss add its settings to ``MODEL.CLS_LOSS`` (`node`)."""
+    for name, cls in sorted(CLS_LOSS_REGISTRY, key=lambda item: item[0]):
+        before = dict(node)
+        cls.add_config(node)
+        replaced = sorted(k for k, v in before.items() if node.get(k) is not v)
+        if replaced:
+            raise ValueError(f"{name}.add_config replaced MODEL.CLS_LOSS.{replaced[0]}, which "
+                             "another loss or eql_d2 already defines; give it a node of its own")
+
+
+def cls_loss_class(cfg, head: str):
+    """The registered loss class named by ``MODEL.CLS_LOSS.NAME`` for a head (``"two_stage"``
+    or ``"dense"``; an empty name means :data:`HEAD_DEFAULTS`).
 
     Raises ValueError naming the key when the name is unknown or the loss does not work with
     this kind of head.
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    name = node
+    name = cfg.MODEL.CLS_LOSS.NAME or HEAD_DEFAULTS[head]
     try:
         registered = resolve_loss_name(name)
     except KeyError:
-        raise ValueError(f"{key} {name!r} is not a registered classification loss; "
-                         f"{head} heads take: {', '.join(losses_for_head(head))}") from None
+        raise ValueError(f"MODEL.CLS_LOSS.NAME {name!r} is not a registered classification "
+                         f"loss; {head} heads take: {', '.join(losses_for_head(head))}") from None
     cls = CLS_LOSS_REGISTRY.get(registered)
     if head not in cls.heads:
-        raise ValueError(f"{key} {name!r} ({registered}) does not work with {head} heads; they "
-                         f"take: {', '.join(losses_for_head(head))}")
-    if head == "dense" and cls.uses_verified:
+        raise ValueError(f"MODEL.CLS_LOSS.NAME {name!r} ({registered}) does not work with "
+                         f"{head} heads; they take: {', '.join(losses_for_head(head))}")
+    unknown = sorted(set(cls.inputs) - set(INPUTS))
+    if unknown:
+        raise ValueError(f"{registered} declares inputs {unknown}; heads give {list(INPUTS)}")
+    if head == "dense" and "verified" in cls.inputs:
         raise ValueError(f"{registered} needs image-level labels, which dense heads do not give")
+    return cls
+
+
+def build_cls_loss(cfg, num_classes: int, head: str) -> nn.Module:
+    """The loss of :func:`cls_loss_class`, built with its settings from the config."""
+    cls = cls_loss_class(cfg, head)
     return cls(**cls.from_config(cfg, num_classes, tuple(cfg.DATASETS.TRAIN)))

@@ -2,6 +2,7 @@
 focal loss, quality focal loss."""
 
 import torch
+from detectron2.config import CfgNode as CN
 
 from ...losses import FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss
 from .base import CLS_LOSS_REGISTRY, ClassificationLoss
@@ -20,38 +21,35 @@ class SoftmaxCE(SoftmaxCELoss, ClassificationLoss):
     def init_bias(self, bias, prior_prob, background_fraction):
         pass  # detectron2's softmax classifier starts at bias 0
 
-    def head_loss(self, logits, labels, **unused):
-        return self(logits, labels)
+    def head_loss(self, logits, labels, avg_factor):
+        return self(logits, labels, avg_factor=avg_factor)
 
     def scores(self, logits):
         return torch.softmax(logits, dim=1)[:, : self.num_classes]
 
 
 @CLS_LOSS_REGISTRY.register()
-class SigmoidCE(SigmoidCELoss, ClassificationLoss):
-    """Sigmoid cross-entropy, in both kinds of heads.
+class SigmoidCE(FocalLoss, ClassificationLoss):
+    """Sigmoid cross-entropy over the C class columns, in both kinds of heads.
 
-    Two-stage: mean over rows of the C class columns (column C unused, as with detectron2's
-    ``USE_SIGMOID_CE``). Dense: the sum over non-ignored rows divided by the head's
-    normalizer, i.e. the focal loss with gamma 0 and no alpha.
+    Two-stage heads: the background label C is a negative for every category (column C
+    unused, as with detectron2's ``USE_SIGMOID_CE``); dense heads: rows labelled -1 are
+    ignored. It is the focal loss with gamma 0 and no alpha, a sum divided by ``avg_factor``.
     """
 
     heads = ("two_stage", "dense")
 
     def __init__(self, num_classes: int):
-        super().__init__()
+        super().__init__(gamma=0.0, alpha=None)
         self.num_classes = num_classes
-        self.dense = FocalLoss(gamma=0.0, alpha=None)
 
-    def head_loss(self, logits, labels, *, normalizer=None, **unused):
-        if normalizer is None:
-            return self(logits[:, : self.num_classes], labels)
-        return self.dense(logits, labels, normalizer)
+    def head_loss(self, logits, labels, avg_factor):
+        return self(logits[:, : self.num_classes], labels, avg_factor=avg_factor)
 
 
 @CLS_LOSS_REGISTRY.register()
 class Focal(FocalLoss, ClassificationLoss):
-    """Focal loss (gamma = ``MODEL.EFL.GAMMA_B``, alpha = ``MODEL.EFL.ALPHA``); dense heads."""
+    """Focal loss (``MODEL.CLS_LOSS.FOCAL.GAMMA``, ``ALPHA``); dense heads."""
 
     heads = ("dense",)
     extra_columns = 0
@@ -61,29 +59,43 @@ class Focal(FocalLoss, ClassificationLoss):
         self.num_classes = num_classes
 
     @classmethod
-    def from_config(cls, cfg, num_classes, train_datasets):
-        return {"num_classes": num_classes, "gamma": cfg.MODEL.EFL.GAMMA_B,
-                "alpha": cfg.MODEL.EFL.ALPHA}
+    def add_config(cls, node):
+        node.FOCAL = CN()
+        # focusing parameter gamma of (1 - p_t)^gamma
+        node.FOCAL.GAMMA = 2.0
+        # alpha_t balance of positives / negatives
+        node.FOCAL.ALPHA = 0.25
 
-    def head_loss(self, logits, labels, *, normalizer=None, **unused):
-        return self(logits, labels, normalizer)
+    @classmethod
+    def from_config(cls, cfg, num_classes, train_datasets):
+        f = cfg.MODEL.CLS_LOSS.FOCAL
+        return {"num_classes": num_classes, "gamma": f.GAMMA, "alpha": f.ALPHA}
+
+    def head_loss(self, logits, labels, avg_factor):
+        return self(logits, labels, avg_factor=avg_factor)
 
 
 @CLS_LOSS_REGISTRY.register()
 class QFL(QualityFocalLoss, ClassificationLoss):
-    """Quality focal loss (beta = ``MODEL.EFL.GAMMA_B``); dense heads, IoU quality targets."""
+    """Quality focal loss (``MODEL.CLS_LOSS.QFL.BETA``); dense heads, IoU quality targets."""
 
     heads = ("dense",)
     extra_columns = 0
-    uses_quality = True
+    inputs = ("quality",)
 
     def __init__(self, num_classes: int, beta: float = 2.0):
         super().__init__(beta=beta)
         self.num_classes = num_classes
 
     @classmethod
-    def from_config(cls, cfg, num_classes, train_datasets):
-        return {"num_classes": num_classes, "beta": cfg.MODEL.EFL.GAMMA_B}
+    def add_config(cls, node):
+        node.QFL = CN()
+        # exponent beta of the modulating factor |y - sigma|^beta
+        node.QFL.BETA = 2.0
 
-    def head_loss(self, logits, labels, *, normalizer=None, quality=None, **unused):
-        return self(logits, labels, quality, normalizer)
+    @classmethod
+    def from_config(cls, cfg, num_classes, train_datasets):
+        return {"num_classes": num_classes, "beta": cfg.MODEL.CLS_LOSS.QFL.BETA}
+
+    def head_loss(self, logits, labels, avg_factor, quality):
+        return self(logits, labels, quality, avg_factor=avg_factor)

@@ -4,6 +4,7 @@ import logging
 import math
 
 import torch
+from detectron2.config import CfgNode as CN
 from torch import nn
 
 from ...losses import EQLLoss, EQLv2Loss
@@ -17,8 +18,8 @@ logger = logging.getLogger(__name__)
 
 @CLS_LOSS_REGISTRY.register()
 class EQL(EQLLoss, ClassificationLoss):
-    """EQL, eq. 6-8 (``MODEL.EQL.LAMBDA``, ``EXCLUDING_FUNCTION``), with the image-level
-    verified mask.
+    """EQL, eq. 6-8 (``MODEL.CLS_LOSS.EQL.LAMBDA``, ``EXCLUDING_FUNCTION``), with the
+    image-level verified mask.
 
     The category frequencies come from the training sets' metadata when it is loaded
     (training), else from the checkpoint (``freq`` is a persistent buffer): built for
@@ -27,7 +28,7 @@ class EQL(EQLLoss, ClassificationLoss):
     keeps the data's.
     """
 
-    uses_verified = True
+    inputs = ("verified",)
 
     def __init__(self, num_classes: int, freq=None, lambda_: float = 1.76e-3,
                  train_datasets=(), use_excluding_function: bool = True):
@@ -55,25 +56,34 @@ class EQL(EQLLoss, ClassificationLoss):
         self.register_load_state_dict_pre_hook(_frequencies_from_checkpoint)
 
     @classmethod
+    def add_config(cls, node):
+        node.EQL = CN()
+        # frequency threshold lambda (eq. 7): categories with f_j < lambda are tail categories
+        node.EQL.LAMBDA = 1.76e-3
+        # excluding function E(r) (eq. 7, Tab. 4); False: background proposals skip tail too
+        node.EQL.EXCLUDING_FUNCTION = True
+
+    @classmethod
     def from_config(cls, cfg, num_classes, train_datasets):
+        e = cfg.MODEL.CLS_LOSS.EQL
         # only what the metadata already holds: building for inference reads no JSON
-        return {"num_classes": num_classes, "lambda_": cfg.MODEL.EQL.LAMBDA,
+        return {"num_classes": num_classes, "lambda_": e.LAMBDA,
                 "freq": category_frequencies(train_datasets, num_classes, required=False),
                 "train_datasets": train_datasets,
-                "use_excluding_function": cfg.MODEL.EQL.EXCLUDING_FUNCTION}
+                "use_excluding_function": e.EXCLUDING_FUNCTION}
 
     def check_trainable(self):
         if not self.frequencies_known:
             raise ValueError(
-                "MODEL.EQL.LOSS eql cannot train this model: its category frequencies are "
+                "MODEL.CLS_LOSS.NAME EQL cannot train this model: its category frequencies are "
                 "unknown. They come from the metadata (class_image_count, num_train_images) of "
                 f"DATASETS.TRAIN {list(self.train_datasets)}, which was not loaded when the "
                 "model was built, and the loaded checkpoint (if any) had none. Call "
                 "eql_d2.engine.prepare_datasets(cfg) before building the model "
                 "(train_net.py does)")
 
-    def head_loss(self, logits, labels, *, verified=None, **unused):
-        return self(logits[:, : self.num_classes], labels, verified)
+    def head_loss(self, logits, labels, avg_factor, verified):
+        return self(logits[:, : self.num_classes], labels, verified, avg_factor=avg_factor)
 
 
 def _frequencies_from_checkpoint(module, state_dict, prefix, local_metadata, strict,
@@ -120,10 +130,10 @@ def _frequencies_from_checkpoint(module, state_dict, prefix, local_metadata, str
 
 @CLS_LOSS_REGISTRY.register()
 class EQLv2(EQLv2Loss, ClassificationLoss):
-    """EQLv2 (``MODEL.EQL.EQLV2.GAMMA / MU / ALPHA``) with its objectness column (column C)
-    and the image-level verified mask; statistics logged as ``eqlv2/*``."""
+    """EQLv2 (``MODEL.CLS_LOSS.EQLV2.GAMMA / MU / ALPHA``) with its objectness column (column
+    C) and the image-level verified mask; statistics logged as ``eqlv2/*``."""
 
-    uses_verified = True
+    inputs = ("verified",)
     statistics_name = "eqlv2"
 
     def __init__(self, num_classes: int, gamma: float = 12.0, mu: float = 0.8,
@@ -133,8 +143,18 @@ class EQLv2(EQLv2Loss, ClassificationLoss):
                     num_classes)
 
     @classmethod
+    def add_config(cls, node):
+        node.EQLV2 = CN()
+        # steepness gamma of the gradient-ratio -> negative-weight mapping
+        node.EQLV2.GAMMA = 12.0
+        # centre mu of that mapping
+        node.EQLV2.MU = 0.8
+        # positive up-weighting alpha
+        node.EQLV2.ALPHA = 4.0
+
+    @classmethod
     def from_config(cls, cfg, num_classes, train_datasets):
-        e = cfg.MODEL.EQL.EQLV2
+        e = cfg.MODEL.CLS_LOSS.EQLV2
         return {"num_classes": num_classes, "gamma": e.GAMMA, "mu": e.MU, "alpha": e.ALPHA}
 
     def init_bias(self, bias, prior_prob, background_fraction):
@@ -144,8 +164,8 @@ class EQLv2(EQLv2Loss, ClassificationLoss):
         nn.init.constant_(bias[self.num_classes:],
                           math.log(background_fraction / (1.0 - background_fraction)))
 
-    def head_loss(self, logits, labels, *, verified=None, **unused):
-        return self(logits, labels, verified)
+    def head_loss(self, logits, labels, avg_factor, verified):
+        return self(logits, labels, verified, avg_factor=avg_factor)
 
     def statistics(self):
         return {"gradient_ratio": self.gradient_ratio, "negative_weight": self.negative_weight}

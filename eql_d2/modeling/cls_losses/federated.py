@@ -1,5 +1,7 @@
 """Federated loss (Zhou et al., "Probabilistic two-stage detection", 2021) for two-stage heads."""
 
+from detectron2.config import CfgNode as CN
+
 from ...losses import FederatedLoss
 from ..category_frequency import category_frequencies
 from .base import CLS_LOSS_REGISTRY, ClassificationLoss
@@ -10,7 +12,7 @@ __all__ = ["Federated"]
 @CLS_LOSS_REGISTRY.register()
 class Federated(FederatedLoss, ClassificationLoss):
     """Sigmoid cross-entropy on the batch's positive classes plus classes drawn by
-    frequency^``MODEL.FEDERATED.FREQ_WEIGHT_POWER``, ``MODEL.FEDERATED.NUM_CLASSES_SAMPLED``
+    frequency^``FREQ_WEIGHT_POWER``, ``NUM_CLASSES_SAMPLED`` (``MODEL.CLS_LOSS.FEDERATED``)
     foreground classes in all (column C unused).
 
     The draw weights come from the training sets' metadata (image frequencies, which are
@@ -25,13 +27,21 @@ class Federated(FederatedLoss, ClassificationLoss):
                          freq_weight_power=freq_weight_power)
 
     @classmethod
+    def add_config(cls, node):
+        node.FEDERATED = CN()
+        # foreground classes per iteration: the batch's positives plus classes drawn by frequency
+        node.FEDERATED.NUM_CLASSES_SAMPLED = 50
+        # draw weight of a class: its training image frequency to this power
+        node.FEDERATED.FREQ_WEIGHT_POWER = 0.5
+
+    @classmethod
     def from_config(cls, cfg, num_classes, train_datasets):
-        f = cfg.MODEL.FEDERATED
+        f = cfg.MODEL.CLS_LOSS.FEDERATED
         return {"num_classes": num_classes,
                 "class_image_count": category_frequencies(train_datasets, num_classes,
                                                           required=False),
                 "num_classes_sampled": f.NUM_CLASSES_SAMPLED,
                 "freq_weight_power": f.FREQ_WEIGHT_POWER}
 
-    def head_loss(self, logits, labels, **unused):
-        return self(logits, labels)
+    def head_loss(self, logits, labels, avg_factor):
+        return self(logits, labels, avg_factor=avg_factor)

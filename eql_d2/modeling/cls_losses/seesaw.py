@@ -3,6 +3,7 @@ classifier and objectness branch as published."""
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode as CN
 from torch import nn
 
 from ...losses import SeesawLoss
@@ -34,7 +35,7 @@ class NormedLinear(nn.Linear):
 @CLS_LOSS_REGISTRY.register()
 class Seesaw(SeesawLoss, ClassificationLoss):
     """Seesaw loss over C + 2 columns (C classes, then the objectness pair [fg, bg]) from a
-    :class:`NormedLinear` classifier (``MODEL.SEESAW.P / Q / EPS / TAU``). Cumulative class
+    :class:`NormedLinear` classifier (``MODEL.CLS_LOSS.SEESAW.P / Q / EPS / TAU``). Cumulative class
     counts (``cum_samples``) are summed over workers and saved in checkpoints."""
 
     extra_columns = 2
@@ -45,8 +46,20 @@ class Seesaw(SeesawLoss, ClassificationLoss):
         self.tau = float(tau)
 
     @classmethod
+    def add_config(cls, node):
+        node.SEESAW = CN()
+        # mitigation exponent p of M_ij = (N_j / N_i)^p (0: no mitigation)
+        node.SEESAW.P = 0.8
+        # compensation exponent q of C_ij = (sigma_j / sigma_i)^q (0: no compensation)
+        node.SEESAW.Q = 2.0
+        # lower bound of sigma_i in the compensation factor
+        node.SEESAW.EPS = 0.01
+        # temperature tau of the normalized linear (cosine) classifier
+        node.SEESAW.TAU = 20.0
+
+    @classmethod
     def from_config(cls, cfg, num_classes, train_datasets):
-        s = cfg.MODEL.SEESAW
+        s = cfg.MODEL.CLS_LOSS.SEESAW
         return {"num_classes": num_classes, "p": s.P, "q": s.Q, "eps": s.EPS, "tau": s.TAU}
 
     def classifier(self, in_features, out_features):
@@ -55,5 +68,5 @@ class Seesaw(SeesawLoss, ClassificationLoss):
     def init_bias(self, bias, prior_prob, background_fraction):
         pass  # NormedLinear starts at bias 0, as published
 
-    def head_loss(self, logits, labels, **unused):
-        return self(logits, labels)
+    def head_loss(self, logits, labels, avg_factor):
+        return self(logits, labels, avg_factor=avg_factor)

@@ -3,5 +3,4 @@
 from .atss import ATSS, ATSSHead, atss_match  # noqa: F401
 from .dense_loss import DenseClassificationLoss  # noqa: F401
 from .fcos import EFLFCOS  # noqa: F401
-from .rcnn import ImageLabelRCNN  # noqa: F401
 from .retinanet import EFLRetinaNet  # noqa: F401

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
 from .dense_loss import (DenseClassificationLoss, TopKFirstDecoding, box_quality,
-                         decode_positives, positives_and_normalizer)
+                         decode_positives, head_feature_shapes, positives_and_normalizer)
 
 __all__ = ["ATSS", "ATSSHead", "atss_match"]
 
@@ -205,14 +205,9 @@ class ATSS(TopKFirstDecoding, DenseDetector):
     @classmethod
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
-        shapes = backbone.output_shape()
         in_features = list(cfg.MODEL.ATSS.IN_FEATURES)
-        missing = [f for f in in_features if f not in shapes]
-        if missing:
-            raise ValueError(f"MODEL.ATSS.IN_FEATURES names {missing}, which the backbone "
-                             f"{cfg.MODEL.BACKBONE.NAME} does not produce "
-                             f"(it gives {sorted(shapes)})")
-        feature_shapes = [shapes[f] for f in in_features]
+        feature_shapes = head_feature_shapes("MODEL.ATSS.IN_FEATURES", in_features, backbone,
+                                             cfg.MODEL.BACKBONE.NAME)
         strides = [s.stride for s in feature_shapes]
         scales = list(cfg.MODEL.ATSS.ANCHOR_SCALES)
         if not scales or min(scales) <= 0:
@@ -287,13 +282,8 @@ class ATSS(TopKFirstDecoding, DenseDetector):
             self.box2box_transform, anchors, pred_deltas, pos_mask, gt_boxes)
         iou_target = box_quality(pred_boxes, target_boxes)
 
-        logits = cat(pred_logits, dim=1)
-        quality = None
-        if self.cls_loss.uses_quality:
-            quality = torch.zeros(gt_labels.shape, dtype=logits.dtype, device=logits.device)
-            quality[pos_mask] = iou_target.to(logits.dtype)
-            quality = quality.flatten()
-        loss_cls = self.cls_loss(logits.flatten(0, 1), gt_labels.flatten(), normalizer, quality)
+        loss_cls = self.cls_loss(cat(pred_logits, dim=1), gt_labels, pos_mask, normalizer,
+                                 positive_iou=lambda: iou_target)
 
         loss_box = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="sum")
         iou_logits = cat(pred_ious, dim=1).squeeze(-1)[pos_mask]

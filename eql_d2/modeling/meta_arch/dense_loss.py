@@ -1,141 +1,122 @@
-"""Classification loss of eql_d2's dense detectors, named by ``MODEL.EFL.LOSS``, and shared
-pieces of their heads."""
+"""What eql_d2's dense detectors (ATSS, EFLRetinaNet, EFLFCOS) share: the classification
+loss named by ``MODEL.CLS_LOSS.NAME`` with its IoU quality targets, the positives and the
+loss normalizer, the check of the head's input features, and top-k-first decoding."""
 
-import logging
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, Instances
 from detectron2.structures.boxes import matched_pairwise_iou
-from detectron2.utils import comm
 from torch import nn
 
-from ...config import get_eql_cfg
-from ..cls_losses import build_cls_loss
+from ...utils.comm import all_reduce_
+from ..cls_losses import build_cls_loss, head_classification_loss
 from ..regime import RegimeIndicators
-from ..stats_logging import logging_due, put_group_means, put_scalar_periodically
+from ..stats_logging import put_scalar_periodically
 
 __all__ = ["DenseClassificationLoss", "TopKFirstDecoding", "box_quality", "decode_positives",
-           "positives_and_normalizer"]
-
-logger = logging.getLogger(__name__)
+           "positives_and_normalizer", "head_feature_shapes"]
 
 
-def _train_class_frequency(cfg):
-    """LVIS groups ("r"/"c"/"f") of the first training set, or None when its metadata has
-    none. Reads the MetadataCatalog only: a model built for inference, whose training set is
-    neither loaded nor perhaps registered, gets None (the groups only label training logs)."""
-    if not cfg.DATASETS.TRAIN:
-        return None
-    return MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("class_frequency")
+def head_feature_shapes(key: str, in_features: Sequence[str], backbone, backbone_name: str):
+    """The backbone's ShapeSpecs of the head's `in_features` (config key `key`, e.g.
+    ``"MODEL.ATSS.IN_FEATURES"``); ValueError naming the key and the features the backbone
+    gives when one is missing."""
+    shapes = backbone.output_shape()
+    missing = [f for f in in_features if f not in shapes]
+    if missing:
+        raise ValueError(f"{key} names {missing}, which the backbone {backbone_name} does not "
+                         f"produce (it gives {sorted(shapes)})")
+    return [shapes[f] for f in in_features]
 
 
 class DenseClassificationLoss(nn.Module):
-    """The sigmoid classification loss of a dense detector, over all pyramid levels at once.
+    """The classification loss of a dense detector, over all pyramid levels at once.
 
     ``criterion`` is the entry of :data:`~eql_d2.modeling.cls_losses.CLS_LOSS_REGISTRY` named
-    by ``MODEL.EFL.LOSS`` that accepts dense heads: focal, efl (eq. 4 of Li et al., CVPR
-    2022), qfl, eqfl (eq. 5), sigmoid_ce (the focal loss with gamma 0 and no alpha), or one
-    registered elsewhere. It declares whether it takes the IoU quality of positives
-    (:attr:`uses_quality`) and which per-category statistics it keeps.
+    by ``MODEL.CLS_LOSS.NAME`` that accepts dense heads: Focal, EFL (eq. 4 of Li et al.,
+    CVPR 2022), QFL, EQFL (eq. 5), SigmoidCE, or one registered elsewhere. When it takes
+    ``quality``, the positives' IoU targets are built here for every detector.
 
     The detector must call it once per iteration with every level and image concatenated:
     each training call of a loss with statistics (EFL, EQFL) is one update of them (buffers
-    ``criterion.pos_grad`` / ``criterion.neg_grad``, saved in checkpoints). After each such
-    update the rare / common / frequent means of its statistics (EFL: ``efl/gradient_ratio/*``
-    and ``efl/focusing_factor/*``) go to the EventStorage every ``period`` iterations, when
-    the training set's ``class_frequency`` is known.
+    ``criterion.pos_grad`` / ``criterion.neg_grad``, saved in checkpoints), whose rare /
+    common / frequent means (``efl/gradient_ratio/*``, ``efl/focusing_factor/*``) go to the
+    EventStorage every ``log_period`` iterations when the training set's
+    ``class_frequency`` is known.
     """
 
     @configurable
-    def __init__(self, *, num_classes: int, criterion: Optional[nn.Module] = None,
-                 loss: str = "focal", gamma_b: float = 2.0, scale: float = 8.0,
-                 alpha: Optional[float] = 0.25,
-                 class_frequency: Optional[Sequence[str]] = None, period: int = 20,
-                 regime_indicators: bool = True):
+    def __init__(self, *, criterion: nn.Module, class_frequency: Optional[Sequence[str]] = None,
+                 log_period: int = 20, regime_indicators: bool = False):
         """
         Args:
-            num_classes: C, foreground categories.
-            criterion: a registered loss accepting dense heads; when None, the one named
-                ``loss`` is built with ``gamma_b``, ``scale``, ``alpha`` (``MODEL.EFL.*``).
+            criterion: a registered loss accepting dense heads.
             class_frequency: C LVIS groups for logging, or None (no group logging).
-            period: ``MODEL.EFL.PERIOD``.
+            log_period: ``MODEL.CLS_LOSS.LOG_PERIOD``.
             regime_indicators: keep :class:`~eql_d2.modeling.regime.RegimeIndicators` of
-                the loss's gradient in ``regime`` (``MODEL.REGIME_INDICATORS.ENABLED``).
+                the loss's gradient in ``regime`` (``MODEL.CLS_LOSS.REGIME_INDICATORS``).
         """
         super().__init__()
-        if criterion is None:
-            cfg = get_eql_cfg()
-            cfg.MODEL.EFL.LOSS = loss
-            cfg.MODEL.EFL.GAMMA_B, cfg.MODEL.EFL.SCALE, cfg.MODEL.EFL.ALPHA = gamma_b, scale, alpha
-            criterion = build_cls_loss(cfg, "MODEL.EFL.LOSS", num_classes, "dense")
         if "dense" not in getattr(criterion, "heads", ()):
             raise ValueError(f"{type(criterion).__name__} is not a classification loss for "
                              "dense heads")
+        num_classes = criterion.num_classes
         if class_frequency is not None and len(class_frequency) != num_classes:
             raise ValueError(f"class_frequency of the training set has {len(class_frequency)} "
                              f"entries but the detector has {num_classes} classes")
         self.criterion = criterion
         self.num_classes = num_classes
         self.class_frequency = None if class_frequency is None else list(class_frequency)
-        self.period = int(period)
+        self.log_period = int(log_period)
         self.regime = RegimeIndicators(num_classes) if regime_indicators else None
-        self._warned_no_groups = False
 
     @classmethod
     def from_config(cls, cfg, num_classes):
+        train = cfg.DATASETS.TRAIN
         return {
-            "num_classes": num_classes,
-            "criterion": build_cls_loss(cfg, "MODEL.EFL.LOSS", num_classes, "dense"),
-            "class_frequency": _train_class_frequency(cfg),
-            "period": cfg.MODEL.EFL.PERIOD,
-            "regime_indicators": cfg.MODEL.REGIME_INDICATORS.ENABLED,
+            "criterion": build_cls_loss(cfg, num_classes, "dense"),
+            # the metadata only: a model built for inference has no groups and needs none
+            "class_frequency": MetadataCatalog.get(train[0]).get("class_frequency")
+            if train else None,
+            "log_period": cfg.MODEL.CLS_LOSS.LOG_PERIOD,
+            "regime_indicators": cfg.MODEL.CLS_LOSS.REGIME_INDICATORS,
         }
-
-    @property
-    def loss_name(self) -> str:
-        """The criterion's registry name."""
-        return type(self.criterion).__name__
 
     @property
     def uses_quality(self) -> bool:
         """True for the losses whose positive target is the IoU of the predicted box."""
-        return self.criterion.uses_quality
+        return "quality" in self.criterion.inputs
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor, normalizer,
-                quality: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """logits [N, C], labels [N] in {-1 ignore, 0..C-1, C background}, normalizer > 0,
-        quality [N] (IoU targets of the foreground rows; required by qfl / eqfl).
-        Returns the 0-dim loss: the sum over entries divided by ``normalizer``."""
-        if self.uses_quality and quality is None:
-            raise ValueError(f"MODEL.EFL.LOSS {self.loss_name} needs quality targets")
-        if self.training:
-            self.criterion.check_trainable()
-        loss = self.criterion.head_loss(logits, labels, normalizer=normalizer,
-                                        quality=quality if self.uses_quality else None)
-        if self.regime is not None:
-            self.regime.observe(loss, logits, labels)
-        if self.criterion.statistics_name and self.training and torch.is_grad_enabled():
-            self._log_statistics()
-        return loss
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, pos_mask: torch.Tensor,
+                avg_factor, positive_iou: Optional[Callable[[], torch.Tensor]] = None
+                ) -> torch.Tensor:
+        """
+        Args:
+            logits: (N, R, C), every level concatenated.
+            labels: (N, R) in {-1 ignore, 0..C-1, C background}.
+            pos_mask: (N, R) bool, the positives.
+            avg_factor: what the sum over entries is divided by (the number of positives).
+            positive_iou: returns the IoU [P] of each positive's decoded box with its
+                ground truth, in ``pos_mask.nonzero()`` order; called only when the loss
+                takes quality targets.
 
-    def _log_statistics(self):
-        if self.class_frequency is None:
-            # said once, when training starts: a model built for inference has no groups
-            # and needs none
-            if self.period > 0 and not self._warned_no_groups:
-                self._warned_no_groups = True
-                logger.warning("MODEL.EFL.LOSS %s: the training set has no class_frequency "
-                               "metadata, so its statistics are not logged by group",
-                               self.loss_name)
-            return
-        if not logging_due(self.period):
-            return
-        name = self.criterion.statistics_name
-        for key, values in self.criterion.statistics().items():
-            put_group_means(f"{name}/{key}", values, self.class_frequency, self.period)
+        Returns the 0-dim loss.
+        """
+        quality = None
+        if self.uses_quality:
+            if positive_iou is None:
+                raise ValueError(f"{type(self.criterion).__name__} needs quality targets, and "
+                                 "the detector gave no positive_iou")
+            quality = torch.zeros(labels.shape, dtype=logits.dtype, device=logits.device)
+            quality[pos_mask] = positive_iou().to(logits.dtype)
+            quality = quality.flatten()
+        return head_classification_loss(
+            self.criterion, logits.flatten(0, 1), labels.flatten(), avg_factor,
+            regime=self.regime, class_groups=self.class_frequency, log_period=self.log_period,
+            quality=quality)
 
 
 def positives_and_normalizer(gt_labels: List[torch.Tensor], num_classes: int):
@@ -150,11 +131,7 @@ def positives_and_normalizer(gt_labels: List[torch.Tensor], num_classes: int):
     pos_mask = (labels >= 0) & (labels != num_classes)
     num_pos = pos_mask.sum()
     put_scalar_periodically("num_pos_anchors", num_pos / len(gt_labels))
-    normalizer = num_pos.float()
-    if comm.get_world_size() > 1:
-        normalizer = normalizer.clone()
-        torch.distributed.all_reduce(normalizer)
-        normalizer = normalizer / comm.get_world_size()
+    normalizer = all_reduce_(num_pos.float().clone(), mean=True)
     return labels, pos_mask, normalizer.clamp(min=1.0)
 
 

@@ -1,4 +1,4 @@
-"""FCOS whose classification loss is chosen by ``MODEL.EFL.LOSS``.
+"""FCOS whose classification loss is chosen by ``MODEL.CLS_LOSS.NAME``.
 
 FCOS is Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection" (ICCV 2019),
 here as detectron2 implements it (with center sampling, as the FCOS of the EFL paper's
@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
 from .dense_loss import (DenseClassificationLoss, TopKFirstDecoding, box_quality,
+                         head_feature_shapes,
                          decode_positives, positives_and_normalizer)
 
 __all__ = ["EFLFCOS"]
@@ -23,7 +24,7 @@ __all__ = ["EFLFCOS"]
 
 @META_ARCH_REGISTRY.register()
 class EFLFCOS(TopKFirstDecoding, FCOS):
-    """detectron2's FCOS with the classification loss of ``MODEL.EFL`` (focal, EFL, QFL,
+    """detectron2's FCOS with the classification loss of ``MODEL.CLS_LOSS`` (focal, EFL, QFL,
     EQFL or sigmoid CE; see :class:`DenseClassificationLoss`).
 
     From detectron2's :class:`~detectron2.modeling.meta_arch.fcos.FCOS`, unchanged: one
@@ -69,13 +70,9 @@ class EFLFCOS(TopKFirstDecoding, FCOS):
     def from_config(cls, cfg):
         fcos = cfg.MODEL.FCOS
         backbone = build_backbone(cfg)
-        shapes = backbone.output_shape()
         in_features = list(fcos.IN_FEATURES)
-        missing = [f for f in in_features if f not in shapes]
-        if missing:
-            raise ValueError(f"MODEL.FCOS.IN_FEATURES names {missing}, which the backbone "
-                             f"{cfg.MODEL.BACKBONE.NAME} does not produce "
-                             f"(it gives {sorted(shapes)})")
+        feature_shapes = head_feature_shapes("MODEL.FCOS.IN_FEATURES", in_features, backbone,
+                                             cfg.MODEL.BACKBONE.NAME)
         if fcos.NUM_CONVS < 1:
             raise ValueError(f"MODEL.FCOS.NUM_CONVS must be >= 1, got {fcos.NUM_CONVS}")
         if not 0.0 < fcos.PRIOR_PROB < 1.0:
@@ -83,7 +80,6 @@ class EFLFCOS(TopKFirstDecoding, FCOS):
         if fcos.CENTER_SAMPLING_RADIUS <= 0:
             raise ValueError("MODEL.FCOS.CENTER_SAMPLING_RADIUS must be > 0, got "
                              f"{fcos.CENTER_SAMPLING_RADIUS}")
-        feature_shapes = [shapes[f] for f in in_features]
         head = FCOSHead(
             input_shape=feature_shapes,
             conv_dims=[feature_shapes[0].channels] * fcos.NUM_CONVS,
@@ -126,13 +122,8 @@ class EFLFCOS(TopKFirstDecoding, FCOS):
         pred_boxes, target_boxes = decode_positives(
             self.box2box_transform, anchors, pred_anchor_deltas, pos_mask, gt_boxes)
 
-        logits = cat(pred_logits, dim=1)
-        quality = None
-        if self.cls_loss.uses_quality:
-            quality = torch.zeros(gt_labels.shape, dtype=logits.dtype, device=logits.device)
-            quality[pos_mask] = box_quality(pred_boxes, target_boxes).to(logits.dtype)
-            quality = quality.flatten()
-        loss_cls = self.cls_loss(logits.flatten(0, 1), gt_labels.flatten(), normalizer, quality)
+        loss_cls = self.cls_loss(cat(pred_logits, dim=1), gt_labels, pos_mask, normalizer,
+                                 positive_iou=lambda: box_quality(pred_boxes, target_boxes))
 
         loss_loc = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="sum")
 

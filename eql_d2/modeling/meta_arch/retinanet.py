@@ -1,4 +1,4 @@
-"""RetinaNet whose classification loss is chosen by ``MODEL.EFL.LOSS``."""
+"""RetinaNet whose classification loss is chosen by ``MODEL.CLS_LOSS.NAME``."""
 
 import torch
 from detectron2.config import configurable
@@ -17,11 +17,11 @@ __all__ = ["EFLRetinaNet"]
 
 @META_ARCH_REGISTRY.register()
 class EFLRetinaNet(TopKFirstDecoding, RetinaNet):
-    """detectron2's RetinaNet with the classification loss of ``MODEL.EFL`` (focal, EFL,
+    """detectron2's RetinaNet with the classification loss of ``MODEL.CLS_LOSS`` (focal, EFL,
     QFL, EQFL or sigmoid CE; see :class:`DenseClassificationLoss`).
 
     Everything else (anchors, IoU matcher, box loss, the EMA loss normalizer, inference) is
-    detectron2's RetinaNet. With ``MODEL.EFL.LOSS focal`` it computes detectron2's loss
+    detectron2's RetinaNet. With ``MODEL.CLS_LOSS.NAME Focal`` it computes detectron2's loss
     (up to float rounding). For QFL / EQFL the soft target of a positive anchor is the IoU of
     its decoded box with its ground truth.
     """
@@ -39,15 +39,16 @@ class EFLRetinaNet(TopKFirstDecoding, RetinaNet):
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        # gamma and alpha have one home, MODEL.EFL; refuse a RETINANET value that would be
-        # silently ignored.
-        for key, efl_key in (("FOCAL_LOSS_GAMMA", "GAMMA_B"), ("FOCAL_LOSS_ALPHA", "ALPHA")):
-            if cfg.MODEL.RETINANET[key] != cfg.MODEL.EFL[efl_key]:
+        # focal's gamma and alpha have one home, MODEL.CLS_LOSS.FOCAL; refuse a RETINANET
+        # value that would be silently ignored.
+        focal = cfg.MODEL.CLS_LOSS.FOCAL
+        for key, focal_key in (("FOCAL_LOSS_GAMMA", "GAMMA"), ("FOCAL_LOSS_ALPHA", "ALPHA")):
+            if cfg.MODEL.RETINANET[key] != focal[focal_key]:
                 raise ValueError(
-                    f"EFLRetinaNet takes its loss parameters from MODEL.EFL: "
+                    f"EFLRetinaNet takes its loss parameters from MODEL.CLS_LOSS: "
                     f"MODEL.RETINANET.{key} = {cfg.MODEL.RETINANET[key]} differs from "
-                    f"MODEL.EFL.{efl_key} = {cfg.MODEL.EFL[efl_key]}; set MODEL.EFL.{efl_key}"
-                )
+                    f"MODEL.CLS_LOSS.FOCAL.{focal_key} = {focal[focal_key]}; set "
+                    f"MODEL.CLS_LOSS.FOCAL.{focal_key}")
         ret["cls_loss"] = DenseClassificationLoss(cfg, cfg.MODEL.RETINANET.NUM_CLASSES)
         return ret
 
@@ -63,15 +64,12 @@ class EFLRetinaNet(TopKFirstDecoding, RetinaNet):
         normalizer = self._ema_update("loss_normalizer", num_pos_anchors.clamp(min=1).double(),
                                       100).float()
 
-        logits = cat(pred_logits, dim=1)
-        quality = None
-        if self.cls_loss.uses_quality:
-            quality = torch.zeros(gt_labels.shape, dtype=logits.dtype, device=logits.device)
-            pred_boxes, target_boxes = decode_positives(
-                self.box2box_transform, anchors, pred_anchor_deltas, pos_mask, gt_boxes)
-            quality[pos_mask] = box_quality(pred_boxes, target_boxes).to(logits.dtype)
-            quality = quality.flatten()
-        loss_cls = self.cls_loss(logits.flatten(0, 1), gt_labels.flatten(), normalizer, quality)
+        def positive_iou():
+            return box_quality(*decode_positives(self.box2box_transform, anchors,
+                                                 pred_anchor_deltas, pos_mask, gt_boxes))
+
+        loss_cls = self.cls_loss(cat(pred_logits, dim=1), gt_labels, pos_mask, normalizer,
+                                 positive_iou=positive_iou)
 
         loss_box_reg = _dense_box_regression_loss(
             anchors,

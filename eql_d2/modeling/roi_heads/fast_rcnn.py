@@ -1,7 +1,5 @@
 """Fast R-CNN box predictor whose classification loss comes from the loss registry."""
 
-import logging
-
 import torch
 from detectron2.config import configurable
 from detectron2.layers import cat
@@ -9,14 +7,12 @@ from detectron2.modeling.roi_heads.fast_rcnn import (FastRCNNOutputLayers,
                                                      _log_classification_stats)
 from torch import nn
 
+from ...data.image_labels import ImageLabels
 from ..category_frequency import frequency_groups
-from ..cls_losses import build_cls_loss
+from ..cls_losses import build_cls_loss, head_classification_loss
 from ..regime import RegimeIndicators
-from ..stats_logging import logging_due, put_group_means
 
 __all__ = ["EQLFastRCNNOutputLayers", "exclude_entries", "check_box_head_keys"]
-
-logger = logging.getLogger(__name__)
 
 # An excluded logit is pinned this far below min(row max, 0). As a sigmoid negative its
 # loss and gradient are then below exp(-50) ~ 2e-22, and in a softmax its share of the
@@ -39,34 +35,35 @@ def exclude_entries(logits: torch.Tensor, excluded: torch.Tensor) -> torch.Tenso
 
 
 def check_box_head_keys(cfg):
-    """Reject detectron2's loss switches, which the EQL heads replace by MODEL.EQL.LOSS."""
+    """Reject detectron2's loss switches, which the EQL heads replace by MODEL.CLS_LOSS.NAME."""
     box = cfg.MODEL.ROI_BOX_HEAD
     if box.USE_FED_LOSS:
         raise ValueError("MODEL.ROI_BOX_HEAD.USE_FED_LOSS is not used by the EQL heads: set "
-                         "MODEL.EQL.LOSS federated (settings in MODEL.FEDERATED)")
+                         "MODEL.CLS_LOSS.NAME Federated (settings in MODEL.CLS_LOSS.FEDERATED)")
     if box.USE_SIGMOID_CE:
         raise ValueError("MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE is True, but with the EQL heads the "
-                         "classification loss is chosen by MODEL.EQL.LOSS alone (sigmoid: "
+                         "classification loss is chosen by MODEL.CLS_LOSS.NAME alone (sigmoid: "
                          "SigmoidCE)")
 
 
 class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
-    """detectron2's box predictor with the classification loss named by ``MODEL.EQL.LOSS``.
+    """detectron2's box predictor with the classification loss named by
+    ``MODEL.CLS_LOSS.NAME``.
 
     The loss is any entry of :data:`~eql_d2.modeling.cls_losses.CLS_LOSS_REGISTRY` that
     accepts two-stage heads (SoftmaxCE, SigmoidCE, EQL, EQLv2, Seesaw, Federated, or one
     registered elsewhere); it is built into ``cls_loss`` and declares what this predictor
     does with it: the width C + ``extra_columns`` and layer of ``cls_score``, its initial bias
-    (sigmoid-type losses start every category at ``MODEL.EQL.PRIOR_PROB``), whether it
-    reads the image-level ``gt_verified`` mask, its inference probabilities, and the
-    per-category statistics logged by r/c/f group every ``MODEL.EQL.PERIOD`` iterations.
+    (sigmoid-type losses start every category at ``MODEL.ROI_BOX_HEAD.PRIOR_PROB``), whether
+    it reads the image-level verified mask, its inference probabilities, and the per-category
+    statistics logged by r/c/f group every ``MODEL.CLS_LOSS.LOG_PERIOD`` iterations. The
+    loss is a sum over the sampled proposals divided by their number (``avg_factor``).
 
-    Per-proposal fields read by :meth:`losses` when present (set by the EQL ROI heads):
-
-    - ``gt_verified`` [R, C] bool: category in the image's positive or verified-negative
-      set; EQL / EQLv2 keep weight 1 there (EQL paper, section 4.2);
-    - ``gt_ignored`` [R, C] bool: entries taken out of the loss (background proposals and
-      the image's not-exhaustive categories), for every loss.
+    Proposals may carry ``image_labels``
+    (:class:`~eql_d2.data.image_labels.ImageLabels`, set by the EQL ROI heads): losses that
+    take ``verified`` get each proposal's image vector (EQL paper, section 4.2), and with
+    ``ignore_not_exhaustive`` the image's not-exhaustive categories are taken out of the loss
+    on background proposals, for every loss.
 
     Inference: the loss's probabilities [R, C], then detectron2's per-class NMS, score
     threshold and top-k. Built for inference, the predictor needs nothing from the training
@@ -77,7 +74,8 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
     @configurable
     def __init__(self, input_shape, *, cls_loss: nn.Module, prior_prob: float = 0.001,
                  class_groups=None, log_period: int = 20, background_fraction: float = 0.75,
-                 train_datasets=(), regime_indicators: bool = True, **kwargs):
+                 use_verified: bool = True, ignore_not_exhaustive: bool = False,
+                 regime_indicators: bool = False, **kwargs):
         """
         Args:
             input_shape, kwargs: as for ``FastRCNNOutputLayers`` (``use_sigmoid_ce`` and
@@ -89,15 +87,18 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
             log_period: log them every this many iterations.
             background_fraction: expected share of background proposals in a sampled
                 batch (1 - ROI_HEADS.POSITIVE_FRACTION); EQLv2's objectness bias starts there.
-            train_datasets: DATASETS.TRAIN, named in messages.
+            use_verified: give losses that take it the image-level verified mask
+                (``MODEL.IMAGE_LABELS.VERIFIED``).
+            ignore_not_exhaustive: background proposals are not negatives for their image's
+                not-exhaustive categories (``MODEL.IMAGE_LABELS.IGNORE_NOT_EXHAUSTIVE``).
             regime_indicators: keep :class:`~eql_d2.modeling.regime.RegimeIndicators` of
-                the loss's gradient in ``regime`` (``MODEL.REGIME_INDICATORS.ENABLED``).
+                the loss's gradient in ``regime`` (``MODEL.CLS_LOSS.REGIME_INDICATORS``).
         """
         if "two_stage" not in getattr(cls_loss, "heads", ()):
             raise ValueError(f"{type(cls_loss).__name__} is not a classification loss for "
                              "two-stage heads")
         if not 0.0 < prior_prob < 1.0:
-            raise ValueError(f"MODEL.EQL.PRIOR_PROB must be in (0, 1), got {prior_prob}")
+            raise ValueError(f"MODEL.ROI_BOX_HEAD.PRIOR_PROB must be in (0, 1), got {prior_prob}")
         if not 0.0 < background_fraction < 1.0:
             raise ValueError("MODEL.ROI_HEADS.POSITIVE_FRACTION must be in (0, 1), got "
                              f"{1.0 - background_fraction}")
@@ -113,29 +114,29 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
                                              c + cls_loss.extra_columns)
         cls_loss.init_bias(self.cls_score.bias, prior_prob, background_fraction)
         self.log_period = int(log_period)
+        self.use_verified = bool(use_verified) and "verified" in cls_loss.inputs
+        self.ignore_not_exhaustive = bool(ignore_not_exhaustive)
         self.regime = RegimeIndicators(c) if regime_indicators else None
-        self.train_datasets = tuple(train_datasets)
-        self._warned_no_groups = False
         self.class_groups = list(class_groups) if class_groups is not None else None
         if self.class_groups is not None and len(self.class_groups) != c:
             raise ValueError(f"class_groups has {len(self.class_groups)} entries for {c} classes")
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        check_box_head_keys(cfg)
         ret = super().from_config(cfg, input_shape)
         num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
         ret.update(
-            cls_loss=build_cls_loss(cfg, "MODEL.EQL.LOSS", num_classes, "two_stage"),
-            prior_prob=cfg.MODEL.EQL.PRIOR_PROB,
-            log_period=cfg.MODEL.EQL.PERIOD,
+            cls_loss=build_cls_loss(cfg, num_classes, "two_stage"),
+            prior_prob=cfg.MODEL.ROI_BOX_HEAD.PRIOR_PROB,
+            log_period=cfg.MODEL.CLS_LOSS.LOG_PERIOD,
             background_fraction=1.0 - cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION,
-            train_datasets=tuple(cfg.DATASETS.TRAIN),
-            regime_indicators=cfg.MODEL.REGIME_INDICATORS.ENABLED,
+            use_verified=cfg.MODEL.IMAGE_LABELS.VERIFIED,
+            ignore_not_exhaustive=cfg.MODEL.IMAGE_LABELS.IGNORE_NOT_EXHAUSTIVE,
+            regime_indicators=cfg.MODEL.CLS_LOSS.REGIME_INDICATORS,
         )
         # Only what the training sets' metadata already holds: building a model for
         # inference must not need (or read) the training JSON.
-        if cfg.MODEL.EQL.PERIOD > 0 and cfg.DATASETS.TRAIN:
+        if cfg.MODEL.CLS_LOSS.LOG_PERIOD > 0 and cfg.DATASETS.TRAIN:
             ret["class_groups"] = frequency_groups(cfg.DATASETS.TRAIN[0], num_classes,
                                                    required=False)
         return ret
@@ -147,43 +148,32 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
         return getattr(self.cls_loss, "frequencies_known", True)
 
     @property
-    def uses_verified(self) -> bool:
-        """Whether the loss reads the image-level ``gt_verified`` mask."""
-        return self.cls_loss.uses_verified
+    def needs_image_labels(self) -> bool:
+        """Whether training reads the proposals' ``image_labels``."""
+        return self.use_verified or self.ignore_not_exhaustive
 
-    def _check_before_training(self):
-        self.cls_loss.check_trainable()
-        if (self.cls_loss.statistics_name and self.class_groups is None
-                and self.log_period > 0 and not self._warned_no_groups):
-            self._warned_no_groups = True
-            logger.warning("MODEL.EQL.PERIOD = %d, but DATASETS.TRAIN %s has no class_frequency "
-                           "(r/c/f) in its metadata: %s statistics are not logged by group",
-                           self.log_period, list(self.train_datasets),
-                           type(self.cls_loss).__name__)
+    def classification_loss(self, logits, gt_classes, image_labels=None):
+        """Classification loss of logits [N, C + extra] for labels [N] in 0..C (C = background):
+        a sum over proposals divided by N.
 
-    def classification_loss(self, logits, gt_classes, verified=None, ignored=None):
-        """Classification loss of logits [N, C + extra] for labels [N] in 0..C (C = background).
-
-        verified [N, C] bool or None: see the class docstring; passed to losses that take it.
-        ignored [N, C] bool or None: entries taken out of the loss, for every loss.
+        image_labels: :class:`~eql_d2.data.image_labels.ImageLabels` of the N proposals, or
+        None (images without image-level labels: no verified mask, nothing ignored).
         """
-        raw = logits
-        if ignored is not None:
-            logits = exclude_entries(logits, ignored)
-        loss = self.cls_loss.head_loss(logits, gt_classes,
-                                       verified=verified if self.uses_verified else None)
-        if self.regime is not None:
-            self.regime.observe(loss, raw, gt_classes)
-        name = self.cls_loss.statistics_name
-        if (name and self.class_groups is not None and self.training
-                and torch.is_grad_enabled() and logging_due(self.log_period)):
-            for key, values in self.cls_loss.statistics().items():
-                put_group_means(f"{name}/{key}", values, self.class_groups, self.log_period)
-        return loss
+        verified = ignored = None
+        if image_labels is not None:
+            if self.use_verified:
+                verified = image_labels.verified_rows()
+            if self.ignore_not_exhaustive:
+                background = gt_classes == self.num_classes
+                ignored = background[:, None] & image_labels.not_exhaustive_rows()
+        masked = logits if ignored is None else exclude_entries(logits, ignored)
+        return head_classification_loss(
+            self.cls_loss, masked, gt_classes, max(len(gt_classes), 1), regime=self.regime,
+            observed_logits=logits, class_groups=self.class_groups, log_period=self.log_period,
+            verified=verified)
 
     def losses(self, predictions, proposals):
         """Same outputs as ``FastRCNNOutputLayers.losses``, with :meth:`classification_loss`."""
-        self._check_before_training()
         scores, proposal_deltas = predictions
         if proposals:
             gt_classes = cat([p.gt_classes for p in proposals], dim=0)
@@ -200,23 +190,22 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
         probs = self.cls_loss.scores(scores.detach())
         _log_classification_stats(torch.cat([probs, 0.5 * probs.new_ones(len(probs), 1)], 1),
                                   gt_classes)
-        verified = self._cat_field(proposals, "gt_verified") if self.uses_verified else None
-        ignored = self._cat_field(proposals, "gt_ignored")
+        image_labels = None
+        if self.needs_image_labels and proposals:
+            have = [p.has("image_labels") for p in proposals]
+            if not all(have):
+                raise RuntimeError(
+                    "MODEL.IMAGE_LABELS.VERIFIED / IGNORE_NOT_EXHAUSTIVE need each training "
+                    "image's LVIS image-level labels (the ground-truth field image_labels), "
+                    "which eql_d2.data.ImageLabelDatasetMapper adds and eql_d2's Trainer uses "
+                    "for these heads; map the data with it, or turn both keys off")
+            image_labels = ImageLabels.cat([p.image_labels for p in proposals])
         losses = {
-            "loss_cls": self.classification_loss(scores, gt_classes, verified, ignored),
+            "loss_cls": self.classification_loss(scores, gt_classes, image_labels),
             "loss_box_reg": self.box_reg_loss(proposal_boxes, gt_boxes, proposal_deltas,
                                               gt_classes),
         }
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
-
-    @staticmethod
-    def _cat_field(proposals, name):
-        have = [p.has(name) for p in proposals]
-        if not any(have):
-            return None
-        if not all(have):
-            raise ValueError(f"some proposals have the field {name!r} and some do not")
-        return cat([p.get(name) for p in proposals], dim=0)
 
     def predict_probs(self, predictions, proposals):
         scores, _ = predictions

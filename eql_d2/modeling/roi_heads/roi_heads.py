@@ -1,4 +1,5 @@
-"""StandardROIHeads with the EQL box predictor and LVIS image-level category exclusion."""
+"""ROI heads with the EQL box predictor and LVIS image-level labels: the mixin both the
+standard and the cascade heads share, and the standard heads."""
 
 from typing import List
 
@@ -7,103 +8,80 @@ from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Instances
 
+from ..cls_losses import cls_loss_class
 from .fast_rcnn import EQLFastRCNNOutputLayers, check_box_head_keys
 
-__all__ = ["EQLROIHeads", "attach_image_labels", "image_label_args"]
+__all__ = ["ImageLabelHeads", "EQLROIHeads", "attach_image_labels", "needs_image_labels"]
 
 
-def image_label_args(cfg) -> dict:
-    """The EQL heads' image-level label switches, from ``MODEL.EQL``."""
-    return {"use_image_level_labels": cfg.MODEL.EQL.USE_IMAGE_LEVEL_LABELS,
-            "ignore_not_exhaustive": cfg.MODEL.EQL.IGNORE_NOT_EXHAUSTIVE}
+def needs_image_labels(cfg) -> bool:
+    """Whether training the model of `cfg` reads LVIS image-level labels: ROI heads with
+    :class:`ImageLabelHeads` whose loss takes the verified mask (``MODEL.IMAGE_LABELS.VERIFIED``)
+    or that ignore not-exhaustive categories (``IGNORE_NOT_EXHAUSTIVE``)."""
+    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
+        return False
+    heads = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
+    if not issubclass(heads, ImageLabelHeads):
+        return False
+    labels = cfg.MODEL.IMAGE_LABELS
+    takes_verified = "verified" in cls_loss_class(cfg, "two_stage").inputs
+    return (labels.VERIFIED and takes_verified) or labels.IGNORE_NOT_EXHAUSTIVE
 
 
-def attach_image_labels(proposals: List[Instances], targets: List[Instances], num_classes: int,
-                        use_verified: bool, ignore_not_exhaustive: bool) -> None:
-    """Give labelled proposals the image-level masks their loss reads (in place).
+def attach_image_labels(proposals: List[Instances], targets: List[Instances]) -> None:
+    """Give each image's sampled proposals its image-level labels (in place).
 
-    The image's ``gt_verified`` / ``gt_not_exhaustive`` rows (added to the ground truth by
-    :class:`~eql_d2.data.ImageLabelDatasetMapper`; every row the image's vector) become
-
-    - ``gt_verified`` [R, C]: kept when ``use_verified``, dropped otherwise;
-    - ``gt_ignored`` [R, C] (``ignore_not_exhaustive``): the not-exhaustive categories on
-      background proposals, which are then not negatives there.
-
-    An image whose ground truth lacks the fields (no instances) gets all-False masks. A
-    batch where images with instances lack them was not mapped for this: an error says so.
+    The ground truth's ``image_labels`` (:class:`~eql_d2.data.image_labels.ImageLabels`, set
+    by :class:`~eql_d2.data.ImageLabelDatasetMapper`) hold the image's vectors once; each
+    proposal gets an index to them, not an [R, C] copy. Images whose ground truth has no
+    ``image_labels`` leave their proposals without them.
     """
-    c = num_classes
-    needed = use_verified or ignore_not_exhaustive
     for props, target in zip(proposals, targets):
-        have = target.has("gt_verified") and target.has("gt_not_exhaustive")
-        if needed and not have and len(target) > 0:
-            raise RuntimeError(
-                "MODEL.EQL.USE_IMAGE_LEVEL_LABELS / IGNORE_NOT_EXHAUSTIVE need each training "
-                "image's LVIS image-level labels on its ground truth (fields gt_verified, "
-                "gt_not_exhaustive), which eql_d2.data.ImageLabelDatasetMapper adds and "
-                "eql_d2's Trainer uses; map the data with it, or turn both keys off")
-        device = props.gt_classes.device
-        row = (lambda name: target.get(name)[0].to(device)) if have else (
-            lambda name: torch.zeros(c, dtype=torch.bool, device=device))
-        n = len(props)
-        if props.has("gt_verified"):  # copied from the matched boxes by the sampling
-            props.remove("gt_verified")
-        if props.has("gt_not_exhaustive"):
-            props.remove("gt_not_exhaustive")
-        if use_verified:
-            # a view: the [R, C] mask is only materialised when the batch is concatenated
-            props.gt_verified = row("gt_verified").expand(n, c)
-        if ignore_not_exhaustive:
-            background = props.gt_classes == c
-            props.gt_ignored = background[:, None] & row("gt_not_exhaustive")[None, :]
+        if target.has("image_labels"):
+            props.image_labels = target.image_labels.with_rows(len(props))
 
 
-@ROI_HEADS_REGISTRY.register()
-class EQLROIHeads(StandardROIHeads):
-    """Box (and mask) heads of Faster / Mask R-CNN with :class:`EQLFastRCNNOutputLayers`.
+class ImageLabelHeads:
+    """Mixin for detectron2 ROI heads whose box predictors are
+    :class:`EQLFastRCNNOutputLayers`: their sampled proposals carry the images' LVIS
+    image-level labels to the predictor (``image_labels``), at every cascade stage."""
 
-    In training, each sampled proposal gets the image-level masks its loss needs
-    (:func:`attach_image_labels`): ``gt_verified`` [R, C] (EQL / EQLv2 with
-    ``use_image_level_labels``), the image's positive categories and its verified negatives
-    (``neg_category_ids``); ``gt_ignored`` [R, C] (``ignore_not_exhaustive``), the image's
-    ``not_exhaustive_category_ids`` on background proposals. They travel with the data:
-    :class:`~eql_d2.data.ImageLabelDatasetMapper` puts them on the ground truth, so a plain
-    ``GeneralizedRCNN`` carries them here.
-    """
-
-    @configurable
-    def __init__(self, *, use_image_level_labels: bool = True,
-                 ignore_not_exhaustive: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        if not isinstance(self.box_predictor, EQLFastRCNNOutputLayers):
-            raise ValueError("EQLROIHeads needs an EQLFastRCNNOutputLayers box predictor, got "
-                             f"{type(self.box_predictor).__name__}")
-        self.use_image_level_labels = bool(use_image_level_labels)
-        self.ignore_not_exhaustive = bool(ignore_not_exhaustive)
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        return dict(super().from_config(cfg, input_shape), **image_label_args(cfg))
+    def _check_predictors(self, predictors):
+        for k, predictor in enumerate(predictors):
+            if not isinstance(predictor, EQLFastRCNNOutputLayers):
+                raise ValueError(f"{type(self).__name__} needs EQLFastRCNNOutputLayers box "
+                                 f"predictors, got {type(predictor).__name__} (stage {k})")
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
-        # The pooler and box head are StandardROIHeads' own; only the predictor differs.
+        # detectron2's poolers, box heads (and cascade matchers); each predictor becomes the
+        # EQL one, keeping that stage's box transform
         check_box_head_keys(cfg)
         ret = super()._init_box_head(cfg, input_shape)
-        ret["box_predictor"] = EQLFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
+        if "box_predictors" in ret:  # cascade: one per stage
+            ret["box_predictors"] = [
+                EQLFastRCNNOutputLayers(cfg, head.output_shape,
+                                        box2box_transform=predictor.box2box_transform)
+                for head, predictor in zip(ret["box_heads"], ret["box_predictors"])]
+        else:
+            ret["box_predictor"] = EQLFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
         return ret
-
-    @property
-    def needs_image_labels(self) -> bool:
-        """Whether training reads the image-level verified / not-exhaustive sets."""
-        return ((self.use_image_level_labels and self.box_predictor.uses_verified)
-                or self.ignore_not_exhaustive)
 
     @torch.no_grad()
     def label_and_sample_proposals(self, proposals: List[Instances],
                                    targets: List[Instances]) -> List[Instances]:
         sampled = super().label_and_sample_proposals(proposals, targets)
-        attach_image_labels(sampled, targets, self.num_classes,
-                            self.use_image_level_labels and self.box_predictor.uses_verified,
-                            self.ignore_not_exhaustive)
+        attach_image_labels(sampled, targets)
         return sampled
+
+
+@ROI_HEADS_REGISTRY.register()
+class EQLROIHeads(ImageLabelHeads, StandardROIHeads):
+    """Box (and mask) heads of Faster / Mask R-CNN with :class:`EQLFastRCNNOutputLayers`,
+    whose classification loss is ``MODEL.CLS_LOSS.NAME``; in training each sampled proposal
+    carries its image's LVIS image-level labels (``MODEL.IMAGE_LABELS``)."""
+
+    @configurable
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._check_predictors([self.box_predictor])
