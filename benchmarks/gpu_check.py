@@ -36,17 +36,15 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import warnings
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-import bench_losses  # noqa: E402  (benchmarks/ is not a package)
+import bench_losses  # benchmarks/ is not a package: the script's own folder is on sys.path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LVIS_CLASSES = 1203
 TRAIN_DATASET = "gpu_check_lvis_like_train"
@@ -108,6 +106,8 @@ def register_train_metadata(num_classes):
     """An LVIS-like long-tailed training set, as metadata only (no images are read)."""
     from detectron2.data import MetadataCatalog
 
+    from eql_d2.data.synthetic import frequency_group
+
     if TRAIN_DATASET in MetadataCatalog.list():
         MetadataCatalog.remove(TRAIN_DATASET)
     num_images = 100_170
@@ -115,7 +115,7 @@ def register_train_metadata(num_classes):
     MetadataCatalog.get(TRAIN_DATASET).set(
         thing_classes=[f"category_{j + 1}" for j in range(num_classes)],
         class_image_count=[{"id": j + 1, "image_count": n} for j, n in enumerate(counts)],
-        class_frequency=["r" if n <= 10 else "c" if n <= 100 else "f" for n in counts],
+        class_frequency=[frequency_group(n) for n in counts],
         num_train_images=num_images, evaluator_type="lvis")
 
 
@@ -142,8 +142,10 @@ def build_cfg(name, s, amp, device):
 
 def synthetic_batch(s, device, seed=0):
     """Batch 2 of what the training mapper gives: CHW float images of height x width, and
-    Instances with boxes, classes, polygon masks and the LVIS image-level label rows."""
+    Instances with boxes, classes, polygon masks and the LVIS image-level labels."""
     from detectron2.structures import Boxes, Instances, PolygonMasks
+
+    from eql_d2.data.image_labels import ImageLabels
 
     g = torch.Generator().manual_seed(seed)
     h, w, c = s["height"], s["width"], s["classes"]
@@ -163,15 +165,14 @@ def synthetic_batch(s, device, seed=0):
         inst.gt_boxes = Boxes(boxes)
         inst.gt_classes = classes
         inst.gt_masks = PolygonMasks(polygons)
-        # image-level labels as eql_d2's training mapper attaches them: every row the image's
-        # vector (positives and verified negatives; not-exhaustive categories)
+        # image-level labels as eql_d2's training mapper attaches them: the image's vectors
+        # (positives and verified negatives; not-exhaustive categories) for all its rows
         verified = torch.zeros(c, dtype=torch.bool)
         verified[classes] = True
         verified[torch.randint(0, c, (5,), generator=g)] = True
         not_exhaustive = torch.zeros(c, dtype=torch.bool)
         not_exhaustive[torch.randint(0, c, (1,), generator=g)] = True
-        inst.gt_verified = verified.expand(k, c)
-        inst.gt_not_exhaustive = not_exhaustive.expand(k, c)
+        inst.image_labels = ImageLabels.for_image(verified, not_exhaustive, k)
         batch.append({"image": image, "height": h, "width": w, "instances": inst})
     return batch
 

@@ -14,17 +14,16 @@ config.
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import eql_d2.modeling  # noqa: E402,F401
-from eql_d2.config import get_eql_cfg  # noqa: E402
-from eql_d2.engine import Trainer, prepare_datasets  # noqa: E402
+import eql_d2.modeling  # noqa: F401
+from eql_d2.config import get_eql_cfg
+from eql_d2.data import register_all
+from eql_d2.engine import Trainer, prepare_datasets
 
 
 def main():
@@ -40,6 +39,7 @@ def main():
     cfgs = {os.path.splitext(os.path.basename(f))[0]:
             get_eql_cfg(f, [*opts, "DATALOADER.NUM_WORKERS", "0"]) for f in files}
     first = next(iter(cfgs.values()))
+    register_all()
     prepare_datasets(first)
     loader = iter(Trainer.build_train_loader(first))
     batches = [next(loader) for _ in range(args.warmup + args.rounds)]

@@ -12,6 +12,8 @@ OUT=output/bench700/two_stage ONLY="seesaw federated sigmoid" \
 # FCOS: EFL against focal
 SPEED=0 OUT=output/bench700/fcos RUNS="fcos_R18_FPN_focal fcos_R18_FPN_efl" \
   benchmarks/synthetic_lt_one_stage.sh "${SCHEDULE[@]}"
-# Cascade Mask R-CNN: EQLv2 against sigmoid
+# Cascade Mask R-CNN: EQLv2 against sigmoid, with the regime indicators that
+# benchmarks/results/synthetic_lt_700 keeps (a snapshot every 100 iterations)
 ARCH=cascade_mask OUT=output/bench700/cascade ONLY="sigmoid eqlv2" \
-  benchmarks/synthetic_lt_two_stage.sh "${SCHEDULE[@]}"
+  benchmarks/synthetic_lt_two_stage.sh "${SCHEDULE[@]}" \
+  MODEL.CLS_LOSS.REGIME_INDICATORS True MODEL.CLS_LOSS.LOG_PERIOD 100

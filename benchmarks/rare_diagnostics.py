@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from eql_d2.utils.groups import GROUPS
+
 
 def _xyxy(boxes):
     b = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
@@ -51,7 +53,7 @@ def group_statistics(gt, results, iou_thresh=0.5):
         det_by[(r["image_id"], r["category_id"])].append((r["score"], r["bbox"]))
 
     stats = {g: {"gt": 0, "found": 0, "tp_scores": [], "fp_scores": [], "fp_on_objects": 0, "dets": 0}
-             for g in "rcf"}
+             for g in GROUPS}
     for key in set(gt_by) | set(det_by):
         g = stats[group[key[1]]]
         gts, dets = gt_by.get(key, []), det_by.get(key, [])

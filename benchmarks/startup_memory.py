@@ -44,6 +44,10 @@ def generate(out, num_images=100_000, num_annotations=1_270_000, num_categories=
     span LVIS's rare / common / frequent groups; polygons have 6 .. 2*mean_points-6 points
     inside their box, coordinates with 2 decimals. Returns the file size in bytes.
     """
+    # not at the top: the measured processes time their first import of eql_d2 (_rank_main)
+    from eql_d2.data.synthetic import frequency_group
+    from eql_d2.utils.io import atomic_write
+
     rng = np.random.default_rng(seed)
     p = 1.0 / np.arange(1, num_categories + 1) ** 1.1
     cat = rng.choice(num_categories, size=num_annotations, p=p / p.sum()) + 1
@@ -54,10 +58,8 @@ def generate(out, num_images=100_000, num_annotations=1_270_000, num_categories=
     counts = np.bincount(np.unique(cat.astype(np.int64) * (num_images + 1) + img) // (num_images + 1),
                          minlength=num_categories + 1)[1:]
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".partial"
     dumps = json.JSONEncoder(separators=(",", ":")).encode
-    with open(tmp, "w") as f:
+    with atomic_write(out) as f:
         f.write('{"info":{"description":"LVIS-v1-sized synthetic annotations"},"images":[')
         for i in range(num_images):
             w, h = (int(v) for v in sizes[i])
@@ -92,14 +94,13 @@ def generate(out, num_images=100_000, num_annotations=1_270_000, num_categories=
         f.write('],"categories":[')
         for c in range(num_categories):
             n = int(counts[c])
-            freq = "r" if n <= 10 else "c" if n <= 100 else "f"
+            freq = frequency_group(n)
             name = f"category_{c + 1:04d}"
             f.write(("," if c else "") + dumps({
                 "id": c + 1, "name": name, "synonyms": [name], "synset": f"{name}.n.01",
                 "def": "a generated category", "frequency": freq, "image_count": n,
                 "instance_count": int((cat == c + 1).sum())}))
         f.write('],"licenses":[{"id":1,"name":"none"}]}')
-    os.replace(tmp, out)
     return os.path.getsize(out)
 
 
@@ -121,7 +122,6 @@ def _rank_main(json_file, repo, out_dir):
     from detectron2.utils import comm
 
     import eql_d2
-    import eql_d2.data  # noqa: F401  (as train_net.py)
     import eql_d2.modeling  # noqa: F401
     from eql_d2.config import get_eql_cfg
     from eql_d2.data import register_lvis_format

@@ -24,11 +24,11 @@ CFG=configs/Synthetic-LT/EQL/${ARCH}_rcnn_R18_FPN
 # name | config loss | extra options
 RUNS=(
   "sigmoid|sigmoid|"
-  "eql|eql|MODEL.EQL.USE_IMAGE_LEVEL_LABELS True"
+  "eql|eql|MODEL.IMAGE_LABELS.VERIFIED True"
   "eqlv2|eqlv2|"
   "softmax|softmax|"
-  "eql_no_image_labels|eql|MODEL.EQL.USE_IMAGE_LEVEL_LABELS False"
-  "eql_ignore_not_exhaustive|eql|MODEL.EQL.IGNORE_NOT_EXHAUSTIVE True"
+  "eql_no_image_labels|eql|MODEL.IMAGE_LABELS.VERIFIED False"
+  "eql_ignore_not_exhaustive|eql|MODEL.IMAGE_LABELS.IGNORE_NOT_EXHAUSTIVE True"
   "seesaw|seesaw|"
   "federated|federated|"
 )

@@ -27,6 +27,7 @@ is taken over.
 
 import argparse
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -37,7 +38,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # $EQL_D2_STUDY_RESULTS: a driver running from another checkout (say a snapshot of the code
 # the study runs with) can keep its results in the repository being worked on
@@ -46,6 +46,8 @@ RESULTS = os.environ.get("EQL_D2_STUDY_RESULTS",
 SEEDS = (0, 1, 2)
 LVIS_CFG = "configs/Synthetic-LVIS"
 SLT_SCHEDULE = ["SOLVER.MAX_ITER", "700", "SOLVER.STEPS", "(540, 650)"]
+# every run writes the regime indicators (opt-in in training), a snapshot every 100 iterations
+REGIME = ["MODEL.CLS_LOSS.REGIME_INDICATORS", "True", "MODEL.CLS_LOSS.LOG_PERIOD", "100"]
 
 # arm name -> (config, extra options, dataset kind)
 ARMS = {
@@ -56,11 +58,11 @@ ARMS = {
     "frcnn_eqlv2": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_eqlv2.yaml", [], "lvis"),
     # ablations (EFL Tab. 3, EQL Tab. 4)
     "atss_efl_focusing_only": (f"{LVIS_CFG}/atss_R18_FPN_efl.yaml",
-                               ["MODEL.EFL.WEIGHTING_FACTOR", "False"], "lvis"),
+                               ["MODEL.CLS_LOSS.EFL.WEIGHTING_FACTOR", "False"], "lvis"),
     "atss_efl_weighting_only": (f"{LVIS_CFG}/atss_R18_FPN_efl.yaml",
-                                ["MODEL.EFL.FOCUSING_FACTOR", "False"], "lvis"),
+                                ["MODEL.CLS_LOSS.EFL.FOCUSING_FACTOR", "False"], "lvis"),
     "frcnn_eql_no_excluding_function": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_eql.yaml",
-                                        ["MODEL.EQL.EXCLUDING_FUNCTION", "False"], "lvis"),
+                                        ["MODEL.CLS_LOSS.EQL.EXCLUDING_FUNCTION", "False"], "lvis"),
     # all categories equally frequent (EFL Tab. 9: EFL = focal there)
     "balanced_atss_focal": (f"{LVIS_CFG}/balanced_atss_R18_FPN_focal.yaml", [], "balanced"),
     "balanced_atss_efl": (f"{LVIS_CFG}/balanced_atss_R18_FPN_efl.yaml", [], "balanced"),
@@ -167,18 +169,16 @@ def claim(lock):
 
 def save_results(run_dir, dest):
     """Copy what the study keeps of a finished run into `dest` (complete or absent)."""
-    tmp = dest + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in ("final_metrics.json", "config.yaml"):
-        shutil.copy(os.path.join(run_dir, name), tmp)
-    regime = os.path.join(run_dir, "regime_indicators.jsonl")
-    if os.path.isfile(regime):
-        with open(regime, "rb") as src, gzip.GzipFile(
-                os.path.join(tmp, "regime_indicators.jsonl.gz"), "wb", mtime=0) as dst:
-            shutil.copyfileobj(src, dst)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    os.rename(tmp, dest)
+    from eql_d2.utils.io import atomic_directory
+
+    with atomic_directory(dest) as tmp:
+        for name in ("final_metrics.json", "config.yaml"):
+            shutil.copy(os.path.join(run_dir, name), tmp)
+        regime = os.path.join(run_dir, "regime_indicators.jsonl")
+        if os.path.isfile(regime):
+            with open(regime, "rb") as src, gzip.GzipFile(
+                    os.path.join(tmp, "regime_indicators.jsonl.gz"), "wb", mtime=0) as dst:
+                shutil.copyfileobj(src, dst)
 
 
 def cmd_run(args):
@@ -210,7 +210,7 @@ def cmd_run(args):
                        **dataset_env(kind, seed, args.datasets)}
                 cmd = [sys.executable, "train_net.py", "--resume", "--config-file", config,
                        "SEED", str(seed), "OUTPUT_DIR", run_dir, "SOLVER.CHECKPOINT_PERIOD", "100",
-                       *dataset_options(kind), *extra, *args.opts]
+                       *REGIME, *dataset_options(kind), *extra, *args.opts]
                 print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
                 start = time.time()
                 proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -322,8 +322,10 @@ def cmd_table(args):
 
 def _regime_cells(summary, key):
     """Cells for rare / common / frequent; a dataset with one group fills the common cell."""
+    from eql_d2.utils.groups import GROUPS
+
     cells = []
-    for group in ("r", "c", "f"):
+    for group in GROUPS:
         s = summary.get(group) or (summary.get("all") if group == "c" else None)
         if s is None or not s["seen"]:
             cells.append("-")
@@ -336,8 +338,11 @@ def _regime_cells(summary, key):
 
 def cmd_plots(args):
     """Regime plots of the finished runs, one folder per dataset, into --plots."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from plot_gradients import plot_regime
+    # tools/ is a folder of scripts, not a package: the tool is loaded from its file
+    spec = importlib.util.spec_from_file_location(
+        "plot_gradients", os.path.join(ROOT, "tools", "plot_gradients.py"))
+    plot_gradients = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_gradients)
 
     def study(runs):
         return [(run_name(a, s), os.path.join(RESULTS, run_name(a, s))) for a, s in runs]
@@ -357,7 +362,7 @@ def cmd_plots(args):
                 if any(os.path.isfile(os.path.join(path, n)) for n in
                        ("regime_indicators.jsonl", "regime_indicators.jsonl.gz"))]
         if have:
-            plot_regime([p for _, p in have], [label for label, _ in have],
+            plot_gradients.plot_regime([p for _, p in have], [label for label, _ in have],
                         os.path.join(args.plots, folder))
 
 

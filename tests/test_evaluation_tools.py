@@ -10,6 +10,7 @@ import torch
 from detectron2.data import MetadataCatalog
 
 from eql_d2.config import get_eql_cfg
+from eql_d2.utils.groups import GROUPS
 from lvis_cases import per_category_case, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,8 @@ def gradient_run(tmp_path, arch, loss_opts):
     with open(run / "metrics.json", "w") as f:
         for it in (0, 20, 40):
             row = {"iteration": it, "total_loss": 1.0}
-            row.update({f"{kind}/gradient_ratio/{g}": 0.1 * it / 40 + i for i, g in enumerate("rcf")})
+            row.update({f"{kind}/gradient_ratio/{g}": 0.1 * it / 40 + i
+                        for i, g in enumerate(GROUPS)})
             f.write(json.dumps(row) + "\n")
     return run
 
@@ -58,8 +60,9 @@ def read_rows(path):
 
 
 def test_efl_gradient_ratio_and_focusing_factor(tmp_path):
-    run = gradient_run(tmp_path, "ATSS", ["MODEL.EFL.LOSS", "efl", "MODEL.EFL.GAMMA_B", "2.0",
-                                          "MODEL.EFL.SCALE", "8.0"])
+    run = gradient_run(tmp_path, "ATSS", ["MODEL.CLS_LOSS.NAME", "efl",
+                                          "MODEL.CLS_LOSS.EFL.GAMMA_B", "2.0",
+                                          "MODEL.CLS_LOSS.EFL.SCALE", "8.0"])
     written = plot_gradients.main(["--checkpoint", str(run / "model_final.pth")])
     rows = read_rows(run / "gradients" / "gradient_ratio_per_category.csv")
     assert [r["name"] for r in rows] == ["alpha", "beta", "gamma", "delta"]  # most images first
@@ -73,7 +76,7 @@ def test_efl_gradient_ratio_and_focusing_factor(tmp_path):
 
 
 def test_eqlv2_gradient_ratio_is_not_clamped(tmp_path):
-    run = gradient_run(tmp_path, "ImageLabelRCNN", ["MODEL.EQL.LOSS", "eqlv2"])
+    run = gradient_run(tmp_path, "GeneralizedRCNN", ["MODEL.CLS_LOSS.NAME", "eqlv2"])
     out = tmp_path / "plots"
     written = plot_gradients.main(["--checkpoint", str(run / "model_final.pth"),
                                    "--output-dir", str(out)])
@@ -84,8 +87,9 @@ def test_eqlv2_gradient_ratio_is_not_clamped(tmp_path):
 
 
 def test_model_without_statistics_is_refused(tmp_path):
-    run = gradient_run(tmp_path, "ImageLabelRCNN", ["MODEL.EQL.LOSS", "softmax"])
-    with pytest.raises(ValueError, match="config.yaml: ImageLabelRCNN with MODEL.EQL.LOSS 'softmax'"):
+    run = gradient_run(tmp_path, "GeneralizedRCNN", ["MODEL.CLS_LOSS.NAME", "softmax"])
+    with pytest.raises(ValueError, match="config.yaml: GeneralizedRCNN with "
+                                         "MODEL.CLS_LOSS.NAME 'softmax'"):
         plot_gradients.main(["--checkpoint", str(run / "model_final.pth")])
     with pytest.raises(FileNotFoundError, match="Checkpoint not found"):
         plot_gradients.main(["--checkpoint", str(run / "missing.pth"),

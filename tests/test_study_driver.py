@@ -2,6 +2,7 @@
 differences of its table."""
 
 import gzip
+import importlib.util
 import json
 import os
 import statistics
@@ -12,8 +13,10 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import synthetic_lvis_study as study  # noqa: E402
+_spec = importlib.util.spec_from_file_location(
+    "synthetic_lvis_study", os.path.join(ROOT, "benchmarks", "synthetic_lvis_study.py"))
+study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(study)
 
 
 def test_a_run_is_claimed_once_and_a_dead_drivers_lock_is_taken_over(tmp_path):
@@ -41,7 +44,7 @@ def test_kept_results_hold_metrics_config_and_compressed_indicators(tmp_path):
                                         "regime_indicators.jsonl.gz"]
     with gzip.open(os.path.join(dest, "regime_indicators.jsonl.gz"), "rt") as f:
         assert f.read() == '{"iteration": 1}\n'
-    assert not [p for p in os.listdir(os.path.dirname(dest)) if ".tmp-" in p]
+    assert not [p for p in os.listdir(os.path.dirname(dest)) if ".partial" in p]
 
 
 def _fake_results(root, arm, seed, ap, apr):

@@ -12,7 +12,7 @@ leaves in OUTPUT_DIR; --config / --metrics point elsewhere) and writes into --ou
   frequent first), coloured by LVIS frequency group. EQLv2 uses g_j unclamped; EFL clamps it
   to [0, 1] (Li et al. 2022, eq. 3). Categories without negative gradient yet have no g_j.
 - ``focusing_factor_per_category.png`` (EFL / EQFL): gamma_j = gamma_b + s (1 - g_j), with
-  gamma_b = MODEL.EFL.GAMMA_B and s = MODEL.EFL.SCALE from the saved config.
+  gamma_b = MODEL.CLS_LOSS.<EFL or EQFL>.GAMMA_B and s = ...SCALE from the saved config.
 - ``gradient_ratio_over_training.png``: the rare / common / frequent means of g_j (and, for
   EFL, of gamma_j) that the losses log into metrics.json, against the iteration.
 
@@ -34,40 +34,36 @@ import csv
 import json
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from detectron2.config import get_cfg
+from matplotlib.figure import Figure
 
-import matplotlib  # noqa: E402
+from eql_d2.config import add_eql_config
+from eql_d2.data import load_category_metadata, register_all
+from eql_d2.evaluation.plots import GROUP_COLORS, save_figure
+from eql_d2.evaluation.regime import group_summary, head_names, read_regime_indicators
+from eql_d2.modeling.cls_losses import resolve_loss_name
+from eql_d2.utils.groups import GROUP_NAMES, GROUPS
+from eql_d2.utils.io import atomic_write
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-
-import eql_d2.data  # noqa: E402,F401  (registers Synthetic-LT)
-from eql_d2.config import add_eql_config  # noqa: E402
-from eql_d2.data import load_category_metadata  # noqa: E402
-from eql_d2.evaluation.plots import GROUP_COLORS, GROUP_NAMES, save_figure  # noqa: E402
-from eql_d2.evaluation.regime import (group_summary, head_names,  # noqa: E402
-                                      read_regime_indicators)
-from eql_d2.evaluation.results_io import atomic_path  # noqa: E402
-
-DENSE_ARCHS = ("ATSS", "EFLRetinaNet", "EFLFCOS")
+# registry name of a loss with gradient statistics -> what this tool plots of it
+# (EFL and EQFL keep the same statistics)
+LOSS_KINDS = {"EQLv2": "eqlv2", "EFL": "efl", "EQFL": "efl"}
 
 
 def loss_kind(cfg, config_path):
-    """"eqlv2" or "efl" (EFL and EQFL share the statistics), else a clear error."""
-    if cfg.MODEL.META_ARCHITECTURE in DENSE_ARCHS:
-        if cfg.MODEL.EFL.LOSS in ("efl", "eqfl"):
-            return "efl"
-        loss = f"MODEL.EFL.LOSS {cfg.MODEL.EFL.LOSS!r}"
-    else:
-        if cfg.MODEL.EQL.LOSS == "eqlv2":
-            return "eqlv2"
-        loss = f"MODEL.EQL.LOSS {cfg.MODEL.EQL.LOSS!r}"
-    raise ValueError(f"{config_path}: {cfg.MODEL.META_ARCHITECTURE} with {loss} keeps no gradient "
-                     "statistics; they exist for MODEL.EQL.LOSS eqlv2 and MODEL.EFL.LOSS efl / eqfl")
+    """(registry name, "eqlv2" or "efl") of the config's loss, else a clear error."""
+    name = cfg.MODEL.CLS_LOSS.NAME
+    try:
+        registered = resolve_loss_name(name) if name else None
+    except KeyError:
+        registered = None
+    if registered in LOSS_KINDS:
+        return registered, LOSS_KINDS[registered]
+    raise ValueError(f"{config_path}: {cfg.MODEL.META_ARCHITECTURE} with MODEL.CLS_LOSS.NAME "
+                     f"{name!r} keeps no gradient statistics; they exist for "
+                     f"{', '.join(LOSS_KINDS)}")
 
 
 def read_statistics(checkpoint):
@@ -88,9 +84,9 @@ def read_statistics(checkpoint):
 
 def read_history(metrics_path, kind):
     """{scalar name: ([iterations], [values])} of the logged group means."""
-    names = [f"{kind}/gradient_ratio/{g}" for g in "rcf"]
+    names = [f"{kind}/gradient_ratio/{g}" for g in GROUPS]
     if kind == "efl":
-        names += [f"efl/focusing_factor/{g}" for g in "rcf"]
+        names += [f"efl/focusing_factor/{g}" for g in GROUPS]
     history = {n: ([], []) for n in names}
     with open(metrics_path) as f:
         for line_no, line in enumerate(f, 1):
@@ -108,7 +104,8 @@ def read_history(metrics_path, kind):
 
 
 def _bar_by_frequency(rows, key, ylabel, title, path, hline=None):
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(rows) + 2), 3.8))
+    fig = Figure(figsize=(max(6.0, 0.12 * len(rows) + 2), 3.8))
+    ax = fig.subplots()
     xs = range(len(rows))
     ys = [r[key] if r[key] is not None else 0.0 for r in rows]
     ax.bar(xs, ys, width=0.85, color=[GROUP_COLORS.get(r["frequency"], "gray") for r in rows])
@@ -116,7 +113,7 @@ def _bar_by_frequency(rows, key, ylabel, title, path, hline=None):
     if missing:
         ax.scatter(missing, [0] * len(missing), marker="x", color="black",
                    label="no negative gradient yet")
-    for g in "rcf":
+    for g in GROUPS:
         ax.bar([0], [0], color=GROUP_COLORS[g], label=GROUP_NAMES[g])
     if hline is not None:
         ax.axhline(hline, color="black", linewidth=0.8, linestyle="--")
@@ -129,7 +126,7 @@ def _bar_by_frequency(rows, key, ylabel, title, path, hline=None):
 
 
 def _group_legend(ax):
-    for g in "rcf":
+    for g in GROUPS:
         ax.plot([], [], color=GROUP_COLORS[g], marker="o", linestyle="", label=GROUP_NAMES[g])
     ax.legend(fontsize=7)
 
@@ -142,8 +139,10 @@ def plot_regime(runs, labels, out_dir, head=None):
     labels = labels or [os.path.basename(os.path.normpath(r)) for r in runs]
     series = [read_regime_indicators(r) for r in runs]
     n = len(runs)
-    fig_s, axes_s = plt.subplots(n, 1, figsize=(8, 2.7 * n), squeeze=False)
-    fig_g, axes_g = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False, sharey=True)
+    fig_s = Figure(figsize=(8, 2.7 * n))
+    axes_s = fig_s.subplots(n, 1, squeeze=False)
+    fig_g = Figure(figsize=(3.6 * n, 3.2))
+    axes_g = fig_g.subplots(1, n, squeeze=False, sharey=True)
     rows = []
     for k, (label, snaps) in enumerate(zip(labels, series)):
         last = snaps[-1]
@@ -163,7 +162,7 @@ def plot_regime(runs, labels, out_dir, head=None):
                      fontsize=9)
         _group_legend(ax)
         ax = axes_g[0][k]
-        for g in "rcf":
+        for g in GROUPS:
             its, med = [], []
             for snap in snaps:
                 summary = group_summary(snap, name)
@@ -192,12 +191,10 @@ def plot_regime(runs, labels, out_dir, head=None):
                os.path.join(out_dir, "regime_summary.csv")]
     save_figure(fig_s, written[0])
     save_figure(fig_g, written[1])
-    tmp = atomic_path(written[2])
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(written[2]) as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, written[2])
     for path in written:
         print(f"wrote {path}")
     return written
@@ -233,10 +230,11 @@ def main(argv=None):
     add_eql_config(cfg)
     cfg.set_new_allowed(True)  # a config saved by a newer eql_d2 may carry more keys
     cfg.merge_from_file(config_path)
-    kind = loss_kind(cfg, config_path)
+    loss, kind = loss_kind(cfg, config_path)
     prefix, pos, neg = read_statistics(args.checkpoint)
     if not cfg.DATASETS.TRAIN:
         raise ValueError(f"{config_path}: DATASETS.TRAIN is empty; the category order comes from it")
+    register_all()
     meta = load_category_metadata(cfg.DATASETS.TRAIN[0])
     names = meta.get("thing_classes")
     counts = meta.get("class_image_count")
@@ -250,7 +248,8 @@ def main(argv=None):
     ratio = torch.where(neg > 0, pos / neg.clamp_min(1e-300), torch.full_like(pos, math.inf))
     if kind == "efl":
         ratio = ratio.clamp(0.0, 1.0)  # clamp(inf) = 1: no statistics, as the loss treats it
-        gamma_b, scale = cfg.MODEL.EFL.GAMMA_B, cfg.MODEL.EFL.SCALE
+        node = cfg.MODEL.CLS_LOSS[loss]  # MODEL.CLS_LOSS.EFL or .EQFL
+        gamma_b, scale = node.GAMMA_B, node.SCALE
         focusing = gamma_b + scale * (1.0 - ratio)
     rows = []
     for j, name in enumerate(names):
@@ -265,17 +264,15 @@ def main(argv=None):
 
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "gradient_ratio_per_category.csv")
-    tmp = atomic_path(csv_path)
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(csv_path) as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, csv_path)
-    label = "EQLv2" if kind == "eqlv2" else cfg.MODEL.EFL.LOSS.upper()
+    label = loss
     _bar_by_frequency(rows, "gradient_ratio", "gradient ratio g_j",
                       f"{label}: accumulated gradient ratio per category ({os.path.basename(args.checkpoint)})",
                       os.path.join(out_dir, "gradient_ratio_per_category.png"),
-                      hline=cfg.MODEL.EQL.EQLV2.MU if kind == "eqlv2" else None)
+                      hline=cfg.MODEL.CLS_LOSS.EQLV2.MU if kind == "eqlv2" else None)
     written = [csv_path, os.path.join(out_dir, "gradient_ratio_per_category.png")]
     if kind == "efl":
         _bar_by_frequency(rows, "focusing_factor", "focusing factor gamma_j",
@@ -287,16 +284,18 @@ def main(argv=None):
         history = read_history(metrics_path, kind)
         if history:
             panels = ["gradient_ratio"] + (["focusing_factor"] if kind == "efl" else [])
-            fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+            fig = Figure(figsize=(5.2 * len(panels), 3.6))
+            axes = fig.subplots(1, len(panels), squeeze=False)
             for ax, panel in zip(axes[0], panels):
-                for g in "rcf":
+                for g in GROUPS:
                     key = f"{kind}/{panel}/{g}"
                     if key in history:
                         ax.plot(*history[key], color=GROUP_COLORS[g], label=GROUP_NAMES[g])
                 ax.set_xlabel("iteration")
                 ax.set_ylabel(f"mean {panel.replace('_', ' ')}")
                 ax.grid(alpha=0.3)
-                ax.legend(fontsize=8)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=8)
             fig.suptitle(f"{label}: group means logged during training", fontsize=10)
             path = os.path.join(out_dir, "gradient_ratio_over_training.png")
             save_figure(fig, path)
