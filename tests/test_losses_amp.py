@@ -49,7 +49,7 @@ def ref_eqlv2(z, labels, q, r, verified):
     return _bce_weighted(z, labels, C + 1, lambda y: y * rv + (1 - y) * qv)
 
 
-def ref_focal(z, labels, gamma, weight, alpha, normalizer, quality=None):
+def ref_focal(z, labels, gamma, weight, alpha, avg_factor, quality=None):
     valid = (labels >= 0).double()[:, None]
     y = (labels[:, None] == torch.arange(C)).double()
     p = torch.sigmoid(z)
@@ -60,7 +60,7 @@ def ref_focal(z, labels, gamma, weight, alpha, normalizer, quality=None):
     else:
         t = y * quality[:, None]
         el = -weight * (t - p).abs() ** gamma * (t * torch.log(p) + (1 - t) * torch.log(1 - p))
-    return (el * valid).sum() / normalizer
+    return (el * valid).sum() / avg_factor
 
 
 # ----------------------------------------------------------------------------------------

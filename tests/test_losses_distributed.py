@@ -28,11 +28,11 @@ def _batches():
     return out
 
 
-def _run(rows, normalizer=11.0):
+def _run(rows, avg_factor=11.0):
     """Train the three stateful losses for STEPS steps on ``rows`` of each global batch.
 
-    ``normalizer``: of EFL / EQFL; a worker holding 1 / world_size of the batch passes the
-    whole batch's divided by world_size, as the dense detectors' normalizer averaged over
+    ``avg_factor``: of EFL / EQFL; a worker holding 1 / world_size of the batch passes the
+    whole batch's divided by world_size, as the dense detectors' avg_factor averaged over
     workers is."""
     losses = {"eqlv2": EQLv2Loss(C), "efl": EqualizedFocalLoss(C),
               "eqfl": EqualizedQualityFocalLoss(C, scale=4.0)}
@@ -41,15 +41,15 @@ def _run(rows, normalizer=11.0):
         z = logits[rows].clone().requires_grad_()
         zo = torch.cat([logits, objectness], 1)[rows].clone().requires_grad_()
         losses["eqlv2"](zo, labels[rows]).backward()
-        losses["efl"](z, focal_labels[rows], normalizer).backward()
-        losses["eqfl"](z, focal_labels[rows], quality[rows], normalizer).backward()
+        losses["efl"](z, focal_labels[rows], avg_factor).backward()
+        losses["eqfl"](z, focal_labels[rows], quality[rows], avg_factor).backward()
     return {name: torch.stack([m.pos_grad, m.neg_grad]) for name, m in losses.items()}
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_two_gloo_workers_match_one_process_on_the_whole_batch():
-    ranks = run_on_gloo_workers(_run, N, normalizer=11.0 / 2)
+    ranks = run_on_gloo_workers(_run, N, avg_factor=11.0 / 2)
     single = _run(slice(0, N))
     for name, expected in single.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name

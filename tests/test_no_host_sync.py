@@ -20,6 +20,7 @@ from eql_d2.losses import (EQLLoss, EQLv2Loss, EqualizedFocalLoss, EqualizedQual
                            FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss,
                            SoftmaxEQLLoss)
 from eql_d2.losses import _checks
+from eql_d2.modeling.cls_losses.efl import EFL
 from eql_d2.modeling.meta_arch.dense_loss import DenseClassificationLoss
 from eql_d2.modeling.stats_logging import put_group_means, put_scalar_periodically
 
@@ -140,12 +141,19 @@ def _training_steps():
     yield "eqlv2", _stateful(EQLv2Loss(C)), zo, (yo, vo), None
     yield "eqlv2 no verified", _stateful(EQLv2Loss(C)), zo, (yo,), None
     yield "efl", _stateful(EqualizedFocalLoss(C)), zi, (yi, 17.0), None
-    yield "efl tensor normalizer", _stateful(EqualizedFocalLoss(C)), zi, (yi, norm_t), None
+    yield "efl tensor avg_factor", _stateful(EqualizedFocalLoss(C)), zi, (yi, norm_t), None
     yield "eqfl", _stateful(EqualizedQualityFocalLoss(C)), zi, (yi, qi, norm_t), None
     yield "focal", FocalLoss(), zi, (yi, 17.0), None
     yield "qfl", QualityFocalLoss(), zi, (yi, qi, 17.0), None
     yield "softmax", SoftmaxCELoss(), zo, (yo,), None  # K = C + 1 with background
     yield "seql", SoftmaxEQLLoss(freq, lambda_=0.05, gamma=0.9), z[:, :C], (y % C,), None
+    # every loss takes a device avg_factor (two-stage heads pass theirs too) or none
+    yield "eql tensor avg_factor", EQLLoss(freq, lambda_=0.05), z, (y, v, norm_t), None
+    yield "eqlv2 tensor avg_factor", _stateful(EQLv2Loss(C)), zo, (yo, vo, norm_t), None
+    yield "softmax tensor avg_factor", SoftmaxCELoss(), zo, (yo, norm_t), None
+    yield "seql tensor avg_factor", SoftmaxEQLLoss(freq, lambda_=0.05, gamma=0.9), z[:, :C], \
+        (y % C, norm_t), None
+    yield "efl no avg_factor", _stateful(EqualizedFocalLoss(C)), zi, (yi,), None
     # the upstream gradient is a tensor (a loss weight, a GradScaler scale): backward
     # scales without reading it
     yield "efl scaled", _stateful(EqualizedFocalLoss(C)), zi, (yi, norm_t), 1024.0
@@ -194,8 +202,8 @@ def test_training_step_reads_nothing_back(device_tensors, case):
     assert grad.dtype == z.dtype and torch.isfinite(grad.float()).all()
 
 
-def test_worker_threads_and_retained_graph_read_nothing_back(device_tensors, monkeypatch):
-    """Several intra-op threads (row blocks on the worker pool) and a retained graph."""
+def test_threads_and_retained_graph_read_nothing_back(device_tensors, monkeypatch):
+    """Several intra-op threads, many row blocks and a retained graph."""
     import eql_d2.losses._fused as fused
 
     monkeypatch.setattr(fused, "_EAGER_CPU_BLOCK", 7 * C)
@@ -217,17 +225,19 @@ def test_worker_threads_and_retained_graph_read_nothing_back(device_tensors, mon
 
 def test_logging_reads_only_on_logging_iterations(device_tensors):
     groups = ["r"] * 3 + ["c"] * 4 + ["f"] * (C - 7)
-    head = DenseClassificationLoss(loss="efl", num_classes=C, class_frequency=groups,
-                                   period=20).train()
+    head = DenseClassificationLoss(criterion=EFL(C), class_frequency=groups,
+                                   log_period=20).train()
     z, y, _, _ = _batch(seed=4, ignore=True)
+    z, y = z[None], y[None]  # one image, every anchor
+    pos = (y >= 0) & (y < C)
     with EventStorage(start_iter=1) as storage:
         with recorded_host_reads() as calls:
-            head(z.clone().requires_grad_(), y, 9.0)
+            head(z.clone().requires_grad_(), y, pos, 9.0)
             put_scalar_periodically("num_pos_anchors", (y >= 0).sum() / 2)
         assert not calls, calls
         assert not storage.latest()
         storage.iter = 20
-        head(z.clone().requires_grad_(), y, 9.0)
+        head(z.clone().requires_grad_(), y, pos, 9.0)
         put_scalar_periodically("num_pos_anchors", (y >= 0).sum() / 2)
         latest = storage.latest()
     for name in ("efl/gradient_ratio", "efl/focusing_factor"):

@@ -9,6 +9,12 @@
 - :class:`FederatedLoss`: sigmoid CE over sampled classes (Zhou et al., 2021).
 - Baselines: :class:`SigmoidCELoss`, :class:`FocalLoss`, :class:`QualityFocalLoss`,
   :class:`SoftmaxCELoss`.
+- :class:`GradientStatistics`: the per-class gradient statistics EQLv2 and EFL keep, a base
+  class for other gradient-guided losses.
+
+One call convention: ``loss(logits, labels, [verified | quality,] avg_factor=None)``
+returns the sum of the per-entry losses divided by ``avg_factor`` (a positive float or
+one-element tensor); None divides by the number of rows N (the mean over rows).
 
 The sigmoid and focal families run through a fused kernel (loss, gradient and gradient
 statistics in one pass); set ``use_compile`` or ``EQL_D2_COMPILE_LOSSES`` to choose
@@ -27,6 +33,7 @@ from .eql import EQLLoss, tail_ratio
 from .eqlv2 import EQLv2Loss
 from .seesaw import SeesawLoss
 from .seql import SoftmaxEQLLoss
+from .statistics import GradientStatistics
 
 __all__ = [
     "COMPILE_ENV",
@@ -37,6 +44,7 @@ __all__ = [
     "EqualizedQualityFocalLoss",
     "FederatedLoss",
     "FocalLoss",
+    "GradientStatistics",
     "QualityFocalLoss",
     "SeesawLoss",
     "SigmoidCELoss",

@@ -4,7 +4,7 @@ Every check raises ``ValueError`` with the argument's name first, so a caller se
 input was wrong. Nothing is broadcast: shapes must match exactly.
 
 Checks of types, shapes, dtypes and devices need no tensor values and always run. Checks
-that read values (label range, quality range, a tensor normalizer, finiteness of the
+that read values (label range, quality range, a tensor avg_factor, finiteness of the
 logits or of the loss) need those values on the host; for a tensor on an accelerator that
 is a device synchronisation, which a training iteration must not pay. They therefore run
 when the tensor is on the CPU (reading it is a memory access), and for tensors on other
@@ -26,7 +26,7 @@ __all__ = [
     "check_class_vector",
     "check_logits",
     "check_labels",
-    "check_normalizer",
+    "check_avg_factor",
     "check_quality",
     "check_verified",
     "check_scalar",
@@ -176,35 +176,38 @@ def check_quality(quality, labels: torch.Tensor, logits: torch.Tensor, num_class
             raise ValueError("quality must be in [0, 1] (and finite) for foreground samples")
 
 
-def check_normalizer(normalizer, logits: torch.Tensor) -> Union[float, torch.Tensor]:
-    """A positive finite number (float or one-element tensor).
+def check_avg_factor(avg_factor, logits: torch.Tensor) -> Union[None, float, torch.Tensor]:
+    """None (the number of rows) or a positive finite number (float or one-element tensor).
 
-    Returns a float, or a 0-dim tensor on logits' device. A tensor whose value can be read
-    (:func:`reads_values`) is checked; one on the host is returned as a float when the
+    Returns None, a float, or a 0-dim tensor on logits' device. A tensor whose value can be
+    read (:func:`reads_values`) is checked; one on the host is returned as a float when the
     logits are elsewhere, which spares a synchronous host-to-device copy. A tensor on the
     logits' device is passed on as it is: its value stays on the device.
     """
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.numel() != 1:
-            raise ValueError(f"normalizer must be a number or a one-element tensor, "
-                             f"got shape {tuple(normalizer.shape)}")
-        if normalizer.dtype == torch.bool or normalizer.is_complex():
-            raise ValueError(f"normalizer must be real, got dtype {normalizer.dtype}")
-        value = normalizer.detach().reshape(())
+    if avg_factor is None:
+        return None
+    if isinstance(avg_factor, torch.Tensor):
+        if avg_factor.numel() != 1:
+            raise ValueError(f"avg_factor must be a number or a one-element tensor, "
+                             f"got shape {tuple(avg_factor.shape)}")
+        if avg_factor.dtype == torch.bool or avg_factor.is_complex():
+            raise ValueError(f"avg_factor must be real, got dtype {avg_factor.dtype}")
+        value = avg_factor.detach().reshape(())
         if not reads_values(value):
             if value.device != logits.device:
-                raise ValueError(f"normalizer must be a number, a CPU tensor or on logits' "
+                raise ValueError(f"avg_factor must be a number, a CPU tensor or on logits' "
                                  f"device {logits.device}, got {value.device}")
             return value
         checked = value.item()
         if value.device != logits.device:
             value = checked
     else:
-        value = checked = normalizer
+        value = checked = avg_factor
     if isinstance(checked, bool) or not isinstance(checked, Real):
-        raise ValueError(f"normalizer must be a positive number, got {type(checked).__name__}")
+        raise ValueError(f"avg_factor must be None or a positive number, "
+                         f"got {type(checked).__name__}")
     if not math.isfinite(checked) or checked <= 0:
-        raise ValueError(f"normalizer must be finite and > 0, got {checked}")
+        raise ValueError(f"avg_factor must be finite and > 0, got {checked}")
     return value if isinstance(value, torch.Tensor) else float(value)
 
 

@@ -1,53 +1,36 @@
-"""Fused fast path: loss, analytic gradient and per-class gradient sums in one pass.
+"""Fused path of the sigmoid and focal losses: loss, analytic gradient and per-class
+gradient sums in one pass.
 
-The published implementations build each loss from autograd ops over [N, C] and collect
-gradient statistics with a backward hook; every op keeps an [N, C] temporary alive until
-backward, and the hook adds more passes. Here each family has one block kernel (a plain
-function of tensors) that, for a block of rows, returns the loss sum and the per-class
-statistics and writes the gradient of the loss w.r.t. the logits into its slice of a
-preallocated [N, C] tensor. :class:`_FusedLoss` (a custom ``autograd.Function``) runs the
-kernel over row blocks in ``forward`` and hands the stored gradient out in ``backward``.
-Only the gradient outlives the call; temporaries are block-sized.
+Written with autograd ops, these losses keep several [N, C] temporaries alive until
+backward, and the gradient-guided ones add a backward hook for their statistics. Here
+each family has one block kernel (a plain function of tensors) that, for a block of rows,
+returns the loss sum and the per-class statistics and writes the gradient of the loss
+w.r.t. the logits into its slice of a preallocated [N, C] tensor. :class:`_FusedLoss`
+(a custom ``autograd.Function``) runs the kernel over row blocks in ``forward`` and hands
+the stored gradient out in ``backward``: only the gradient outlives the call, and
+temporaries are block-sized (BENCHMARKS.md, "Loss fast path", for time and memory).
 
-The kernels are written once and run either eagerly or through ``torch.compile``. Which
-one runs is decided per call:
-
-- the ``use_compile`` argument of the loss module, when it is not None;
-- else the environment variable ``EQL_D2_COMPILE_LOSSES`` (``1``/``0``, ``auto``);
-- else ``auto``: compile on CUDA, eager elsewhere. On this project's CPUs the compiled
-  kernels ran slower than the eager ones (100000 x 1203, 2 threads, quiet machine: EFL
-  1.53 s against 0.86 s, EQLv2 1.18 s against 0.46 s per step; BENCHMARKS.md, "Loss fast
-  path") and each kernel variant costs a compile of 10-20 s. On CUDA the eager
-  kernel makes ~15 memory-bound passes per block where the compiled one fuses them; that
-  default is reasoned, not measured (no GPU was available when it was written).
-
-Compilation uses ``dynamic=True`` so the varying row count of the last block (detectors
-see a different N every iteration) does not recompile. If compiling fails (no C++
-compiler, no Triton, a construct Dynamo cannot trace, unsupported Python), a warning
-naming the cause is issued once and the eager kernel is used from then on. Errors raised
-while a compiled kernel runs (a CUDA out-of-memory error, a device assert) propagate like
-those of the eager kernel.
+The kernels run eagerly or through ``torch.compile``, decided per call by the
+``use_compile`` argument of the loss module, else the environment variable
+``EQL_D2_COMPILE_LOSSES`` (``1``, ``0`` or ``auto``), else ``auto``: compile on CUDA, eager
+elsewhere (on CPU the compiled kernels were slower, and each variant costs a compile of
+10-20 s). ``dynamic=True`` keeps the varying row count of detectors from recompiling. If a
+compiled call raises anything, a warning names the cause once and the eager kernel runs
+from then on, starting with that call (so an error that is not the compiler's, such as
+running out of memory, reaches the caller from the eager kernel).
 
 Mixed precision: float16 and bfloat16 logits are computed in float32, and the gradient
 stays float32 until backward has applied the upstream gradient (under
 ``torch.amp.GradScaler``, the loss scale); only then is it rounded to the logits' dtype,
-once. This is what autograd does for the reference formula under autocast, where
-``binary_cross_entropy_with_logits`` runs in float32; rounding the unscaled gradient
-would flush the small gradients of easy negatives to zero. The float32 gradient costs
-4 bytes per logit until backward (float32 logits: no extra memory).
+as autograd does for the reference formula under autocast. Rounding the unscaled gradient
+would flush the small gradients of easy negatives to zero.
 
 Nothing here reads a device tensor back to the host during training (no ``.item()``, no
-data-dependent shapes, no host-to-device copies of constants): on CUDA a training step
-queues its kernels without waiting for the device.
+data-dependent shapes, no host-to-device copies of constants).
 """
 
-import ctypes
-import importlib
 import os
-import sys
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -55,92 +38,21 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import _checks
-from ._checks import raise_if_nonfinite
 
-__all__ = ["COMPILE_ENV", "compute_dtype", "focal_family_loss", "resolve_compile",
+__all__ = ["COMPILE_ENV", "average", "compute_dtype", "focal_family_loss", "resolve_compile",
            "sigmoid_bce_loss"]
 
 COMPILE_ENV = "EQL_D2_COMPILE_LOSSES"
 
-# Elements per row block. For the eager kernel on CPU a block of ~1 MB (fp32) keeps the
-# temporaries in cache (one thread, 20000 x 1203 EFL step: 0.40 s with 2^18 against
-# 0.51 s with 2^20, process CPU time). Compiled CPU kernels parallelise inside each block
-# with OpenMP, where fewer, larger blocks wait less on a loaded machine (2 threads:
-# 1.8 s with 2^22 against 5.6 s with 2^18); on a GPU large blocks amortise launches.
+# Elements per row block. Eager CPU blocks of ~1 MB (fp32) keep the temporaries in cache;
+# compiled kernels parallelise inside a block, and on a GPU large blocks amortise launches.
 _EAGER_CPU_BLOCK = 1 << 18
 _BLOCK = 1 << 22
 
 
-# Eager CPU blocks run on a private pool of single-threaded workers, one per intra-op
-# thread, instead of letting every op of a block be an OpenMP parallel region: on a shared
-# machine a region can wait a whole scheduler time slice for a descheduled thread, and a
-# block has ~20 of them (2 threads on a loaded 2-core machine, 20000 x 1203 EFL step:
-# 3.3 s with OpenMP regions against 1.0 s on two single-threaded workers). Blocks are
-# independent and their results are summed in block order, so the result does not depend
-# on the scheduling.
-_POOL = None  # (pid, workers, ThreadPoolExecutor)
-_POOL_LOCK = threading.Lock()
-
-
-def _single_threaded_worker():
-    torch.get_num_threads()  # let PyTorch finish this thread's lazy thread setup first
-    torch.set_num_threads(1)  # this thread's OpenMP setting: its ops run inline
-
-
-def _cpu_pool(workers: int) -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[:2] != (os.getpid(), workers):
-            if _POOL is not None and _POOL[0] == os.getpid():
-                _POOL[2].shutdown(wait=False)
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="eql_d2_loss",
-                                      initializer=_single_threaded_worker)
-            barrier = threading.Barrier(workers)  # start every worker now...
-            list(pool.map(lambda _: barrier.wait(), range(workers)))
-            # ...then restore the process-wide default that set_num_threads(1) also wrote
-            # (this thread's own setting is unchanged by the workers).
-            torch.set_num_threads(workers)
-            _POOL = (os.getpid(), workers, pool)
-        return _POOL[2]
-
-
-# The gradient is the one [N, C] tensor the fast path allocates, and on CPU writing it the
-# first time is page faults: 51 ms for 96 MB here, 10 ms once the range is advised for
-# transparent huge pages (what PyTorch's THP_MEM_ALLOC_ENABLE=1 does for every tensor).
-# The advice changes nothing else; where it is unavailable it is skipped.
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-_madvise = None
-
-
-def _advise_huge_pages(t: torch.Tensor) -> None:
-    global _madvise
-    if _madvise is None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _madvise = libc.madvise
-        except (OSError, AttributeError):
-            _madvise = False
-    if not _madvise:
-        return
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    first = -(-start // _HUGE_PAGE) * _HUGE_PAGE
-    last = end // _HUGE_PAGE * _HUGE_PAGE
-    if last > first:
-        _madvise(first, last - first, _MADV_HUGEPAGE)  # advisory: the result is ignored
-
-
-def _new_gradient(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    grad = torch.empty(logits.shape, dtype=dtype, device=logits.device)
-    if grad.device.type == "cpu" and sys.platform.startswith("linux") \
-            and grad.numel() * grad.element_size() >= 4 * _HUGE_PAGE:
-        _advise_huge_pages(grad)
-    return grad
-
-
 def resolve_compile(use_compile: Optional[bool], device: torch.device) -> bool:
+    """Whether the kernels run through torch.compile: ``use_compile`` when given, else
+    ``EQL_D2_COMPILE_LOSSES``, else only on CUDA."""
     if use_compile is not None:
         return bool(use_compile)
     env = os.environ.get(COMPILE_ENV, "auto").strip().lower()
@@ -153,84 +65,27 @@ def resolve_compile(use_compile: Optional[bool], device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _compile_failure(exc: BaseException) -> bool:
-    """Whether ``exc``, raised by a call of a ``torch.compile``'d kernel, says that compiling
-    failed (and eager can run instead) rather than that running the kernel failed.
-
-    Compilation errors reach the caller as ``torch._dynamo.exc`` exceptions: Dynamo's own
-    (``Unsupported`` for a construct it cannot trace, ``InternalTorchDynamoError``, ...) and
-    ``BackendCompilerFailed`` / inductor's ``InductorError`` wrapping whatever the backend
-    raised (``InvalidCxxCompiler``, ``CppCompileError``, ``TritonMissing``, lowering errors).
-    The inductor and Triton-availability errors are matched directly too, in case one
-    arrives unwrapped. Once compiled, the kernel runs as generated code and its errors (a
-    CUDA OOM, a device assert, any RuntimeError) are the plain exceptions: those are not
-    compilation failures. Neither is an out-of-memory error met while compiling
-    (autotuning allocates): memory is the program's problem, not the compiler's.
-    """
-    if _out_of_memory(exc):
-        return False
-    kinds = []
-    for module_name, names in (
-            ("torch._dynamo.exc", ("TorchDynamoException", "TritonUnavailableError")),
-            ("torch._inductor.exc", ("InvalidCxxCompiler", "CppCompileError", "OperatorIssue",
-                                     "TritonMissing", "GPUTooOldForTriton"))):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        kinds += [getattr(module, n) for n in names if isinstance(getattr(module, n, None), type)]
-    return isinstance(exc, tuple(kinds))
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is, wraps or was caused by an out-of-memory error."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-            return True
-        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
-    return False
-
-
-def _describe(exc: BaseException, limit: int = 600) -> str:
-    """``Type: message`` on one line, cut at ``limit`` characters."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
 class _Kernel:
-    """A chunk kernel and its lazily built ``torch.compile`` twin.
-
-    A compilation failure (see :func:`_compile_failure`) warns once, naming its cause, and
-    the eager kernel runs from then on; any other exception propagates.
-    """
+    """A block kernel and its lazily built ``torch.compile`` twin, with one fall-back: any
+    exception from the compiled one warns once and the eager kernel runs from then on."""
 
     def __init__(self, fn: Callable):
         self.fn = fn
         self._compiled = None
         self._failed = False
 
-    def _fall_back(self, exc: BaseException) -> None:
-        self._failed = True
-        warnings.warn(f"torch.compile of the {self.fn.__name__} loss kernel failed "
-                      f"({_describe(exc)}); using the eager kernel from now on.",
-                      RuntimeWarning, stacklevel=4)
-
     def __call__(self, use_compile: bool, *args):
         if use_compile and not self._failed:
-            if self._compiled is None:
-                try:
-                    self._compiled = torch.compile(self.fn, dynamic=True)
-                except Exception as exc:  # no usable compiler stack at all (e.g. Python version)
-                    self._fall_back(exc)
-                    return self.fn(*args)
             try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self.fn, dynamic=True)
                 return self._compiled(*args)
             except Exception as exc:
-                if not _compile_failure(exc):
-                    raise
-                self._fall_back(exc)
+                self._failed = True
+                cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:600]
+                warnings.warn(f"torch.compile of the {self.fn.__name__} loss kernel failed "
+                              f"({cause}); using the eager kernel from now on.",
+                              RuntimeWarning, stacklevel=4)
         return self.fn(*args)
 
 
@@ -410,7 +265,7 @@ def _focal_block(z, labels, quality, gamma, weight, alpha, inv_norm, soft: bool,
     z [R, C]; labels [R] in {-1 ignore, 0..C-1, C background}; quality [R] (soft targets,
     used when ``soft``) or None; gamma, weight [C]: focusing and weighting factor of each
     class; alpha: 0-dim (positives alpha, negatives 1 - alpha) or None; inv_norm: 0-dim,
-    1 / normalizer. Each element is scaled by w = weight_j alpha_t inv_norm, 0 on ignored
+    1 / avg_factor. Each element is scaled by w = weight_j alpha_t inv_norm, 0 on ignored
     rows.
 
     Binary targets (EFL, focal): with u = z for negatives and -z for the positive entry,
@@ -481,67 +336,43 @@ sigmoid_bce_kernel = _Kernel(_sigmoid_bce_block)
 focal_kernel = _Kernel(_focal_block)
 
 
-class _Job:
-    """Everything one fused call needs besides the logits (kept out of autograd's view)."""
-
-    def __init__(self, kernel: _Kernel, rows: Sequence[Optional[torch.Tensor]],
-                 consts: Sequence, want_grad: bool, want_stats: bool, use_compile: bool):
-        self.kernel, self.rows, self.consts = kernel, rows, consts
-        self.want_grad, self.want_stats, self.use_compile = want_grad, want_stats, use_compile
-
-    def run(self, logits: torch.Tensor):
-        logits = logits.detach()
-        n, width = logits.shape
-        compute = compute_dtype(logits)
-        on_cpu = logits.device.type == "cpu"
-        block = _EAGER_CPU_BLOCK if on_cpu and not self.use_compile else _BLOCK
-        step = max(1, block // max(width, 1))
-        # The gradient is kept in the compute dtype: for half-precision logits it gets
-        # their dtype only in backward, after the upstream gradient (a loss scale) is
-        # applied, as autograd of the float32 formula under autocast does.
-        grad = _new_gradient(logits, compute) if self.want_grad else None
-
-        def block(start):
-            end = min(n, start + step)
-            rows = [None if r is None else r[start:end] for r in self.rows]
-            out = grad[start:end] if grad is not None else None
-            with torch.no_grad():  # a pool thread starts with gradients enabled
-                return self.kernel(self.use_compile, logits[start:end], *rows, *self.consts,
-                                   out, self.want_grad, self.want_stats)
-
-        starts = range(0, n, step)
-        workers = torch.get_num_threads()
-        if on_cpu and not self.use_compile and workers > 1 and len(starts) > 1:
-            results = _cpu_pool(workers).map(block, starts)
-        else:  # compiled kernels parallelise inside; GPU kernels are asynchronous
-            results = map(block, starts)
-        loss = torch.zeros((), dtype=compute, device=logits.device)
-        stats = torch.zeros(2, width, dtype=compute, device=logits.device)
-        for block_loss, pos, neg in results:  # in block order
-            loss += block_loss
-            if self.want_stats:
-                stats[0] += pos
-                stats[1] += neg
-        return loss, grad, stats
-
-
-def _keeps_graph() -> bool:
-    """Whether the running backward keeps the graph (retain_graph=True); True if unknown."""
-    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    try:
-        return True if probe is None else bool(probe())
-    except RuntimeError:
-        return True
+def _run_blocks(kernel: _Kernel, logits: torch.Tensor, rows, consts, want_grad: bool,
+                want_stats: bool, use_compile: bool):
+    """(loss 0-dim, gradient [N, K] or None, stats [2, K]) of ``kernel`` over row blocks."""
+    n, width = logits.shape
+    compute = compute_dtype(logits)
+    block = _EAGER_CPU_BLOCK if logits.device.type == "cpu" and not use_compile else _BLOCK
+    step = max(1, block // max(width, 1))
+    # The gradient is kept in the compute dtype: for half-precision logits it gets their
+    # dtype only in backward, after the upstream gradient (a loss scale) is applied.
+    grad = torch.empty(logits.shape, dtype=compute, device=logits.device) if want_grad else None
+    loss = torch.zeros((), dtype=compute, device=logits.device)
+    stats = torch.zeros(2, width, dtype=compute, device=logits.device)
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        block_rows = [None if r is None else r[start:end] for r in rows]
+        out = None if grad is None else grad[start:end]
+        block_loss, pos, neg = kernel(use_compile, logits[start:end], *block_rows, *consts,
+                                      out, want_grad, want_stats)
+        loss += block_loss
+        if want_stats:
+            stats[0] += pos
+            stats[1] += neg
+    return loss, grad, stats
 
 
 class _FusedLoss(torch.autograd.Function):
+    """loss, stats = _FusedLoss.apply(logits, kernel, rows, consts, want_stats, use_compile);
+    the gradient w.r.t. the logits is computed in forward and saved for backward."""
+
     @staticmethod
-    def forward(ctx, logits, job):
-        loss, grad, stats = job.run(logits)
+    def forward(ctx, logits, kernel, rows, consts, want_stats, use_compile):
+        loss, grad, stats = _run_blocks(kernel, logits.detach(), rows, consts,
+                                        ctx.needs_input_grad[0], want_stats, use_compile)
         if grad is not None:
-            # Autograd frees a saved tensor right after this node's backward unless the
-            # graph is retained, so the returned gradient is then the only reference and
-            # becomes logits.grad (a leaf) or flows upstream without a copy.
+            # Autograd frees a saved tensor after this node's backward unless the graph is
+            # retained, so a gradient returned unchanged becomes logits.grad (a leaf) or
+            # flows upstream without a copy.
             ctx.save_for_backward(grad)
         ctx.logits_dtype = logits.dtype
         ctx.mark_non_differentiable(stats)
@@ -551,37 +382,31 @@ class _FusedLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
         (grad,) = ctx.saved_tensors
+        none = (None,) * 5
         if grad.dtype != ctx.logits_dtype:
-            # Half-precision logits: scale in the compute dtype, then round once. Rounding
-            # the unscaled gradient first would flush small entries (easy negatives) to
-            # zero before a mixed-precision loss scale could lift them.
-            return torch.mul(grad, grad_loss,
-                             out=torch.empty(grad.shape, dtype=ctx.logits_dtype,
-                                             device=grad.device)), None
-        # Where the upstream scale can be read without a device synchronisation (on the
-        # CPU), skip the pass over [N, C] for the usual 1. Elsewhere scale in place unless
-        # a retained graph still needs the saved gradient.
+            # Half-precision logits: scale in the compute dtype, then round once.
+            out = torch.empty(grad.shape, dtype=ctx.logits_dtype, device=grad.device)
+            return (torch.mul(grad, grad_loss, out=out), *none)
+        # The usual upstream gradient 1 skips a pass over [N, C] where it can be read
+        # without a device synchronisation (on the CPU). The saved gradient is not scaled
+        # in place: a retained graph may still need it.
         if _checks._values_on_host(grad_loss) and grad_loss.item() == 1.0:
-            return grad, None
-        if _keeps_graph():
-            return grad * grad_loss, None
-        return grad.mul_(grad_loss), None
+            return (grad, *none)
+        return (grad * grad_loss, *none)
 
 
-def fused_loss(kernel: _Kernel, logits: torch.Tensor, rows: Sequence[Optional[torch.Tensor]],
-               consts: Sequence, *, want_stats: bool, use_compile: Optional[bool]):
+def _fused(kernel: _Kernel, logits: torch.Tensor, rows: Sequence[Optional[torch.Tensor]],
+           consts: Sequence, want_stats: bool, use_compile: Optional[bool]):
     """Run ``kernel`` over ``logits`` [N, K] in row blocks through :class:`_FusedLoss`.
 
-    rows: per-row tensors (first dim N) or None, sliced with the logits; consts: passed
-    to every block unchanged (per-class vectors already in the compute dtype, scalars).
-    Returns (loss 0-dim, stats [2, K] with row 0 positive and row 1 negative sums; zeros
-    when ``want_stats`` is False).
+    rows: per-row tensors (first dim N) or None, sliced with the logits; consts: passed to
+    every block unchanged (per-class vectors in the compute dtype, scalars). Returns (loss
+    0-dim, stats [2, K]: row 0 positive, row 1 negative sums; zeros without ``want_stats``).
     """
-    logits_c = logits.contiguous()
-    want_grad = torch.is_grad_enabled() and logits.requires_grad
-    job = _Job(kernel, rows, consts, want_grad, want_stats,
-               resolve_compile(use_compile, logits.device))
-    return _FusedLoss.apply(logits_c, job)
+    loss, stats = _FusedLoss.apply(logits.contiguous(), kernel, tuple(rows), tuple(consts),
+                                   want_stats, resolve_compile(use_compile, logits.device))
+    _checks.raise_if_nonfinite(loss, logits)
+    return loss, stats
 
 
 def compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -589,45 +414,55 @@ def compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def average(total: torch.Tensor, avg_factor, rows: int) -> torch.Tensor:
+    """total / avg_factor in total's dtype (avg_factor as returned by ``check_avg_factor``;
+    None: ``rows``, 1 when there are none). For the losses that do not run fused."""
+    if avg_factor is None:
+        return total / max(rows, 1)
+    if isinstance(avg_factor, torch.Tensor):
+        return total / avg_factor.to(total.dtype)
+    return total / avg_factor
+
+
+def _inverse(avg_factor, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1 / avg_factor as a 0-dim tensor on the logits' device; None means the number of rows
+    (1 for an empty batch). A number is filled on the device (``torch.tensor`` would copy
+    from the host and wait); a tensor stays on the device."""
+    if isinstance(avg_factor, torch.Tensor):
+        return torch.reciprocal(avg_factor.to(device=logits.device, dtype=dtype))
+    value = max(logits.shape[0], 1) if avg_factor is None else avg_factor
+    return torch.full((), 1.0 / value, dtype=dtype, device=logits.device)
+
+
 def sigmoid_bce_loss(logits, labels, verified, pos_weight, neg_weight_fg, neg_weight_bg,
-                     num_fg: int, *, want_stats: bool, use_compile: Optional[bool]):
-    """sum_ij w_ij BCE(z_ij, y_ij) / N through the fused path (inputs already validated).
+                     num_fg: int, avg_factor=None, *, want_stats: bool,
+                     use_compile: Optional[bool]):
+    """sum_ij w_ij BCE(z_ij, y_ij) / avg_factor through the fused path (inputs validated;
+    avg_factor as returned by ``check_avg_factor``).
 
     pos_weight, neg_weight_fg [K], neg_weight_bg [K] or None: weights, see
-    ``_sigmoid_bce_block``. Returns (loss, stats [2, K] of unnormalised |w dBCE/dz| sums).
+    ``_sigmoid_bce_block``. Returns (loss, stats [2, K] of |w dBCE/dz| sums, without the
+    1 / avg_factor).
     """
     dtype = compute_dtype(logits)
     dev = logits.device
-    # torch.full fills on the device; torch.tensor would copy from the host and wait.
-    scale = torch.full((), 1.0 / max(logits.shape[0], 1), dtype=dtype, device=dev)
     consts = [None if t is None else t.to(device=dev, dtype=dtype)
               for t in (pos_weight, neg_weight_fg, neg_weight_bg)]
-    loss, stats = fused_loss(sigmoid_bce_kernel, logits, (labels, verified),
-                             (*consts, num_fg, scale), want_stats=want_stats,
-                             use_compile=use_compile)
-    raise_if_nonfinite(loss, logits)
-    return loss, stats
+    return _fused(sigmoid_bce_kernel, logits, (labels, verified),
+                  (*consts, num_fg, _inverse(avg_factor, logits, dtype)), want_stats,
+                  use_compile)
 
 
 def focal_family_loss(logits, labels, quality, gamma, weight, alpha: Optional[float],
-                      normalizer, *, want_stats: bool,
-                      use_compile: Optional[bool]):
-    """sum of a w |d|^gamma BCE / normalizer through the fused path (inputs validated).
+                      avg_factor=None, *, want_stats: bool, use_compile: Optional[bool]):
+    """sum of a w |d|^gamma BCE / avg_factor through the fused path (inputs validated).
 
     gamma, weight: [C] focusing and weighting factors; quality None for binary targets.
-    Returns (loss, stats [2, C] of |gradient| sums, normalizer included).
+    Returns (loss, stats [2, C] of |gradient| sums, 1 / avg_factor included).
     """
     dtype = compute_dtype(logits)
     dev = logits.device
-    # Constants are filled on the device (torch.tensor would copy from the host and wait).
     a = None if alpha is None else torch.full((), alpha, dtype=dtype, device=dev)
-    if isinstance(normalizer, torch.Tensor):
-        inv_norm = torch.reciprocal(normalizer.to(device=dev, dtype=dtype))
-    else:
-        inv_norm = torch.full((), 1.0 / normalizer, dtype=dtype, device=dev)
     consts = (gamma.to(device=dev, dtype=dtype), weight.to(device=dev, dtype=dtype), a,
-              inv_norm, quality is not None)
-    loss, stats = fused_loss(focal_kernel, logits, (labels, quality), consts,
-                             want_stats=want_stats, use_compile=use_compile)
-    raise_if_nonfinite(loss, logits)
-    return loss, stats
+              _inverse(avg_factor, logits, dtype), quality is not None)
+    return _fused(focal_kernel, logits, (labels, quality), consts, want_stats, use_compile)

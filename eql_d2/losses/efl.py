@@ -5,10 +5,10 @@ from typing import Optional, Union
 
 import torch
 
-from ._checks import (check_labels, check_logits, check_normalizer, check_num_classes,
+from ._checks import (check_avg_factor, check_labels, check_logits, check_num_classes,
                       check_quality, check_scalar, check_switch)
 from ._fused import focal_family_loss
-from ._stats import GradientStatistics
+from .statistics import GradientStatistics
 
 __all__ = ["EqualizedFocalLoss", "EqualizedQualityFocalLoss"]
 
@@ -18,7 +18,7 @@ Number = Union[float, int, torch.Tensor]
 class _EqualizedFocalBase(GradientStatistics):
     """Focusing/weighting factors from accumulated gradients, shared by EFL and EQFL."""
 
-    _STATS_MEAN_OVER_WORKERS = True  # the statistics include 1 / normalizer
+    _STATS_MEAN_OVER_WORKERS = True  # the statistics include 1 / avg_factor
 
     def __init__(self, num_classes: int, gamma_b: float, scale: float,
                  use_compile: Optional[bool], use_focusing_factor: bool,
@@ -55,19 +55,20 @@ class _EqualizedFocalBase(GradientStatistics):
             return torch.ones_like(self.pos_grad)
         return self._category_gamma() / self.gamma_b
 
-    def _loss(self, logits, labels, quality, normalizer, alpha):
+    def _loss(self, logits, labels, quality, avg_factor, alpha):
         c = self.num_classes
         check_logits(logits, c)
         check_labels(labels, logits, -1, c)
         if quality is not None:
             check_quality(quality, labels, logits, c)
             quality = quality.detach()
-        norm = check_normalizer(normalizer, logits)
+        avg_factor = check_avg_factor(avg_factor, logits)
         # both factors come from the statistics before this step
         gamma, weight = self.focusing_factor, self.weighting_factor
         update = self._updating_statistics()
-        loss, stats = focal_family_loss(logits, labels, quality, gamma, weight, alpha, norm,
-                                        want_stats=update, use_compile=self.use_compile)
+        loss, stats = focal_family_loss(logits, labels, quality, gamma, weight, alpha,
+                                        avg_factor, want_stats=update,
+                                        use_compile=self.use_compile)
         if update:
             self._accumulate(stats)
         return loss
@@ -84,14 +85,14 @@ class EqualizedFocalLoss(_EqualizedFocalBase):
     For each non-ignored sample i and class j, with y = [label_i == j], p = sigmoid(z_ij),
     p_t = p if y else 1 - p and alpha_t = alpha if y else 1 - alpha:
 
-        L = (1 / normalizer) sum_i sum_j -alpha_t (gamma^j / gamma_b)
+        L = (1 / avg_factor) sum_i sum_j -alpha_t (gamma^j / gamma_b)
                                           (1 - p_t)^(gamma^j) log(p_t)       (eq. 4)
         gamma^j = gamma_b + s (1 - g^j)                                      (eq. 3)
         g^j = clamp(pos_grad_j / neg_grad_j, 0, 1)
 
     gamma^j is the focusing factor, gamma^j / gamma_b the weighting factor; both come from
     the statistics accumulated before this step and are constants for the gradient. The
-    gradient w.r.t. z_ij is eq. 6 times alpha_t / normalizer.
+    gradient w.r.t. z_ij is eq. 6 times alpha_t / avg_factor.
 
     Components (Tab. 3 of the paper, "WF" and "FF"): without the focusing factor the
     exponent is gamma_b for every category, so the weighting factor alone reweights a focal
@@ -100,13 +101,14 @@ class EqualizedFocalLoss(_EqualizedFocalBase):
 
     Statistics (buffers ``pos_grad``, ``neg_grad`` [C], see :class:`GradientStatistics`):
     after each forward in training mode with grad enabled, they add the magnitude of that
-    gradient (eq. 6 x alpha_t / normalizer, with the factors applied), summed over the
+    gradient (eq. 6 x alpha_t / avg_factor, with the factors applied), summed over the
     positive and over the negative entries of each class and over workers. g^j starts at 1
     (no statistics: neg_grad_j = 0), so the first step is the focal loss. A loss weight
     applied by the caller outside this module is not part of the statistics; as a constant
-    it cancels in g^j. With DDP and a normalizer averaged over workers (as the dense
-    detectors here use), each step's sums are averaged over workers, as DDP averages
-    gradients, so they equal those of one process given the whole batch.
+    it cancels in g^j. With DDP and an avg_factor averaged over workers (as the dense
+    detectors here use: the number of positives), each step's sums are averaged over
+    workers, as DDP averages gradients, so they equal those of one process given the whole
+    batch.
 
     Logging: :attr:`gradient_ratio` (g^j), :attr:`focusing_factor` (the exponent applied:
     gamma^j, or gamma_b with the focusing factor off), :attr:`weighting_factor` (the weight
@@ -123,8 +125,9 @@ class EqualizedFocalLoss(_EqualizedFocalBase):
         use_weighting_factor: weight gamma^j / gamma_b (True, default) or 1.
 
     Shapes: ``forward(logits [N, C], labels [N] int in {-1 ignore, 0..C-1, C background},
-    normalizer > 0 (float or one-element tensor))`` returns a 0-dim loss (0 if nothing is
-    left after ignoring).
+    avg_factor=None)`` returns a 0-dim loss: the sum of the element losses (0 on ignored
+    rows) divided by ``avg_factor`` > 0 (float or one-element tensor; None: N, the number
+    of rows, ignored ones included; 1 for N = 0).
     """
 
     def __init__(self, num_classes: int, gamma_b: float = 2.0, scale: float = 8.0,
@@ -135,8 +138,8 @@ class EqualizedFocalLoss(_EqualizedFocalBase):
         self.alpha = None if alpha is None else check_scalar("alpha", alpha, low=0.0, high=1.0)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor,
-                normalizer: Number) -> torch.Tensor:
-        return self._loss(logits, labels, None, normalizer, self.alpha)
+                avg_factor: Optional[Number] = None) -> torch.Tensor:
+        return self._loss(logits, labels, None, avg_factor, self.alpha)
 
 
 class EqualizedQualityFocalLoss(_EqualizedFocalBase):
@@ -145,7 +148,7 @@ class EqualizedQualityFocalLoss(_EqualizedFocalBase):
     For each non-ignored sample i and class j, with p = sigmoid(z_ij) and soft target
     y' = quality_i if label_i == j else 0:
 
-        L = (1 / normalizer) sum_i sum_j -(gamma^j / gamma_b) |y' - p|^(gamma^j)
+        L = (1 / avg_factor) sum_i sum_j -(gamma^j / gamma_b) |y' - p|^(gamma^j)
                                   (y' log p + (1 - y') log(1 - p))            (eq. 5)
 
     with the focusing factor gamma^j and the weighting factor gamma^j / gamma_b of
@@ -158,7 +161,8 @@ class EqualizedQualityFocalLoss(_EqualizedFocalBase):
     Args: as :class:`EqualizedFocalLoss`, without alpha.
 
     Shapes: ``forward(logits [N, C], labels [N] as for EFL, quality [N] float (IoU in
-    [0, 1] on foreground rows, ignored elsewhere), normalizer > 0)`` returns a 0-dim loss.
+    [0, 1] on foreground rows, ignored elsewhere), avg_factor=None)`` returns a 0-dim
+    loss: the sum of the element losses divided by ``avg_factor`` (as for EFL; None: N).
     ``quality`` is a target: no gradient flows to it.
     """
 
@@ -169,5 +173,5 @@ class EqualizedQualityFocalLoss(_EqualizedFocalBase):
                          use_weighting_factor)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor,
-                normalizer: Number) -> torch.Tensor:
-        return self._loss(logits, labels, quality, normalizer, None)
+                avg_factor: Optional[Number] = None) -> torch.Tensor:
+        return self._loss(logits, labels, quality, avg_factor, None)

@@ -6,8 +6,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._checks import (check_class_vector, check_labels, check_logits, check_scalar,
-                      check_switch, check_verified)
+from ._checks import (check_avg_factor, check_class_vector, check_labels, check_logits,
+                      check_scalar, check_switch, check_verified)
 from ._fused import sigmoid_bce_loss
 
 __all__ = ["EQLLoss", "tail_ratio"]
@@ -40,7 +40,7 @@ class EQLLoss(nn.Module):
 
     For sample i with label c_i (c_i = C for background) and y_ij = [c_i == j]:
 
-        L = (1 / N) sum_i sum_j w_ij BCE(z_ij, y_ij),
+        L = (1 / avg_factor) sum_i sum_j w_ij BCE(z_ij, y_ij),
         w_ij = 1 - E(r_i) T_lambda(f_j) (1 - y_ij)                     (eq. 7)
 
     E(r_i) = 1 for a foreground sample, 0 for background; T_lambda(f) = 1 if f < lambda.
@@ -61,8 +61,9 @@ class EQLLoss(nn.Module):
         use_excluding_function: E(r) of eq. 7 (True, default); False takes E(r) = 1 for
             background samples too.
 
-    Shapes: ``forward(logits [N, C], labels [N] int in 0..C, verified [N, C] bool or None)``
-    returns a 0-dim loss (0 for N = 0).
+    Shapes: ``forward(logits [N, C], labels [N] int in 0..C, verified [N, C] bool or None,
+    avg_factor=None)`` returns a 0-dim loss: the weighted sum divided by ``avg_factor`` > 0
+    (float or one-element tensor; None: N, the mean over rows; 0 for N = 0).
     """
 
     def __init__(self, freq: Union[torch.Tensor, Sequence[float]], lambda_: float = 1.76e-3,
@@ -85,12 +86,14 @@ class EQLLoss(nn.Module):
         return tail_ratio(self.freq, self.lambda_ if lambda_ is None else lambda_)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor,
-                verified: Optional[torch.Tensor] = None) -> torch.Tensor:
+                verified: Optional[torch.Tensor] = None,
+                avg_factor: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
         c = self.num_classes
         check_logits(logits, c)
         check_labels(labels, logits, 0, c)
         if verified is not None:
             check_verified(verified, logits, c)
+        avg_factor = check_avg_factor(avg_factor, logits)
         ones = torch.ones_like(self.freq)
         # Negatives in foreground rows lose their weight on tail classes; background rows
         # keep weight 1 everywhere (E(r) = 0), or are weighted like foreground rows (no
@@ -98,7 +101,8 @@ class EQLLoss(nn.Module):
         bg_weight = ones if self.use_excluding_function else None
         loss, _ = sigmoid_bce_loss(logits, labels, verified, ones,
                                    ones - self.threshold().to(ones.dtype), bg_weight, c,
-                                   want_stats=False, use_compile=self.use_compile)
+                                   avg_factor, want_stats=False,
+                                   use_compile=self.use_compile)
         return loss
 
     def extra_repr(self) -> str:

@@ -9,8 +9,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._checks import (check_class_vector, check_labels, check_logits, check_num_classes,
-                      check_scalar)
+from ._checks import (check_avg_factor, check_class_vector, check_labels, check_logits,
+                      check_num_classes, check_scalar)
 from ._fused import sigmoid_bce_loss
 
 __all__ = ["FederatedLoss"]
@@ -29,7 +29,7 @@ class FederatedLoss(nn.Module):
     0) and not scored. For a batch of N rows with labels c_i (C = background), y_ij =
     [c_i == j] and a sampled class set S (a subset of the C foreground classes):
 
-        L = (1 / N) sum_i sum_{j in S} BCE(z_ij, y_ij)
+        L = (1 / avg_factor) sum_i sum_{j in S} BCE(z_ij, y_ij)
 
     S = P u D: P is the set of foreground classes labelled in the batch; D holds
     max(K - |P|, 0) classes outside P drawn without replacement with probability
@@ -65,8 +65,9 @@ class FederatedLoss(nn.Module):
         generator: optional ``torch.Generator`` for the draws.
         use_compile: as for :class:`~eql_d2.losses.EQLLoss`.
 
-    Shapes: ``forward(logits [N, C+1], labels [N] int in 0..C)`` returns a 0-dim loss (0 for
-    N = 0). ``sample_classes(labels [N])`` returns the sampled set S as a bool mask [C].
+    Shapes: ``forward(logits [N, C+1], labels [N] int in 0..C, avg_factor=None)`` returns a
+    0-dim loss (None: avg_factor = N, the mean over rows; 0 for N = 0).
+    ``sample_classes(labels [N])`` returns the sampled set S as a bool mask [C].
     ``scores(logits [N, C+1])`` returns sigmoid(z[:, :C]), [N, C].
     """
 
@@ -150,16 +151,18 @@ class FederatedLoss(nn.Module):
         sampled[keys.topk(k).indices] = True
         return sampled | positive
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor,
+                avg_factor: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
         c = self.num_classes
         check_logits(logits, c + 1, "C+1")
         check_labels(labels, logits, 0, c)
+        avg_factor = check_avg_factor(avg_factor, logits)
         sampled = self.sample_classes(labels).to(logits.device)
         # Per-class weights of positive and negative entries: 1 on S, 0 elsewhere and on
         # the background column; the fused kernel then gives 0 loss and 0 gradient there.
         w = torch.cat([sampled, sampled.new_zeros(1)]).float()
-        loss, _ = sigmoid_bce_loss(logits, labels, None, w, w, None, c, want_stats=False,
-                                   use_compile=self.use_compile)
+        loss, _ = sigmoid_bce_loss(logits, labels, None, w, w, None, c, avg_factor,
+                                   want_stats=False, use_compile=self.use_compile)
         return loss
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:

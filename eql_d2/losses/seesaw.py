@@ -4,14 +4,16 @@ branch of the authors' released implementation (mmdetection's ``SeesawLoss``). E
 numbers are not cited: the paper's text was not at hand to check them."""
 
 import math
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import (check_finite_logits, check_labels, check_logits, check_num_classes,
-                      check_scalar)
-from ._fused import compute_dtype
-from ._stats import RestartableStatistics, _all_reduce_sum
+from ..utils.comm import all_reduce_
+from ..utils.statistics import RestartableStatistics
+from ._checks import (check_avg_factor, check_finite_logits, check_labels, check_logits,
+                      check_num_classes, check_scalar)
+from ._fused import average, compute_dtype
 
 __all__ = ["SeesawLoss"]
 
@@ -32,22 +34,24 @@ class SeesawLoss(RestartableStatistics):
     training samples of class j (buffer ``cum_samples``), clamped to >= 1 so a class not
     seen yet divides nothing by zero; S_ij is a constant for the gradient. The objectness
     term is a 2-way softmax cross-entropy, target fg for foreground samples and bg for
-    background ones. With N the number of rows (foreground and background samples):
+    background ones:
 
-        L = (1 / N) [ sum_{fg rows} L_cls + sum_{all rows} L_obj ]
+        L = (1 / avg_factor) [ sum_{fg rows} L_cls + sum_{all rows} L_obj ]
 
-    Both terms have weight 1 and the same normalizer N, as in mmdetection's ``SeesawLoss``
-    under its bbox head (``avg_factor`` = number of sampled RoIs), the authors' code.
+    Both terms have weight 1 and the same divisor, by default N, the number of rows
+    (foreground and background samples), as in mmdetection's ``SeesawLoss`` under its bbox
+    head (``avg_factor`` = number of sampled RoIs), the authors' code.
     ``eps`` (default 1e-2, mmdetection's) bounds the compensation factor when sigma_i is
-    tiny. With DDP each worker divides by its own N; the average of the workers' gradients
-    is that of the global batch when the workers' N are equal (as with full RoI batches).
+    tiny. With DDP each worker divides by its own avg_factor; the average of the workers'
+    gradients is that of the global batch when those are equal (as with full RoI batches).
 
     Counts: in training mode with grad enabled, each forward first adds the batch's
     foreground label counts, summed over the default process group (``all_reduce``), to
     ``cum_samples``; the factors of that step then use the counts including the current
     batch (as the authors' code does), so every worker computes the same M_ij as one
-    process given the whole global batch (mmdetection counts each GPU's samples only). Every worker must run the same number of
-    training forwards. In eval mode or without grad the stored counts are used unchanged.
+    process given the whole global batch (mmdetection counts each GPU's samples only).
+    Every worker must run the same number of training forwards. In eval mode or without
+    grad the stored counts are used unchanged.
     The counts are an int64 buffer (exact beyond float32's 2^24), saved in checkpoints; a
     state_dict without them loads with a ``UserWarning`` and the counts restart from zero.
 
@@ -63,8 +67,9 @@ class SeesawLoss(RestartableStatistics):
         q: compensation exponent q >= 0 (default 2.0); 0 disables compensation.
         eps: lower bound of sigma_i in the compensation factor, in (0, 1] (default 1e-2).
 
-    Shapes: ``forward(logits [N, C+2], labels [N] int in 0..C, C = background)`` returns a
-    0-dim loss (0 for N = 0). ``scores(logits [N, C+2])`` returns [N, C].
+    Shapes: ``forward(logits [N, C+2], labels [N] int in 0..C, C = background,
+    avg_factor=None)`` returns a 0-dim loss (None: avg_factor = N; 0 for N = 0).
+    ``scores(logits [N, C+2])`` returns [N, C].
     """
 
     def __init__(self, num_classes: int, p: float = 0.8, q: float = 2.0, eps: float = 1e-2):
@@ -86,7 +91,7 @@ class SeesawLoss(RestartableStatistics):
         step.index_add_(0, labels.to(step.device), torch.ones_like(labels, dtype=torch.int64,
                                                                    device=step.device))
         step = step[:c].contiguous()
-        _all_reduce_sum(step)
+        all_reduce_(step)
         self.cum_samples.add_(step)
 
     def seesaw_log_factors(self, class_logits: torch.Tensor,
@@ -112,11 +117,13 @@ class SeesawLoss(RestartableStatistics):
             log_s.add_(mitigation, alpha=self.p)
         return log_s
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor,
+                avg_factor: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
         c = self.num_classes
         check_logits(logits, c + 2, "C+2")
         check_labels(labels, logits, 0, c)
         check_finite_logits(logits)
+        avg_factor = check_avg_factor(avg_factor, logits)
         if self.training and torch.is_grad_enabled():
             self._accumulate(labels)
         n = logits.shape[0]
@@ -135,7 +142,7 @@ class SeesawLoss(RestartableStatistics):
         cls = F.cross_entropy(adjusted, cls_labels, reduction="none")
         cls = torch.where(fg, cls, torch.zeros_like(cls)).sum()
         obj = F.cross_entropy(obj_logits, (~fg).long(), reduction="sum")
-        return (cls + obj) / n
+        return average(cls + obj, avg_factor, n)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(z[:, :C])_j * softmax(z[:, C:])_fg, [N, C], from logits [N, C+2]."""

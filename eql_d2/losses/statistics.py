@@ -1,56 +1,11 @@
 """Accumulated per-class gradient statistics of the gradient-guided losses (EQLv2, EFL, EQFL)."""
 
-import warnings
-from typing import List, Tuple
-
 import torch
-from torch import nn
 
-__all__ = ["GradientStatistics", "RestartableStatistics"]
+from ..utils.comm import all_reduce_
+from ..utils.statistics import RestartableStatistics
 
-
-def _all_reduce_sum(t: torch.Tensor, mean: bool = False) -> torch.Tensor:
-    """Sum (or average) ``t`` over the default process group, when one is initialized
-    (in place)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        if mean:
-            t /= dist.get_world_size()
-    return t
-
-
-class RestartableStatistics(nn.Module):
-    """A module whose statistics buffers (names in ``_STAT_NAMES``) describe one training run.
-
-    Loading a state_dict that lacks any of them (a checkpoint written before they existed,
-    or by another loss) does not fail: all of them restart from zero, as for a fresh model
-    (part of a set would mix statistics of two runs), and a ``UserWarning`` from
-    :meth:`_restart_warning` names the missing keys.
-    """
-
-    _STAT_NAMES: Tuple[str, ...] = ()
-
-    def reset_statistics(self) -> None:
-        """Forget the accumulated statistics (back to the state before the first step)."""
-        for name in self._STAT_NAMES:
-            getattr(self, name).zero_()
-
-    def _restart_warning(self, absent: List[str]) -> str:
-        return (f"{type(self).__name__}: the state_dict has no {', '.join(absent)}; the "
-                "statistics restart from zero.")
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        absent = [prefix + n for n in self._STAT_NAMES if prefix + n not in state_dict]
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if absent:
-            for key in absent:
-                if key in missing_keys:
-                    missing_keys.remove(key)
-            self.reset_statistics()
-            warnings.warn(self._restart_warning(absent), UserWarning, stacklevel=2)
+__all__ = ["GradientStatistics"]
 
 
 class GradientStatistics(RestartableStatistics):
@@ -65,9 +20,13 @@ class GradientStatistics(RestartableStatistics):
     default process group (``all_reduce``, SUM) before adding them, so every worker holds the
     same buffers, equal to those of one worker seeing the whole global batch. Every worker
     must therefore run the same number of training forwards. Subclasses whose statistics
-    include the loss's normalizer set ``_STATS_MEAN_OVER_WORKERS``: DDP applies the mean of
-    the workers' gradients, and with a normalizer averaged over workers that mean, not the
-    sum, equals one worker's gradient on the whole batch.
+    include the loss's 1 / avg_factor set ``_STATS_MEAN_OVER_WORKERS``: DDP applies the mean
+    of the workers' gradients, and with an avg_factor averaged over workers that mean, not
+    the sum, equals one worker's gradient on the whole batch.
+
+    A subclass (here :class:`~eql_d2.losses.EQLv2Loss` and the EFL family; elsewhere any
+    loss with per-class gradient statistics) calls :meth:`_accumulate` with each training
+    step's [2, C] sums and derives its weights from :meth:`_raw_ratio`.
 
     Loading a state_dict that lacks the buffers (a checkpoint from an older model or another
     loss) does not fail (:class:`RestartableStatistics`): the statistics restart from zero,
@@ -90,7 +49,7 @@ class GradientStatistics(RestartableStatistics):
     def _accumulate(self, step_stats: torch.Tensor) -> None:
         """Add one step's statistics, step_stats [2, C] (row 0 positives, row 1 negatives)."""
         step = step_stats.to(device=self.pos_grad.device, dtype=self.pos_grad.dtype).contiguous()
-        _all_reduce_sum(step, mean=self._STATS_MEAN_OVER_WORKERS)
+        all_reduce_(step, mean=self._STATS_MEAN_OVER_WORKERS)
         self.pos_grad.add_(step[0])
         self.neg_grad.add_(step[1])
 
