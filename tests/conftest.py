@@ -50,7 +50,7 @@ TINY_RCNN = [
 TINY_ONE_STAGE = [
     "MODEL.ATSS.NUM_CLASSES", "8", "MODEL.RETINANET.NUM_CLASSES", "8",
     "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ATSS.NUM_CONVS", "1", "MODEL.RETINANET.NUM_CONVS", "1",
-    "MODEL.EFL.PERIOD", "1",
+    "MODEL.CLS_LOSS.LOG_PERIOD", "1",
     # at 64 px P7 is 1x1, and GroupNorm refuses one value per group on a batch of one image
     # (evaluation); the GN head is covered by tests/test_one_stage.py
     "MODEL.ATSS.NORM", "", "MODEL.RETINANET.NORM", "",
@@ -159,3 +159,20 @@ def sgd_steps(model, batches, lr=0.01):
             history.append({k: v.detach().clone() for k, v in losses.items()})
             storage.step()
     return history, storage
+
+
+def record_criterion_calls(model):
+    """List that receives, per call of a dense detector's classification loss
+    (``model.cls_loss.criterion``), ``((logits [M, C], labels [M], avg_factor, quality or
+    None), gamma)`` with the focusing factor gamma^j in force for that call (None for
+    losses without one)."""
+    calls = []
+    crit = model.cls_loss.criterion
+
+    def hook(module, args, kwargs):
+        gamma = crit.focusing_factor.clone() if hasattr(crit, "focusing_factor") else None
+        logits, labels = args[0], args[1]
+        quality = args[2] if len(args) > 2 else None
+        calls.append(((logits, labels, kwargs["avg_factor"], quality), gamma))
+    crit.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls

@@ -1,4 +1,4 @@
-"""Every shipped config: inherits a Base file, is listed in the README, merges into eql_d2's
+"""Every shipped config: inherits a Base file, is listed in docs/MODEL_ZOO.md, merges into eql_d2's
 config, builds its model, and carries the settings its name and the papers promise."""
 
 import glob
@@ -28,9 +28,10 @@ BASES = sorted(
     for p in glob.glob(os.path.join(CONFIG_DIR, "**", "Base-*.yaml"), recursive=True)
 )
 
-# the loss names config file names use, for each kind of head
-EQL_HEAD_LOSSES = ["softmax", "sigmoid", "eql", "eqlv2", "seesaw", "federated"]
-DENSE_LOSSES = ["focal", "efl", "qfl", "eqfl"]
+# the loss names config file names use, for each kind of head, and their registry names
+EQL_HEAD_LOSSES = {"softmax": "SoftmaxCE", "sigmoid": "SigmoidCE", "eql": "EQL", "eqlv2": "EQLv2",
+                   "seesaw": "Seesaw", "federated": "Federated"}
+DENSE_LOSSES = {"focal": "Focal", "efl": "EFL", "qfl": "QFL", "eqfl": "EQFL"}
 # the one-stage meta-architectures and the config node of their head
 ONE_STAGE_HEADS = {"ATSS": "ATSS", "EFLRetinaNet": "RETINANET", "EFLFCOS": "FCOS"}
 
@@ -76,8 +77,8 @@ def test_inherits_a_base_and_is_listed_in_the_readme(rel):
     assert os.path.isfile(os.path.join(CONFIG_DIR, os.path.dirname(rel), base)), (
         f"configs/{rel}: _BASE_ {base} not found")
     if not os.path.basename(rel).startswith("Base-"):
-        with open(os.path.join(ROOT, "README.md")) as f:
-            assert f"`{rel}`" in f.read(), f"README's config table does not list {rel}"
+        with open(os.path.join(ROOT, "docs", "MODEL_ZOO.md")) as f:
+            assert f"`{rel}`" in f.read(), f"docs/MODEL_ZOO.md's config table does not list {rel}"
 
 
 @pytest.mark.parametrize("rel", CONFIGS)
@@ -120,22 +121,25 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
         assert list(cfg.MODEL.FCOS.IN_FEATURES) == ["p3", "p4", "p5", "p6", "p7"]
         assert cfg.MODEL.FCOS.NORM == "GN" and cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS == 1.5
     if one_stage:
-        assert cfg.MODEL.EFL.LOSS == loss_in_name(rel, list(DENSE_LOSSES))
-        if cfg.MODEL.EFL.LOSS in ("efl", "eqfl"):
-            assert (cfg.MODEL.EFL.GAMMA_B, cfg.MODEL.EFL.SCALE) == (2.0, 8.0)
+        loss = DENSE_LOSSES[loss_in_name(rel, list(DENSE_LOSSES))]
+        assert cfg.MODEL.CLS_LOSS.NAME == loss
+        if loss in ("EFL", "EQFL"):
+            node = cfg.MODEL.CLS_LOSS[loss.upper()]
+            assert (node.GAMMA_B, node.SCALE) == (2.0, 8.0)
     elif cfg.MODEL.ROI_HEADS.NAME in ("EQLROIHeads", "EQLCascadeROIHeads"):
         assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
-        assert cfg.MODEL.EQL.LOSS == loss_in_name(rel, list(EQL_HEAD_LOSSES))
+        assert cfg.MODEL.CLS_LOSS.NAME == EQL_HEAD_LOSSES[loss_in_name(rel, list(EQL_HEAD_LOSSES))]
         assert cfg.MODEL.MASK_ON == name.startswith(("mask_rcnn", "cascade_mask_rcnn"))
         cascade = cfg.MODEL.ROI_HEADS.NAME == "EQLCascadeROIHeads"
         assert cascade == name.startswith("cascade")
         if cascade:  # detectron2's three stages
             assert list(cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS) == [0.5, 0.6, 0.7]
-        if cfg.MODEL.EQL.LOSS == "eqlv2":
-            e = cfg.MODEL.EQL.EQLV2
+        if cfg.MODEL.CLS_LOSS.NAME == "EQLv2":
+            e = cfg.MODEL.CLS_LOSS.EQLV2
             assert (e.GAMMA, e.MU, e.ALPHA) == (12.0, 0.8, 4.0)
         if rel.startswith("LVIS-v0.5/EQL/"):  # the EQL paper's LVIS v0.5 setting
-            assert cfg.MODEL.EQL.LAMBDA == 1.76e-3 and cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK
+            assert cfg.MODEL.CLS_LOSS.EQL.LAMBDA == 1.76e-3
+            assert cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK
     else:  # detectron2's own StandardROIHeads baselines
         assert cfg.MODEL.ROI_HEADS.NAME == "StandardROIHeads"
         assert "_d2heads_" in name, f"{rel}: detectron2-heads configs say so in their name"
@@ -156,14 +160,14 @@ def test_builds_its_model(rel, one_thread):
     model = build_model(cfg)
     if one_stage:
         criterion = model.cls_loss.criterion
-        assert type(criterion) is CLS_LOSS_REGISTRY.get(resolve_loss_name(cfg.MODEL.EFL.LOSS))
+        assert type(criterion) is CLS_LOSS_REGISTRY.get(resolve_loss_name(cfg.MODEL.CLS_LOSS.NAME))
     else:
         predictors = model.roi_heads.box_predictor
         for predictor in (predictors if isinstance(predictors, nn.ModuleList) else [predictors]):
             assert predictor.num_classes == num_classes
             if isinstance(predictor, EQLFastRCNNOutputLayers):
                 assert type(predictor.cls_loss) is CLS_LOSS_REGISTRY.get(
-                    resolve_loss_name(cfg.MODEL.EQL.LOSS))
+                    resolve_loss_name(cfg.MODEL.CLS_LOSS.NAME))
 
 
 def test_no_two_configs_of_a_dataset_share_a_file_name():
@@ -174,3 +178,36 @@ def test_no_two_configs_of_a_dataset_share_a_file_name():
         key = (rel.split(os.sep)[0], os.path.basename(rel))
         assert key not in seen, f"configs/{rel} and configs/{seen[key]} share a file name"
         seen[key] = rel
+
+
+@pytest.mark.parametrize("old,new", [("MODEL.EQL.LOSS", "MODEL.CLS_LOSS.NAME"),
+                                     ("MODEL.EFL.GAMMA_B", "MODEL.CLS_LOSS.EFL.GAMMA_B"),
+                                     ("MODEL.REGIME_INDICATORS.ENABLED",
+                                      "MODEL.CLS_LOSS.REGIME_INDICATORS")])
+def test_keys_of_the_earlier_layout_name_their_new_key(old, new, tmp_path):
+    with pytest.raises(KeyError, match=f"{old} was renamed to {new}"):
+        get_eql_cfg(opts=[old, "1"])
+    # a YAML file: yacs meets the removed node first; the message lists where its keys went
+    parts = old.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"MODEL:\n  {parts[1]}:\n    {parts[2]}: 1\n")
+    with pytest.raises(KeyError, match=f"{old} -> {new}"):
+        get_eql_cfg(str(path))
+
+
+def test_a_new_loss_node_may_not_replace_another():
+    from eql_d2.modeling.cls_losses import ClassificationLoss, add_cls_loss_configs
+    from detectron2.config import CfgNode
+
+    class Clash(ClassificationLoss):
+        @classmethod
+        def add_config(cls, node):
+            node.EQL = CfgNode()
+
+    node = get_eql_cfg().MODEL.CLS_LOSS
+    CLS_LOSS_REGISTRY.register(Clash)
+    try:
+        with pytest.raises(ValueError, match="Clash.add_config replaced MODEL.CLS_LOSS.EQL"):
+            add_cls_loss_configs(node)
+    finally:
+        CLS_LOSS_REGISTRY._obj_map.pop("Clash")

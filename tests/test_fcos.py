@@ -1,4 +1,4 @@
-"""EFLFCOS: detectron2's FCOS with the dense classification losses of MODEL.EFL.
+"""EFLFCOS: detectron2's FCOS with the dense classification losses of MODEL.CLS_LOSS.
 
 In-process: focal equals detectron2's FCOS losses, QFL/EQFL targets are the IoU of the
 decoded boxes, EFL/EQFL statistics equal autograd's gradient sums with one update per
@@ -19,8 +19,7 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
 import eql_d2.modeling  # noqa: F401  (registers EFLFCOS)
-from conftest import (ROOT, TINY_ONE_STAGE, dense_batch, register_small, run_train_net,
-                      sgd_steps)
+from conftest import (ROOT, TINY_ONE_STAGE, dense_batch, record_criterion_calls, register_small, run_train_net, sgd_steps)
 from eql_d2.config import get_eql_cfg
 from eql_d2.engine import Trainer
 from eql_d2.losses import (EqualizedFocalLoss, EqualizedQualityFocalLoss, FocalLoss,
@@ -43,7 +42,7 @@ def tiny_cfg(loss, *opts):
     cfg = get_eql_cfg(os.path.join(CONFIGS, f"fcos_R18_FPN_{loss}.yaml"))
     cfg.merge_from_list([
         "MODEL.FCOS.NUM_CLASSES", str(NUM_CLASSES), "MODEL.FPN.OUT_CHANNELS", "32",
-        "MODEL.FCOS.NUM_CONVS", "1", "MODEL.EFL.PERIOD", "1",
+        "MODEL.FCOS.NUM_CONVS", "1", "MODEL.CLS_LOSS.LOG_PERIOD", "1",
         "DATASETS.TRAIN", f"('{FREQ_DATASET}',)", "DATASETS.TEST", "()", *opts,
     ])
     return cfg
@@ -56,19 +55,6 @@ def make_model(cfg, seed=0):
 
 def make_batch(seed=0, num_images=2, size=64):
     return dense_batch(NUM_CLASSES, seed, num_images, size)
-
-
-def record_cls_loss_calls(model):
-    """List that receives, per call of model.cls_loss, its arguments and the focusing
-    factor gamma^j in force for that call (None for losses without one)."""
-    calls = []
-    crit = model.cls_loss.criterion
-
-    def hook(module, args):
-        gamma = crit.focusing_factor.clone() if hasattr(crit, "focusing_factor") else None
-        calls.append((args, gamma))
-    model.cls_loss.register_forward_pre_hook(hook)
-    return calls
 
 
 def train_steps(model, batches, lr=0.01):
@@ -95,7 +81,7 @@ def test_focal_losses_equal_detectron2_fcos():
                   num_classes=NUM_CLASSES, center_sampling_radius=1.5,
                   pixel_mean=ours.pixel_mean.flatten().tolist(),
                   pixel_std=ours.pixel_std.flatten().tolist())
-    calls = record_cls_loss_calls(ours)
+    calls = record_criterion_calls(ours)
     batch = make_batch(seed=11, num_images=3)
     with EventStorage():
         a = ours(batch)
@@ -116,7 +102,7 @@ def test_quality_targets_are_iou_of_decoded_boxes_and_normalizer_counts_positive
     model = make_model(tiny_cfg(loss))
     with torch.no_grad():  # boxes of about one stride per side, not points (IoU 0)
         model.head.bbox_pred.bias.fill_(1.0)
-    calls = record_cls_loss_calls(model)
+    calls = record_criterion_calls(model)
     batch = make_batch(seed=5, num_images=3)
     with EventStorage():
         model(batch)
@@ -169,7 +155,7 @@ def test_statistics_equal_autograd_gradient_sums_one_update_per_iteration(loss):
     # g^j < 1 and gamma^j differs between classes from the second step on
     model = make_model(tiny_cfg(loss, "MODEL.FCOS.PRIOR_PROB", "0.2"))
     crit = model.cls_loss.criterion
-    calls = record_cls_loss_calls(model)
+    calls = record_criterion_calls(model)
     history, storage = train_steps(model, [make_batch(seed=s) for s in (1, 2, 3)], lr=0.05)
     assert len(calls) == 3
 

@@ -26,11 +26,13 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-import eql_d2.modeling  # noqa: F401  (registers ImageLabelRCNN, EQLROIHeads)
+import eql_d2.modeling  # noqa: F401  (registers EQLROIHeads)
 from conftest import ROOT, TINY_RCNN
 from eql_d2.config import get_eql_cfg
 from eql_d2.data import register_lvis_format
 from eql_d2.engine import Trainer, prepare_datasets
+from eql_d2.data.image_labels import ImageLabels
+from eql_d2.modeling.cls_losses import EFL
 from eql_d2.modeling.meta_arch.dense_loss import DenseClassificationLoss
 
 TRAIN, VAL = "infer_only_train", "infer_only_val"
@@ -266,10 +268,10 @@ def training_batch(trained):
     inst = Instances((x["height"], x["width"]))
     inst.gt_boxes = Boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]]))
     inst.gt_classes = torch.tensor([0])
-    # the image-level fields ImageLabelDatasetMapper adds to the ground truth
+    # the image-level labels ImageLabelDatasetMapper adds to the ground truth
     c = int(cfg_of(trained).MODEL.ROI_HEADS.NUM_CLASSES)
-    inst.gt_verified = torch.zeros(1, c, dtype=torch.bool)
-    inst.gt_not_exhaustive = torch.zeros(1, c, dtype=torch.bool)
+    none = torch.zeros(c, dtype=torch.bool)
+    inst.image_labels = ImageLabels.for_image(none, none, len(inst))
     x["instances"] = inst
     return [x]
 
@@ -306,18 +308,18 @@ def test_model_built_without_training_metadata(trained, one_thread):
 
     # EQLv2's r/c/f groups only label training logs: no training metadata, no groups
     eqlv2 = build_model(cfg_of(trained, "DATASETS.TRAIN", f"('{UNREGISTERED}',)",
-                               "MODEL.EQL.LOSS", "eqlv2"))
+                               "MODEL.CLS_LOSS.NAME", "eqlv2"))
     assert eqlv2.roi_heads.box_predictor.class_groups is None
 
 
 def test_dense_loss_without_groups_warns_once_when_training():
-    with captured("eql_d2.modeling.meta_arch.dense_loss") as records:
-        loss = DenseClassificationLoss(loss="efl", num_classes=3, class_frequency=None, period=1)
+    with captured("eql_d2.modeling.cls_losses.head") as records:
+        loss = DenseClassificationLoss(criterion=EFL(3), class_frequency=None, log_period=1)
         assert not messages(records)  # building for inference says nothing
-        logits = torch.randn(6, 3, requires_grad=True)
-        labels = torch.tensor([0, 1, 2, 3, 3, -1])
+        logits = torch.randn(1, 6, 3, requires_grad=True)
+        labels = torch.tensor([[0, 1, 2, 3, 3, -1]])
         with EventStorage():
             for _ in range(2):
-                loss(logits, labels, 3.0).backward()
+                loss(logits, labels, (labels >= 0) & (labels < 3), 3.0).backward()
     warned = messages(records)
     assert len(warned) == 1 and "not logged by group" in warned[0]

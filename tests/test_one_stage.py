@@ -16,10 +16,11 @@ from detectron2.utils.events import EventStorage
 
 import eql_d2.modeling  # noqa: F401  (registers ATSS, EFLRetinaNet)
 from eql_d2.config import get_eql_cfg
+from eql_d2.modeling.cls_losses import build_cls_loss
 from eql_d2.modeling.meta_arch import DenseClassificationLoss, atss_match
 from eql_d2.modeling.meta_arch.dense_loss import decode_positives
 
-from conftest import ROOT, dense_batch, sgd_steps
+from conftest import ROOT, dense_batch, record_criterion_calls, sgd_steps
 
 BASE = os.path.join(ROOT, "configs/Synthetic-LT/Base-OneStage-R18-FPN.yaml")
 NUM_CLASSES = 5
@@ -33,10 +34,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_cfg(arch, loss, *opts):
     cfg = get_eql_cfg(BASE)
     cfg.merge_from_list([
-        "MODEL.META_ARCHITECTURE", arch, "MODEL.EFL.LOSS", loss,
+        "MODEL.META_ARCHITECTURE", arch, "MODEL.CLS_LOSS.NAME", loss,
         "MODEL.ATSS.NUM_CLASSES", str(NUM_CLASSES), "MODEL.RETINANET.NUM_CLASSES", str(NUM_CLASSES),
         "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ATSS.NUM_CONVS", "1",
-        "MODEL.RETINANET.NUM_CONVS", "1", "MODEL.EFL.PERIOD", "1",
+        "MODEL.RETINANET.NUM_CONVS", "1", "MODEL.CLS_LOSS.LOG_PERIOD", "1",
         "DATASETS.TRAIN", f"('{FREQ_DATASET}',)", "DATASETS.TEST", "()", *opts,
     ])
     return cfg
@@ -200,15 +201,14 @@ def test_iou_branch_targets_are_iou_of_decoded_boxes():
     torch.testing.assert_close(got_target, target)
 
     # the IoU loss and the QFL soft labels of the model use exactly these targets
-    seen = {}
-    model.cls_loss.register_forward_pre_hook(lambda m, args: seen.update(args=args))
+    calls = record_criterion_calls(model)
     with EventStorage():
         out = model.losses(anchors, logits, labels, deltas, gt_boxes, ious)
     normalizer = float(pos.sum())
     iou_logits = torch.cat(ious, dim=1).squeeze(-1)[img, idx]
     want_loss = torch.nn.functional.binary_cross_entropy_with_logits(iou_logits, want, reduction="sum")
     torch.testing.assert_close(out["loss_iou"], want_loss / normalizer, rtol=1e-5, atol=1e-6)
-    quality = seen["args"][3].view(pos.shape)
+    quality = calls[0][0][3].view(pos.shape)
     torch.testing.assert_close(quality[pos], want, rtol=1e-5, atol=1e-6)
     assert (quality[~pos] == 0).all()
 
@@ -242,9 +242,7 @@ def test_efl_statistics_equal_autograd_gradient_sums(arch, loss):
     model = make_model(tiny_cfg(arch, loss, "MODEL.ATSS.PRIOR_PROB", "0.2",
                                 "MODEL.RETINANET.PRIOR_PROB", "0.2"))
     crit = model.cls_loss.criterion
-    calls = []
-    model.cls_loss.register_forward_pre_hook(
-        lambda m, args: calls.append((args, crit.focusing_factor.clone())))
+    calls = record_criterion_calls(model)
     history, storage = train_steps(model, [make_batch(seed=s) for s in (1, 2, 3)], lr=0.05)
 
     pos_sum = torch.zeros(NUM_CLASSES, dtype=torch.float64)
@@ -275,7 +273,7 @@ def test_efl_statistics_equal_autograd_gradient_sums(arch, loss):
 def test_scale_zero_trains_identically_to_focal(arch):
     batches = [make_batch(seed=s) for s in (7, 8, 9)]
     runs = {}
-    for loss, opts in (("focal", ()), ("efl", ("MODEL.EFL.SCALE", "0.0"))):
+    for loss, opts in (("focal", ()), ("efl", ("MODEL.CLS_LOSS.EFL.SCALE", "0.0"))):
         model = make_model(tiny_cfg(arch, loss, *opts), seed=1)
         history, _ = train_steps(model, batches, lr=0.05)
         runs[loss] = (history, model.state_dict())
@@ -369,11 +367,12 @@ def test_checkpoint_round_trip_restores_statistics(tmp_path):
 
 
 def test_bad_config_values_are_named():
-    with pytest.raises(ValueError, match="MODEL.EFL.LOSS"):
-        DenseClassificationLoss(loss="eqlv2", num_classes=3)
+    with pytest.raises(ValueError, match="MODEL.CLS_LOSS.NAME"):
+        build_model(tiny_cfg("ATSS", "eqlv2"))
     with pytest.raises(ValueError, match="MODEL.RETINANET.FOCAL_LOSS_GAMMA"):
         build_model(tiny_cfg("EFLRetinaNet", "efl", "MODEL.RETINANET.FOCAL_LOSS_GAMMA", "3.0"))
     with pytest.raises(ValueError, match="MODEL.ATSS.IN_FEATURES"):
         build_model(tiny_cfg("ATSS", "efl", "MODEL.ATSS.IN_FEATURES", "['p3', 'p9']"))
     with pytest.raises(ValueError, match="class_frequency"):
-        DenseClassificationLoss(loss="efl", num_classes=3, class_frequency=["r", "f"])
+        DenseClassificationLoss(criterion=build_cls_loss(tiny_cfg("ATSS", "efl"), 3, "dense"),
+                                class_frequency=["r", "f"])

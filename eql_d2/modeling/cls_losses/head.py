@@ -4,12 +4,13 @@ import logging
 from typing import Optional, Sequence
 
 import torch
-from detectron2.utils.logger import log_first_n
 
 from ..regime import RegimeIndicators
 from ..stats_logging import logging_due, put_group_means
 
 __all__ = ["head_classification_loss"]
+
+logger = logging.getLogger(__name__)
 
 
 def head_classification_loss(criterion, logits: torch.Tensor, labels: torch.Tensor,
@@ -46,11 +47,13 @@ def head_classification_loss(criterion, logits: torch.Tensor, labels: torch.Tens
     name = criterion.statistics_name
     if name and training and log_period > 0:
         if class_groups is None:
-            # said once: a model built for inference has no groups and needs none
-            log_first_n(logging.WARNING, f"MODEL.CLS_LOSS.LOG_PERIOD = {log_period}, but the "
-                        "training set has no class_frequency (r/c/f) in its metadata: "
-                        f"{type(criterion).__name__}'s statistics are not logged by group",
-                        n=1, key="message")
+            # said once per loss, when training starts: a model built for inference has no
+            # groups and needs none
+            if not getattr(criterion, "_warned_no_groups", False):
+                criterion._warned_no_groups = True
+                logger.warning("MODEL.CLS_LOSS.LOG_PERIOD = %d, but the training set has no "
+                               "class_frequency (r/c/f) in its metadata: %s's statistics are "
+                               "not logged by group", log_period, type(criterion).__name__)
         elif logging_due(log_period):
             for key, values in criterion.statistics().items():
                 put_group_means(f"{name}/{key}", values, class_groups, log_period)
