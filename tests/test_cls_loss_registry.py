@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models and losses)
-from detectron2.config import CfgNode
 from conftest import ROOT, TINY_ONE_STAGE, TINY_RCNN, register_small
 from eql_d2.config import get_eql_cfg
 from eql_d2.engine import AtomicCheckpointer, Trainer
@@ -31,15 +30,8 @@ class WeightedSigmoidCEForTest(torch.nn.Module, ClassificationLoss):
         self.weight = weight
         self.calls = []
 
-    @classmethod
-    def add_config(cls, node):
-        node.WEIGHTED_SIGMOID_CE_FOR_TEST = CfgNode()
-        node.WEIGHTED_SIGMOID_CE_FOR_TEST.WEIGHT = 0.5
-
-    @classmethod
-    def from_config(cls, cfg, num_classes, train_datasets):
-        return {"num_classes": num_classes,
-                "weight": cfg.MODEL.CLS_LOSS.WEIGHTED_SIGMOID_CE_FOR_TEST.WEIGHT}
+    config_node = "WEIGHTED_SIGMOID_CE_FOR_TEST"
+    settings = {"WEIGHT": (0.5, "weight", "factor of the loss")}
 
     def head_loss(self, *args, **kwargs):
         self.calls.append((len(args), sorted(kwargs)))

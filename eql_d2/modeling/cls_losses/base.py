@@ -12,8 +12,10 @@ loss names:
 - ``inputs``: the optional inputs it takes besides logits and labels: ``"verified"`` (the
   image-level mask [N, C] of LVIS positive and verified-negative categories) and / or
   ``"quality"`` (the IoU of each positive's predicted box with its ground truth);
-- :meth:`ClassificationLoss.add_config` and :meth:`ClassificationLoss.from_config`: its own
-  config node under ``MODEL.CLS_LOSS`` and its settings from it;
+- ``config_node`` and ``settings``: its own config node under ``MODEL.CLS_LOSS`` and the keys
+  in it, each with its default, the ``__init__`` argument it sets and what it is
+  (:meth:`ClassificationLoss.add_config` and :meth:`ClassificationLoss.from_config` use them;
+  a loss whose arguments come from elsewhere too extends ``from_config``);
 - :meth:`ClassificationLoss.classifier` and :meth:`ClassificationLoss.init_bias`: the
   two-stage classifier layer and its initial bias;
 - :meth:`ClassificationLoss.head_loss`: the loss, one call convention for every head;
@@ -26,7 +28,7 @@ not matter).
 """
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from detectron2.config import CfgNode
@@ -55,17 +57,28 @@ class ClassificationLoss:
     inputs: Tuple[str, ...] = ()
     # prefix of the logged group means of :meth:`statistics` (None: nothing logged)
     statistics_name: Optional[str] = None
+    # name of its node under MODEL.CLS_LOSS (None: the loss has no settings) and its keys:
+    # {KEY: (default, __init__ argument, what it is)}
+    config_node: Optional[str] = None
+    settings: Dict[str, Tuple[Any, str, str]] = {}
 
     @classmethod
     def add_config(cls, node: CfgNode) -> None:
-        """Add this loss's settings, with defaults and comments, to ``MODEL.CLS_LOSS``
-        (conventionally as a sub-node named after the loss, e.g. ``node.EQLV2``).
-        Default: the loss has no settings."""
+        """Add ``MODEL.CLS_LOSS.<config_node>`` with the defaults of :attr:`settings` to
+        ``MODEL.CLS_LOSS`` (`node`)."""
+        if cls.config_node:
+            node[cls.config_node] = CfgNode({key: default for key, (default, _, _)
+                                             in cls.settings.items()})
 
     @classmethod
     def from_config(cls, cfg, num_classes: int, train_datasets: Tuple[str, ...]) -> dict:
-        """Keyword arguments of ``__init__`` from the config (default: ``num_classes``)."""
-        return {"num_classes": num_classes}
+        """Keyword arguments of ``__init__``: ``num_classes`` and those of :attr:`settings`,
+        from ``MODEL.CLS_LOSS.<config_node>``."""
+        ret = {"num_classes": num_classes}
+        if cls.config_node:
+            node = cfg.MODEL.CLS_LOSS[cls.config_node]
+            ret.update({arg: node[key] for key, (_, arg, _) in cls.settings.items()})
+        return ret
 
     def classifier(self, in_features: int, out_features: int) -> nn.Module:
         """The two-stage classification layer (default: detectron2's linear layer)."""

@@ -2,7 +2,6 @@
 focal loss, quality focal loss."""
 
 import torch
-from detectron2.config import CfgNode as CN
 
 from ...losses import FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss
 from .base import CLS_LOSS_REGISTRY, ClassificationLoss
@@ -58,18 +57,9 @@ class Focal(FocalLoss, ClassificationLoss):
         super().__init__(gamma=gamma, alpha=alpha)
         self.num_classes = num_classes
 
-    @classmethod
-    def add_config(cls, node):
-        node.FOCAL = CN()
-        # focusing parameter gamma of (1 - p_t)^gamma
-        node.FOCAL.GAMMA = 2.0
-        # alpha_t balance of positives / negatives
-        node.FOCAL.ALPHA = 0.25
-
-    @classmethod
-    def from_config(cls, cfg, num_classes, train_datasets):
-        f = cfg.MODEL.CLS_LOSS.FOCAL
-        return {"num_classes": num_classes, "gamma": f.GAMMA, "alpha": f.ALPHA}
+    config_node = "FOCAL"
+    settings = {"GAMMA": (2.0, "gamma", "focusing parameter gamma of (1 - p_t)^gamma"),
+                "ALPHA": (0.25, "alpha", "alpha_t balance of positives and negatives")}
 
     def head_loss(self, logits, labels, avg_factor):
         return self(logits, labels, avg_factor=avg_factor)
@@ -87,15 +77,8 @@ class QFL(QualityFocalLoss, ClassificationLoss):
         super().__init__(beta=beta)
         self.num_classes = num_classes
 
-    @classmethod
-    def add_config(cls, node):
-        node.QFL = CN()
-        # exponent beta of the modulating factor |y - sigma|^beta
-        node.QFL.BETA = 2.0
-
-    @classmethod
-    def from_config(cls, cfg, num_classes, train_datasets):
-        return {"num_classes": num_classes, "beta": cfg.MODEL.CLS_LOSS.QFL.BETA}
+    config_node = "QFL"
+    settings = {"BETA": (2.0, "beta", "exponent beta of the modulating factor |y - sigma|^beta")}
 
     def head_loss(self, logits, labels, avg_factor, quality):
         return self(logits, labels, quality, avg_factor=avg_factor)

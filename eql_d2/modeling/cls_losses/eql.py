@@ -4,7 +4,6 @@ import logging
 import math
 
 import torch
-from detectron2.config import CfgNode as CN
 from torch import nn
 
 from ...losses import EQLLoss, EQLv2Loss
@@ -55,22 +54,21 @@ class EQL(EQLLoss, ClassificationLoss):
                         num_classes, 100.0 * self.tail_ratio())
         self.register_load_state_dict_pre_hook(_frequencies_from_checkpoint)
 
-    @classmethod
-    def add_config(cls, node):
-        node.EQL = CN()
-        # frequency threshold lambda (eq. 7): categories with f_j < lambda are tail categories
-        node.EQL.LAMBDA = 1.76e-3
-        # excluding function E(r) (eq. 7, Tab. 4); False: background proposals skip tail too
-        node.EQL.EXCLUDING_FUNCTION = True
+    config_node = "EQL"
+    settings = {
+        "LAMBDA": (1.76e-3, "lambda_", "frequency threshold lambda (eq. 7): categories with "
+                                       "f_j < lambda are tail categories"),
+        "EXCLUDING_FUNCTION": (True, "use_excluding_function",
+                               "excluding function E(r) (eq. 7, Tab. 4); False: background "
+                               "proposals skip tail categories too"),
+    }
 
     @classmethod
     def from_config(cls, cfg, num_classes, train_datasets):
-        e = cfg.MODEL.CLS_LOSS.EQL
         # only what the metadata already holds: building for inference reads no JSON
-        return {"num_classes": num_classes, "lambda_": e.LAMBDA,
-                "freq": category_frequencies(train_datasets, num_classes, required=False),
-                "train_datasets": train_datasets,
-                "use_excluding_function": e.EXCLUDING_FUNCTION}
+        return dict(super().from_config(cfg, num_classes, train_datasets),
+                    freq=category_frequencies(train_datasets, num_classes, required=False),
+                    train_datasets=train_datasets)
 
     def check_trainable(self):
         if not self.frequencies_known:
@@ -142,20 +140,12 @@ class EQLv2(EQLv2Loss, ClassificationLoss):
         logger.info("EQLv2: gamma = %g, mu = %g, alpha = %g, %d categories", gamma, mu, alpha,
                     num_classes)
 
-    @classmethod
-    def add_config(cls, node):
-        node.EQLV2 = CN()
-        # steepness gamma of the gradient-ratio -> negative-weight mapping
-        node.EQLV2.GAMMA = 12.0
-        # centre mu of that mapping
-        node.EQLV2.MU = 0.8
-        # positive up-weighting alpha
-        node.EQLV2.ALPHA = 4.0
-
-    @classmethod
-    def from_config(cls, cfg, num_classes, train_datasets):
-        e = cfg.MODEL.CLS_LOSS.EQLV2
-        return {"num_classes": num_classes, "gamma": e.GAMMA, "mu": e.MU, "alpha": e.ALPHA}
+    config_node = "EQLV2"
+    settings = {
+        "GAMMA": (12.0, "gamma", "steepness gamma of the gradient-ratio -> negative-weight map"),
+        "MU": (0.8, "mu", "centre mu of that mapping"),
+        "ALPHA": (4.0, "alpha", "positive up-weighting alpha"),
+    }
 
     def init_bias(self, bias, prior_prob, background_fraction):
         super().init_bias(bias, prior_prob, background_fraction)

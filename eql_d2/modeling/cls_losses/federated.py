@@ -1,7 +1,5 @@
 """Federated loss (Zhou et al., "Probabilistic two-stage detection", 2021) for two-stage heads."""
 
-from detectron2.config import CfgNode as CN
-
 from ...losses import FederatedLoss
 from ..category_frequency import category_frequencies
 from .base import CLS_LOSS_REGISTRY, ClassificationLoss
@@ -20,6 +18,14 @@ class Federated(FederatedLoss, ClassificationLoss):
     LVIS-format dataset, else from the checkpoint (a persistent buffer).
     """
 
+    config_node = "FEDERATED"
+    settings = {
+        "NUM_CLASSES_SAMPLED": (50, "num_classes_sampled", "foreground classes per iteration: "
+                                "the batch's positives plus classes drawn by frequency"),
+        "FREQ_WEIGHT_POWER": (0.5, "freq_weight_power", "draw weight of a class: its training "
+                              "image frequency to this power"),
+    }
+
     def __init__(self, num_classes: int, class_image_count=None, num_classes_sampled: int = 50,
                  freq_weight_power: float = 0.5):
         super().__init__(num_classes, class_image_count=class_image_count,
@@ -27,21 +33,10 @@ class Federated(FederatedLoss, ClassificationLoss):
                          freq_weight_power=freq_weight_power)
 
     @classmethod
-    def add_config(cls, node):
-        node.FEDERATED = CN()
-        # foreground classes per iteration: the batch's positives plus classes drawn by frequency
-        node.FEDERATED.NUM_CLASSES_SAMPLED = 50
-        # draw weight of a class: its training image frequency to this power
-        node.FEDERATED.FREQ_WEIGHT_POWER = 0.5
-
-    @classmethod
     def from_config(cls, cfg, num_classes, train_datasets):
-        f = cfg.MODEL.CLS_LOSS.FEDERATED
-        return {"num_classes": num_classes,
-                "class_image_count": category_frequencies(train_datasets, num_classes,
-                                                          required=False),
-                "num_classes_sampled": f.NUM_CLASSES_SAMPLED,
-                "freq_weight_power": f.FREQ_WEIGHT_POWER}
+        return dict(super().from_config(cfg, num_classes, train_datasets),
+                    class_image_count=category_frequencies(train_datasets, num_classes,
+                                                           required=False))
 
     def head_loss(self, logits, labels, avg_factor):
         return self(logits, labels, avg_factor=avg_factor)

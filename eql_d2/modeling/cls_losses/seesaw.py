@@ -3,7 +3,6 @@ classifier and objectness branch as published."""
 
 import torch
 import torch.nn.functional as F
-from detectron2.config import CfgNode as CN
 from torch import nn
 
 from ...losses import SeesawLoss
@@ -45,22 +44,14 @@ class Seesaw(SeesawLoss, ClassificationLoss):
         super().__init__(num_classes, p=p, q=q, eps=eps)
         self.tau = float(tau)
 
-    @classmethod
-    def add_config(cls, node):
-        node.SEESAW = CN()
-        # mitigation exponent p of M_ij = (N_j / N_i)^p (0: no mitigation)
-        node.SEESAW.P = 0.8
-        # compensation exponent q of C_ij = (sigma_j / sigma_i)^q (0: no compensation)
-        node.SEESAW.Q = 2.0
-        # lower bound of sigma_i in the compensation factor
-        node.SEESAW.EPS = 0.01
-        # temperature tau of the normalized linear (cosine) classifier
-        node.SEESAW.TAU = 20.0
-
-    @classmethod
-    def from_config(cls, cfg, num_classes, train_datasets):
-        s = cfg.MODEL.CLS_LOSS.SEESAW
-        return {"num_classes": num_classes, "p": s.P, "q": s.Q, "eps": s.EPS, "tau": s.TAU}
+    config_node = "SEESAW"
+    settings = {
+        "P": (0.8, "p", "mitigation exponent p of M_ij = (N_j / N_i)^p (0: no mitigation)"),
+        "Q": (2.0, "q", "compensation exponent q of C_ij = (sigma_j / sigma_i)^q "
+                        "(0: no compensation)"),
+        "EPS": (0.01, "eps", "lower bound of sigma_i in the compensation factor"),
+        "TAU": (20.0, "tau", "temperature tau of the normalized linear (cosine) classifier"),
+    }
 
     def classifier(self, in_features, out_features):
         return NormedLinear(in_features, out_features, tau=self.tau)
