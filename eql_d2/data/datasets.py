@@ -58,7 +58,7 @@ from collections import defaultdict
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from ..utils.io import write_json_atomic
+from ..utils.io import read_json, write_json_atomic
 from . import synthetic
 
 logger = logging.getLogger(__name__)
@@ -96,13 +96,7 @@ SKIPPED_IDS_SHOWN = 10
 
 def _read_json(json_file):
     """The one full parse of an LVIS-format JSON; checks its top level only."""
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"LVIS-format annotation file not found: {json_file}")
-    try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_file}: not valid JSON ({e})") from e
+    data = read_json(json_file, "LVIS-format annotation file")
     if not isinstance(data, dict):
         raise ValueError(f"{json_file}: top level must be an object with images/annotations/categories")
     for key in ("images", "annotations", "categories"):

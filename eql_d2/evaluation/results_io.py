@@ -5,10 +5,10 @@ a JSON list of ``{"image_id", "category_id", "score", "bbox": [x, y, w, h]}`` wi
 optional ``"segmentation"`` (compressed RLE), category ids as in the annotation JSON.
 """
 
-import json
 import numbers
-import os
 from collections import defaultdict
+
+from ..utils.io import read_json
 
 __all__ = ["read_lvis_results", "check_lvis_results", "top_k_per"]
 
@@ -58,13 +58,7 @@ def check_lvis_results(results, image_ids, category_ids, source, gt_source="the 
 
 def read_lvis_results(path, image_ids, category_ids, gt_source="the annotations"):
     """Read and check an LVIS results JSON (see :func:`check_lvis_results`)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LVIS results file not found: {path}")
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    results = read_json(path, "LVIS results file")
     return check_lvis_results(results, image_ids, category_ids, path, gt_source)
 
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 
-__all__ = ["PARTIAL_SUFFIX", "atomic_write", "atomic_directory", "write_json_atomic"]
+__all__ = ["PARTIAL_SUFFIX", "atomic_write", "atomic_directory", "read_json", "write_json_atomic"]
 
 # Temporary names are "<target>.partial-<pid>"; files with this marker are never complete.
 PARTIAL_SUFFIX = ".partial"
@@ -40,6 +40,18 @@ def atomic_write(path: str, mode: str = "w", *, fsync: bool = False):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_json(path: str, what: str = "JSON file"):
+    """The parsed content of `path`; FileNotFoundError naming `what` and the path when it is
+    absent, ValueError naming the path when it is not valid JSON."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def write_json_atomic(path: str, obj, **dump_kwargs) -> None:

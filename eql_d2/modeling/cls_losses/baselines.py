@@ -3,7 +3,7 @@ focal loss, quality focal loss."""
 
 import torch
 
-from ...losses import FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss
+from ...losses import FocalLoss, QualityFocalLoss, SoftmaxCELoss
 from .base import CLS_LOSS_REGISTRY, ClassificationLoss
 
 __all__ = ["SoftmaxCE", "SigmoidCE", "Focal", "QFL"]

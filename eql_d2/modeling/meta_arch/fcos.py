@@ -6,7 +6,6 @@ Tab. 1 and 6). Li et al., "Equalized Focal Loss for Dense Long-Tailed Object Det
 (CVPR 2022, Tab. 6) train it on LVIS v1 with focal loss and with EFL.
 """
 
-import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import cat
