@@ -2,8 +2,10 @@
 
     python benchmarks/iteration_speed.py configs/Synthetic-LT/atss_R18_FPN_focal.yaml \
         configs/Synthetic-LT/atss_R18_FPN_efl.yaml [--rounds 12] [KEY VALUE ...]
+    python benchmarks/iteration_speed.py configs/Synthetic-LT/atss_R18_FPN_efl.yaml \
+        --vary MODEL.CLS_LOSS.REGIME_INDICATORS False True
 
-The first config is the baseline. Every model is built with the same seed and trains on the
+The first config (with --vary: the first value) is the baseline. Every model is built with the same seed and trains on the
 same batches (the first config's training loader, e.g. Synthetic-LT, batch 8, 160 px). Each
 round runs one full iteration (forward, backward, SGD step) of every model, rotating which
 goes first, so that load from other processes hits all alike. Prints the median time per
@@ -31,13 +33,20 @@ def main():
     parser.add_argument("configs", nargs="+", help="config files, then KEY VALUE overrides")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--vary", nargs="+", metavar=("KEY", "VALUE"),
+                        help="one config, one model per VALUE of KEY")
     args = parser.parse_args()
     files = [c for c in args.configs if c.endswith(".yaml")]
-    opts = [c for c in args.configs if not c.endswith(".yaml")]
-    if len(files) < 2:
-        parser.error("give at least two config files (the first is the baseline)")
-    cfgs = {os.path.splitext(os.path.basename(f))[0]:
-            get_eql_cfg(f, [*opts, "DATALOADER.NUM_WORKERS", "0"]) for f in files}
+    opts = [c for c in args.configs if not c.endswith(".yaml")] + ["DATALOADER.NUM_WORKERS", "0"]
+    if args.vary:
+        if len(files) != 1 or len(args.vary) < 3:
+            parser.error("--vary takes one config file, a KEY and at least two VALUEs")
+        key, *values = args.vary
+        cfgs = {f"{key}={v}": get_eql_cfg(files[0], [*opts, key, v]) for v in values}
+    else:
+        if len(files) < 2:
+            parser.error("give at least two config files (the first is the baseline)")
+        cfgs = {os.path.splitext(os.path.basename(f))[0]: get_eql_cfg(f, opts) for f in files}
     first = next(iter(cfgs.values()))
     register_all()
     prepare_datasets(first)
