@@ -44,9 +44,12 @@ def group_indices(class_frequency: Sequence[str]) -> Dict[str, torch.Tensor]:
 def group_means(values: torch.Tensor, class_frequency: Sequence[str]) -> Dict[str, float]:
     """{group: mean of `values` [C] over its categories} for each group with categories.
 
-    Reads `values` from its device once."""
+    Means are taken in the values' floating dtype (integers: float32); `values` is read
+    from its device once."""
     if values.numel() != len(class_frequency):
         raise ValueError(f"class_frequency has {len(class_frequency)} entries but the values "
                          f"have {values.numel()}")
-    values = values.detach().double().cpu()
+    values = values.detach().cpu()
+    if not values.is_floating_point():
+        values = values.float()
     return {g: values[idx].mean().item() for g, idx in _indices(tuple(class_frequency))}
