@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models and losses)
-from conftest import ROOT, TINY_ONE_STAGE, TINY_RCNN, register_small
+from helpers import ROOT, TINY_ONE_STAGE, TINY_RCNN, register_small
 from eql_d2.config import get_eql_cfg
 from eql_d2.engine import AtomicCheckpointer, Trainer
 from eql_d2.modeling.cls_losses import CLS_LOSS_REGISTRY, ClassificationLoss, losses_for_head

@@ -15,7 +15,7 @@ import torch
 from detectron2.data import DatasetCatalog
 
 import eql_d2.modeling  # noqa: F401  (registers EQLROIHeads)
-from conftest import ROOT, TINY_RCNN, run_train_net
+from helpers import ROOT, TINY_RCNN, run_train_net
 from eql_d2.config import get_eql_cfg
 from eql_d2.data import load_category_metadata, register_lvis_format
 from eql_d2.engine import AtomicCheckpointer, Trainer

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, TINY_ONE_STAGE, TINY_RCNN, run_on_gloo_workers, run_train_net
+from helpers import ROOT, TINY_ONE_STAGE, TINY_RCNN, run_on_gloo_workers, run_train_net
 from eql_d2.engine.hooks import RegimeIndicatorWriter
 from eql_d2.modeling.regime import RegimeIndicators
 

@@ -20,7 +20,7 @@ from eql_d2.modeling.cls_losses import build_cls_loss
 from eql_d2.modeling.meta_arch import DenseClassificationLoss, atss_match
 from eql_d2.modeling.meta_arch.dense_loss import decode_positives
 
-from conftest import ROOT, dense_batch, record_criterion_calls, sgd_steps
+from helpers import ROOT, dense_batch, record_criterion_calls, sgd_steps
 
 BASE = os.path.join(ROOT, "configs/Synthetic-LT/Base-OneStage-R18-FPN.yaml")
 NUM_CLASSES = 5

@@ -12,9 +12,8 @@ from eql_d2.data import register_all
 from eql_d2.engine import Trainer, prepare_datasets
 
 # train_net.py is a script at the repository root, not a module on the path
-_spec = importlib.util.spec_from_file_location(
-    "train_net", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "train_net.py"))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_spec = importlib.util.spec_from_file_location("train_net", os.path.join(_ROOT, "train_net.py"))
 train_net = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_net)
 

@@ -11,7 +11,7 @@ from lvis import LVIS
 from eql_d2.data import synthetic
 from eql_d2.data.synthetic import SyntheticLTSpec, frequency_group
 
-from conftest import SMALL_SPEC
+from helpers import SMALL_SPEC
 
 
 def _tree_digest(root):

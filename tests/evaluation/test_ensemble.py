@@ -11,8 +11,8 @@ from detectron2.data import MetadataCatalog
 
 from eql_d2.evaluation.ensemble import merge_image
 from lvis_cases import box_ann, category, det, image, write_json
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_tool():

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from conftest import ROOT, TINY_RCNN, run_train_net
+from helpers import ROOT, TINY_RCNN, run_train_net
 
 CFG = os.path.join(ROOT, "configs/Synthetic-LT/EQL/cascade_mask_rcnn_R18_FPN_eqlv2.yaml")
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 _spec = importlib.util.spec_from_file_location(
     "synthetic_lvis_study", os.path.join(ROOT, "benchmarks", "synthetic_lvis_study.py"))

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, TINY_ONE_STAGE, run_train_net
+from helpers import ROOT, TINY_ONE_STAGE, run_train_net
 
 
 @pytest.mark.parametrize("config", ["atss_R18_FPN_efl.yaml", "retinanet_R18_FPN_efl.yaml"])

@@ -27,7 +27,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import eql_d2.modeling  # noqa: F401  (registers EQLROIHeads)
-from conftest import ROOT, TINY_RCNN
+from helpers import ROOT, TINY_RCNN
 from eql_d2.config import get_eql_cfg
 from eql_d2.data import register_lvis_format
 from eql_d2.engine import Trainer, prepare_datasets

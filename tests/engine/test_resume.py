@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY_RCNN, run_train_net
+from helpers import ROOT, TINY_RCNN, run_train_net
 from eql_d2.engine import AtomicCheckpointer
 
 CFG = os.path.join(ROOT, "configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_eqlv2.yaml")

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, TINY_RCNN, run_train_net
+from helpers import ROOT, TINY_RCNN, run_train_net
 
 CFG = os.path.join(ROOT, "configs/Synthetic-LT/faster_rcnn_R18_FPN_d2heads_softmax.yaml")
 

@@ -12,8 +12,8 @@ from detectron2.data import MetadataCatalog
 from eql_d2.config import get_eql_cfg
 from eql_d2.utils.groups import GROUPS
 from lvis_cases import per_category_case, write_json
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(path, name):

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from conftest import run_on_gloo_workers
+from helpers import run_on_gloo_workers
 from eql_d2.losses import SeesawLoss
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import eql_d2.modeling  # noqa: F401  (registers EQLROIHeads)
-from conftest import ROOT
+from helpers import ROOT
 from eql_d2.config import get_eql_cfg
 from eql_d2.data.image_labels import ImageLabels, image_label_masks
 from eql_d2.modeling.roi_heads import EQLFastRCNNOutputLayers

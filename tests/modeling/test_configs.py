@@ -11,7 +11,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
-from conftest import ROOT
+from helpers import ROOT
 from eql_d2.config import get_eql_cfg
 from eql_d2.data.synthetic import PRESETS, rfs_threshold
 from eql_d2.modeling.cls_losses import CLS_LOSS_REGISTRY, resolve_loss_name

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY_ONE_STAGE, TINY_RCNN, free_port, run_train_net
+from helpers import ROOT, TINY_ONE_STAGE, TINY_RCNN, free_port, run_train_net
 
 # Proposal and ROI sampling draw at random from each process's RNG, so one process and two
 # would sample different proposals. Sampling every anchor and every proposal, with a fixed
@@ -42,7 +42,7 @@ def _probe(out, rank, name):
 def _train(case, out, env, extra=()):
     config, tiny = CASES[case]
     args = ["--config-file", os.path.join(ROOT, config), *extra, *tiny, *COMMON, "OUTPUT_DIR", out]
-    proc = run_train_net(args, env, script="tests/train_probe.py")
+    proc = run_train_net(args, env, script="tests/engine/train_probe.py")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

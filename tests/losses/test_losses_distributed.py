@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import run_on_gloo_workers
+from helpers import run_on_gloo_workers
 from eql_d2.losses import EQLv2Loss, EqualizedFocalLoss, EqualizedQualityFocalLoss
 
 C = 7

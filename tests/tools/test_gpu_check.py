@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_benchmark(name):

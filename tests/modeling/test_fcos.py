@@ -19,7 +19,7 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
 import eql_d2.modeling  # noqa: F401  (registers EFLFCOS)
-from conftest import (ROOT, TINY_ONE_STAGE, dense_batch, record_criterion_calls, register_small, run_train_net, sgd_steps)
+from helpers import (ROOT, TINY_ONE_STAGE, dense_batch, record_criterion_calls, register_small, run_train_net, sgd_steps)
 from eql_d2.config import get_eql_cfg
 from eql_d2.engine import Trainer
 from eql_d2.losses import (EqualizedFocalLoss, EqualizedQualityFocalLoss, FocalLoss,

@@ -6,7 +6,9 @@ import os
 
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "rare_diagnostics.py")
+from helpers import ROOT
+
+_PATH = os.path.join(ROOT, "benchmarks", "rare_diagnostics.py")
 _spec = importlib.util.spec_from_file_location("rare_diagnostics", _PATH)
 rare_diagnostics = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(rare_diagnostics)

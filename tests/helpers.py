@@ -1,0 +1,158 @@
+"""Helpers the tests share: paths, config overrides that shrink runs, subprocess and
+multi-process runners, synthetic batches (the fixtures are in conftest.py)."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+# the repository (this file is tests/helpers.py)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A small Synthetic-LT (8 categories: 2 rare, 3 common, 3 frequent; 64 px) for fast tests.
+SMALL_SPEC = dict(num_categories=8, image_size=64, max_frequent_images=110, val_instances=2, seed=3)
+
+
+def run_train_net(args, env_extra=None, timeout=600, script="train_net.py"):
+    """Run train_net.py (or another script of the repository) in a fresh process; returns
+    CompletedProcess (text output)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+# Overrides that shrink the Synthetic-LT R-CNN configs to a few seconds on CPU.
+TINY_RCNN = [
+    "MODEL.ROI_HEADS.NUM_CLASSES", "8",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.STEPS", "()",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+    "DATALOADER.NUM_WORKERS", "0",
+]
+
+
+# Overrides that shrink the Synthetic-LT one-stage configs (ATSS, RetinaNet) the same way.
+TINY_ONE_STAGE = [
+    "MODEL.ATSS.NUM_CLASSES", "8", "MODEL.RETINANET.NUM_CLASSES", "8",
+    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ATSS.NUM_CONVS", "1", "MODEL.RETINANET.NUM_CONVS", "1",
+    "MODEL.CLS_LOSS.LOG_PERIOD", "1",
+    # at 64 px P7 is 1x1, and GroupNorm refuses one value per group on a batch of one image
+    # (evaluation); the GN head is covered by tests/test_one_stage.py
+    "MODEL.ATSS.NORM", "", "MODEL.RETINANET.NORM", "",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.STEPS", "()",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+    "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "50",
+]
+
+
+def register_small(small_synthetic, prefix):
+    """Register the small Synthetic-LT's splits as `<prefix>_train` / `<prefix>_val` (once)
+    with their category metadata loaded; returns the two names."""
+    from detectron2.data import DatasetCatalog
+
+    from eql_d2.data import load_category_metadata, register_lvis_format
+
+    names = (f"{prefix}_train", f"{prefix}_val")
+    for name, split in zip(names, ("train", "val")):
+        if name not in DatasetCatalog.list():
+            register_lvis_format(name, os.path.join(small_synthetic, f"lvis_v1_{split}.json"),
+                                 small_synthetic)
+        load_category_metadata(name)
+    return names
+
+
+def free_port():
+    """A TCP port on the loopback interface that is free now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank, world_size, url, out_dir, run, num_rows, kwargs):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        share = num_rows // world_size
+        result = run(slice(rank * share, (rank + 1) * share), **kwargs)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo_workers(run, num_rows, world_size=2, **kwargs):
+    """Run ``run(rows, **kwargs)`` in `world_size` gloo processes, each on its equal share of
+    `num_rows` rows (a slice); returns their results in rank order. `run` must be a
+    module-level function (the processes are spawned)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_gloo_worker, nprocs=world_size, join=True,
+                 args=(world_size, f"tcp://127.0.0.1:{free_port()}", out_dir, run, num_rows,
+                       kwargs))
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+                for r in range(world_size)]
+
+
+def dense_batch(num_classes, seed=0, num_images=2, size=64):
+    """Model inputs with 3 random boxes of 10-28 px per image (one image without boxes when
+    num_images >= 3), classes in 0..num_classes-1, random pixels."""
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for i in range(num_images):
+        n = 0 if (i == 0 and num_images > 2) else 3
+        xy = torch.rand(n, 2, generator=g) * (size - 30)
+        wh = 10 + torch.rand(n, 2, generator=g) * 18
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+        inst.gt_classes = torch.randint(0, num_classes, (n,), generator=g)
+        batch.append({"image": torch.rand(3, size, size, generator=g) * 255, "instances": inst})
+    return batch
+
+
+def sgd_steps(model, batches, lr=0.01):
+    """Plain SGD steps in an EventStorage; returns (the loss dicts, detached, of each step,
+    the storage)."""
+    from detectron2.utils.events import EventStorage
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    history = []
+    with EventStorage() as storage:
+        for batch in batches:
+            losses = model(batch)
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+            history.append({k: v.detach().clone() for k, v in losses.items()})
+            storage.step()
+    return history, storage
+
+
+def record_criterion_calls(model):
+    """List that receives, per call of a dense detector's classification loss
+    (``model.cls_loss.criterion``), ``((logits [M, C], labels [M], avg_factor, quality or
+    None), gamma)`` with the focusing factor gamma^j in force for that call (None for
+    losses without one)."""
+    calls = []
+    crit = model.cls_loss.criterion
+
+    def hook(module, args, kwargs):
+        gamma = crit.focusing_factor.clone() if hasattr(crit, "focusing_factor") else None
+        logits, labels = args[0], args[1]
+        quality = args[2] if len(args) > 2 else None
+        calls.append(((logits, labels, kwargs["avg_factor"], quality), gamma))
+    crit.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
