@@ -24,7 +24,7 @@ On CUDA:
 
 On CPU everything runs reduced (N = 2000, the compiled loss left out, 128 x 192 images,
 R18-FPN, 20 classes, 64 sampled ROIs per image, 1 iteration, no AMP training since
-detectron2's AMPTrainer needs CUDA, no sync counting), so that ``tests/test_gpu_check.py``
+detectron2's AMPTrainer needs CUDA, no sync counting), so that ``tests/tools/test_gpu_check.py``
 keeps the script working.
 
 Writes ``gpu_check.json`` (everything) and ``gpu_check.md`` (the tables) into ``--out``.
