@@ -179,8 +179,8 @@ class Trainer(DefaultTrainer):
             self.train_loader.load_state_dict(state_dict["data_stream"])
         else:
             logging.getLogger(__name__).warning(
-                "The checkpoint has no training data-stream state (written by an older "
-                "version): the sample stream starts again from its beginning")
+                "The checkpoint has no training data-stream state (not written by eql_d2's "
+                "Trainer): the sample stream starts again from its beginning")
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)

@@ -105,7 +105,7 @@ def _frequencies_from_checkpoint(module, state_dict, prefix, local_metadata, str
         if not valid:
             logger.warning("%s: the checkpoint has no EQL category frequencies (%s); keeping "
                            "those of DATASETS.TRAIN %s", key,
-                           "saved before checkpoints held them" if saved is None else
+                           "a model saved without an EQL loss" if saved is None else
                            "its entry is not C finite values in [0, 1]",
                            list(module.train_datasets))
         elif not torch.equal(saved.to(current), current):
