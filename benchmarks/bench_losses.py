@@ -7,7 +7,11 @@ implementation runs forward + backward + statistics on the same seeded inputs:
   write it (one-hot targets, masked selection, element-wise ops), with the per-class
   gradient statistics collected by a backward hook on the logits;
 - ``fused-eager``: eql_d2.losses with ``use_compile=False`` (the CPU default);
-- ``fused-compiled``: eql_d2.losses with ``use_compile=True`` (compiled during warm-up).
+- ``fused-compiled``: eql_d2.losses with ``use_compile=True`` (compiled during warm-up);
+- with ``--baseline DIR``, ``baseline-eager`` and ``baseline-compiled``: the same from the
+  ``eql_d2/losses`` package of another checkout (for example ``git worktree add DIR REF``),
+  imported side by side under another name, to compare two versions of the fused path in
+  the same process. The fused variants are then also reported relative to them.
 
 Time: one process per (loss, size) holds the inputs and every implementation, warms each
 up with one step, then runs ``--reps`` rounds in which each implementation does one step,
@@ -25,9 +29,12 @@ Both sides end the step holding logits.grad, which is counted.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_losses.py            # CPU (and CUDA if present)
     python benchmarks/bench_losses.py --sizes 20000 --reps 3       # quicker
+    git worktree add --detach /tmp/before HEAD~1                   # this tree against another
+    python benchmarks/bench_losses.py --baseline /tmp/before --impls fused-eager baseline-eager
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -40,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 C = 1203
-IMPLS = ("reference", "fused-eager", "fused-compiled")
+IMPLS = ("reference", "fused-eager", "fused-compiled", "baseline-eager", "baseline-compiled")
 
 
 # ----------------------------------------------------------------------------------------
@@ -142,15 +149,31 @@ def _inputs(loss, n, device, amp=False):
     return logits.to(device, dtype), labels.to(device), normalizer
 
 
-def _build(loss, impl):
-    from eql_d2.losses import EQLv2Loss, EqualizedFocalLoss
+def _baseline_losses(root):
+    """``root``/eql_d2/losses imported as the package ``baseline_eql_d2_losses``; its
+    absolute imports of other eql_d2 modules resolve to this tree."""
+    name = "baseline_eql_d2_losses"
+    if name not in sys.modules:
+        init = os.path.join(os.path.abspath(root), "eql_d2", "losses", "__init__.py")
+        spec = importlib.util.spec_from_file_location(
+            name, init, submodule_search_locations=[os.path.dirname(init)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
+
+def _build(loss, impl, baseline=None):
     if impl == "reference":
         return ReferenceEFL(C) if loss == "efl" else ReferenceEQLv2(C)
-    compiled = impl == "fused-compiled"
+    if impl.startswith("baseline-"):
+        losses = _baseline_losses(baseline)
+    else:
+        import eql_d2.losses as losses
+    compiled = impl.endswith("-compiled")
     if loss == "efl":
-        return EqualizedFocalLoss(C, use_compile=compiled).train()
-    return EQLv2Loss(C, use_compile=compiled).train()
+        return losses.EqualizedFocalLoss(C, use_compile=compiled).train()
+    return losses.EQLv2Loss(C, use_compile=compiled).train()
 
 
 def _rss_kb():
@@ -197,7 +220,7 @@ def _step_fn(fn, loss, z, labels, normalizer, cuda, amp=False):
 
 def _warm(fn, impl, loss, step, z, labels, normalizer):
     """One full step; the compiled variant first compiles on a slice (dynamic shapes)."""
-    if impl == "fused-compiled":
+    if impl.endswith("-compiled"):
         small = z.detach()[:2000].clone().requires_grad_()
         out = fn(small, labels[:2000], normalizer) if loss == "efl" else fn(small, labels[:2000])
         out.backward()
@@ -205,12 +228,12 @@ def _warm(fn, impl, loss, step, z, labels, normalizer):
     step()
 
 
-def memory_worker(loss, n, impl, device, amp=False):
+def memory_worker(loss, n, impl, device, amp=False, baseline=None):
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     z, labels, normalizer = _inputs(loss, n, dev, amp)
     z.requires_grad_()
-    fn = _build(loss, impl)
+    fn = _build(loss, impl, baseline)
     step = _step_fn(fn, loss, z, labels, normalizer, cuda, amp)
     _warm(fn, impl, loss, step, z, labels, normalizer)
     z.grad = None
@@ -229,12 +252,12 @@ def memory_worker(loss, n, impl, device, amp=False):
             ("VmHWM after clear_refs" if reset_ok else "ru_maxrss")}
 
 
-def timing_worker(loss, n, device, reps, impls, amp=False):
+def timing_worker(loss, n, device, reps, impls, amp=False, baseline=None):
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     z, labels, normalizer = _inputs(loss, n, dev, amp)
     z.requires_grad_()
-    fns = {impl: _build(loss, impl) for impl in impls}
+    fns = {impl: _build(loss, impl, baseline) for impl in impls}
     steps = {impl: _step_fn(fns[impl], loss, z, labels, normalizer, cuda, amp) for impl in impls}
     for impl in impls:
         _warm(fns[impl], impl, loss, steps[impl], z, labels, normalizer)
@@ -274,8 +297,10 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-300)).item()
 
 
-def _run_worker(*args):
+def _run_worker(*args, baseline=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", *map(str, args)]
+    if baseline:
+        cmd += ["--baseline", baseline]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stderr, file=sys.stderr)
@@ -288,10 +313,15 @@ def main():
     ap.add_argument("--losses", nargs="+", default=["efl", "eqlv2"],
                     choices=["efl", "eqlv2"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[20000, 100000])
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--impls", nargs="+", default=None, choices=IMPLS,
+                    help="default: reference, fused-eager, fused-compiled")
     ap.add_argument("--devices", nargs="+", default=None,
                     help="default: cpu, plus cuda when available")
     ap.add_argument("--reps", type=int, default=5, help="timed rounds")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="a checkout whose eql_d2/losses runs as baseline-eager / "
+                         "baseline-compiled (default impls: reference, fused-eager, "
+                         "baseline-eager)")
     ap.add_argument("--json", help="also write all results to this file")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -299,23 +329,30 @@ def main():
         kind, loss, n, device, *rest = args.worker
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
         if kind == "memory":
-            print(json.dumps(memory_worker(loss, int(n), rest[0], device)))
+            print(json.dumps(memory_worker(loss, int(n), rest[0], device,
+                                           baseline=args.baseline)))
         else:
-            print(json.dumps(timing_worker(loss, int(n), device, int(rest[0]), rest[1:])))
+            print(json.dumps(timing_worker(loss, int(n), device, int(rest[0]), rest[1:],
+                                           baseline=args.baseline)))
         return
 
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    impls = [i for i in IMPLS if i in args.impls]
+    default = ("reference", "fused-eager", "baseline-eager") if args.baseline else IMPLS[:3]
+    impls = [i for i in IMPLS if i in (args.impls or default)]
+    if not args.baseline and any(i.startswith("baseline-") for i in impls):
+        ap.error("the baseline implementations need --baseline DIR")
+    base = args.baseline
     results = []
     for device in devices:
         for loss in args.losses:
             for n in args.sizes:
-                timing = _run_worker("timing", loss, n, device, args.reps, *impls)
+                timing = _run_worker("timing", loss, n, device, args.reps, *impls,
+                                     baseline=base)
                 case = {"device": device, "loss": loss, "n": n, "reps": args.reps,
                         "threads": timing["threads"], "impls": timing["impls"]}
                 for impl in impls:
                     res = case["impls"][impl]
-                    res.update(_run_worker("memory", loss, n, device, impl))
+                    res.update(_run_worker("memory", loss, n, device, impl, baseline=base))
                     print(f"{device:4s} {loss:5s} {n:6d}x{C} {impl:14s} median "
                           f"{res['median_s']:7.3f} s (process CPU {res['cpu_median_s']:7.3f} s)"
                           f"  peak +{res['peak_increase_bytes'] / 2**20:6.0f} MiB", flush=True)
@@ -342,6 +379,29 @@ def main():
                           f"{res['agreement']['grad']:.1e} stats "
                           f"{max(res['agreement']['pos_grad'], res['agreement']['neg_grad']):.1e}",
                           flush=True)
+                for impl in impls:
+                    res = case["impls"][impl]
+                    before = case["impls"].get(impl.replace("fused-", "baseline-"))
+                    if not impl.startswith("fused-") or before is None:
+                        continue
+                    res["baseline_time_ratio"] = statistics.median(
+                        f / b for f, b in zip(res["wall_s"], before["wall_s"]))
+                    res["baseline_cpu_ratio"] = statistics.median(
+                        f / b for f, b in zip(res["cpu_s"], before["cpu_s"]))
+                    res["baseline_memory_ratio"] = (res["peak_increase_bytes"]
+                                                    / before["peak_increase_bytes"])
+                    res["baseline_agreement"] = {
+                        "loss": _rel([res["last_loss"]], [before["last_loss"]]),
+                        "grad": _rel(res["grad_samples"], before["grad_samples"]),
+                        "stats": max(_rel(res["pos_grad"], before["pos_grad"]),
+                                     _rel(res["neg_grad"], before["neg_grad"])),
+                    }
+                    print(f"     -> {impl} / baseline: step time x{res['baseline_time_ratio']:.3f}"
+                          f" (median per round; CPU time x{res['baseline_cpu_ratio']:.3f}), "
+                          f"peak memory x{res['baseline_memory_ratio']:.3f}; max rel diff loss "
+                          f"{res['baseline_agreement']['loss']:.1e} grad "
+                          f"{res['baseline_agreement']['grad']:.1e} stats "
+                          f"{res['baseline_agreement']['stats']:.1e}", flush=True)
                 results.append(case)
     if args.json:
         with open(args.json, "w") as f:

@@ -8,7 +8,8 @@ returns the loss sum and the per-class statistics and writes the gradient of the
 w.r.t. the logits into its slice of a preallocated [N, C] tensor. :class:`_FusedLoss`
 (a custom ``autograd.Function``) runs the kernel over row blocks in ``forward`` and hands
 the stored gradient out in ``backward``: only the gradient outlives the call, and
-temporaries are block-sized (BENCHMARKS.md, "Loss fast path", for time and memory).
+temporaries are block-sized (time and memory: docs/PERFORMANCE.md, "Loss speed and
+memory"; benchmarks/bench_losses.py).
 
 The kernels run eagerly or through ``torch.compile``, decided per call by the
 ``use_compile`` argument of the loss module, else the environment variable
@@ -150,9 +151,8 @@ def _column_log_sums(m):
     """sum_i log(m_ij) [K] for m [R, K] with entries in [0.5, 1] (consumes nothing).
 
     Eager: the log of column products over chunks of ``_PRODUCT_ROWS`` rows. A log costs
-    about ten multiplications on CPU (BENCHMARKS.md, "Loss fast path: mixed precision
-    and EQLv2 CPU speed"), and each multiplication adds one rounding, as the rounding of
-    m_ij itself does: the error is that of summing the logs. Compiled: the per-entry
+    about ten multiplications on CPU, and each multiplication adds one rounding, as the
+    rounding of m_ij itself does: the error is that of summing the logs. Compiled: the per-entry
     logs, which the compiler fuses into the reduction (no chunk loop to specialise on R).
     """
     if torch.compiler.is_compiling():
