@@ -122,6 +122,23 @@ def dense_batch(num_classes, seed=0, num_images=2, size=64):
     return batch
 
 
+def matched_iou(a, b):
+    """IoU of each row of a [P, 4] with the same row of b [P, 4] (XYXY), written out."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def seeded_model(cfg, seed=0):
+    """detectron2's build_model(cfg) after torch.manual_seed(seed)."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
 def sgd_steps(model, batches, lr=0.01):
     """Plain SGD steps in an EventStorage; returns (the loss dicts, detached, of each step,
     the storage)."""

@@ -19,7 +19,8 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
 import eql_d2.modeling  # noqa: F401  (registers EFLFCOS)
-from helpers import (ROOT, TINY_ONE_STAGE, dense_batch, record_criterion_calls, register_small, run_train_net, sgd_steps)
+from helpers import (ROOT, TINY_ONE_STAGE, dense_batch, record_criterion_calls, register_small,
+                     matched_iou, run_train_net, seeded_model, sgd_steps)
 from eql_d2.config import get_eql_cfg
 from eql_d2.engine import Trainer
 from eql_d2.losses import (EqualizedFocalLoss, EqualizedQualityFocalLoss, FocalLoss,
@@ -48,41 +49,19 @@ def tiny_cfg(loss, *opts):
     return cfg
 
 
-def make_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    return build_model(cfg)
-
-
-def make_batch(seed=0, num_images=2, size=64):
-    return dense_batch(NUM_CLASSES, seed, num_images, size)
-
-
-def train_steps(model, batches, lr=0.01):
-    return sgd_steps(model, batches, lr)
-
-
-def hand_iou(a, b):
-    """IoU of rows of a [P, 4] and b [P, 4], XYXY, written out."""
-    lt = torch.maximum(a[:, :2], b[:, :2])
-    rb = torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
-
-
 # ---------------------------------------------------------------------- losses
 
 
 def test_focal_losses_equal_detectron2_fcos():
     """With focal loss, EFLFCOS's three losses are detectron2's FCOS losses (same modules,
     same positives), once both divide by the same number of positives."""
-    ours = make_model(tiny_cfg("focal"))
+    ours = seeded_model(tiny_cfg("focal"))
     theirs = FCOS(backbone=ours.backbone, head=ours.head, head_in_features=ours.head_in_features,
                   num_classes=NUM_CLASSES, center_sampling_radius=1.5,
                   pixel_mean=ours.pixel_mean.flatten().tolist(),
                   pixel_std=ours.pixel_std.flatten().tolist())
     calls = record_criterion_calls(ours)
-    batch = make_batch(seed=11, num_images=3)
+    batch = dense_batch(NUM_CLASSES, seed=11, num_images=3)
     with EventStorage():
         a = ours(batch)
     normalizer = float(calls[0][0][2])
@@ -99,11 +78,11 @@ def test_focal_losses_equal_detectron2_fcos():
 
 @pytest.mark.parametrize("loss", ["qfl", "eqfl"])
 def test_quality_targets_are_iou_of_decoded_boxes_and_normalizer_counts_positives(loss):
-    model = make_model(tiny_cfg(loss))
+    model = seeded_model(tiny_cfg(loss))
     with torch.no_grad():  # boxes of about one stride per side, not points (IoU 0)
         model.head.bbox_pred.bias.fill_(1.0)
     calls = record_criterion_calls(model)
-    batch = make_batch(seed=5, num_images=3)
+    batch = dense_batch(NUM_CLASSES, seed=5, num_images=3)
     with EventStorage():
         model(batch)
     (logits, labels, normalizer, quality), _ = calls[0]
@@ -127,7 +106,7 @@ def test_quality_targets_are_iou_of_decoded_boxes_and_normalizer_counts_positive
         boxes = torch.cat([ctr - d[:, :2], ctr + d[:, 2:]], dim=1)
         rows = slice(i * num_points, (i + 1) * num_points)
         p = pos[rows]
-        want[rows][p] = hand_iou(boxes[p], gt_boxes[i][p]).to(want.dtype)
+        want[rows][p] = matched_iou(boxes[p], gt_boxes[i][p]).to(want.dtype)
     assert float(normalizer) == pos.sum()
     assert want[pos].min() >= 0 and want[pos].max() > 0.2  # real overlaps, not all zero
     torch.testing.assert_close(quality, want, rtol=1e-5, atol=1e-6)
@@ -153,10 +132,10 @@ def reference_loss(z, labels, gamma, gamma_b, alpha, normalizer, quality=None):
 def test_statistics_equal_autograd_gradient_sums_one_update_per_iteration(loss):
     # a prior of 0.2 makes the negatives' gradient comparable to the positives', so that
     # g^j < 1 and gamma^j differs between classes from the second step on
-    model = make_model(tiny_cfg(loss, "MODEL.FCOS.PRIOR_PROB", "0.2"))
+    model = seeded_model(tiny_cfg(loss, "MODEL.FCOS.PRIOR_PROB", "0.2"))
     crit = model.cls_loss.criterion
     calls = record_criterion_calls(model)
-    history, storage = train_steps(model, [make_batch(seed=s) for s in (1, 2, 3)], lr=0.05)
+    history, storage = sgd_steps(model, [dense_batch(NUM_CLASSES, seed=s) for s in (1, 2, 3)], lr=0.05)
     assert len(calls) == 3
 
     pos_sum = torch.zeros(NUM_CLASSES, dtype=torch.float64)
@@ -180,12 +159,12 @@ def test_statistics_equal_autograd_gradient_sums_one_update_per_iteration(loss):
 
 
 def test_inference_score_is_geometric_mean_of_class_and_centerness():
-    model = make_model(tiny_cfg("focal", "TEST.DETECTIONS_PER_IMAGE", "1"))
+    model = seeded_model(tiny_cfg("focal", "TEST.DETECTIONS_PER_IMAGE", "1"))
     model.eval()
     with torch.no_grad():
         model.head.ctrness.bias.fill_(2.0)
         model.head.cls_score.bias.fill_(-1.0)
-        batch = make_batch(seed=3)
+        batch = dense_batch(NUM_CLASSES, seed=3)
         images = model.preprocess_image(batch)
         feats = model.backbone(images.tensor)
         preds = model.head([feats[f] for f in model.head_in_features])
@@ -197,7 +176,7 @@ def test_inference_score_is_geometric_mean_of_class_and_centerness():
 
 
 def test_builds_from_config_with_prior_and_names_bad_values():
-    model = make_model(tiny_cfg("efl", "MODEL.FCOS.PRIOR_PROB", "0.001"))
+    model = seeded_model(tiny_cfg("efl", "MODEL.FCOS.PRIOR_PROB", "0.001"))
     # sigmoid(bias) = prior: every class starts at probability 0.001
     torch.testing.assert_close(model.head.cls_score.bias.sigmoid(),
                                torch.full((NUM_CLASSES,), 0.001))

@@ -20,7 +20,8 @@ from eql_d2.modeling.cls_losses import build_cls_loss
 from eql_d2.modeling.meta_arch import DenseClassificationLoss, atss_match
 from eql_d2.modeling.meta_arch.dense_loss import decode_positives
 
-from helpers import ROOT, dense_batch, record_criterion_calls, sgd_steps
+from helpers import (ROOT, dense_batch, matched_iou, record_criterion_calls, seeded_model,
+                     sgd_steps)
 
 BASE = os.path.join(ROOT, "configs/Synthetic-LT/Base-OneStage-R18-FPN.yaml")
 NUM_CLASSES = 5
@@ -41,19 +42,6 @@ def tiny_cfg(arch, loss, *opts):
         "DATASETS.TRAIN", f"('{FREQ_DATASET}',)", "DATASETS.TEST", "()", *opts,
     ])
     return cfg
-
-
-def make_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    return build_model(cfg)
-
-
-def make_batch(seed=0, num_images=2, size=64):
-    return dense_batch(NUM_CLASSES, seed, num_images, size)
-
-
-def train_steps(model, batches, lr=0.01):
-    return sgd_steps(model, batches, lr)
 
 
 # ---------------------------------------------------------------------- ATSS assignment
@@ -135,8 +123,8 @@ def test_atss_match_shared_anchor_goes_to_highest_iou_and_empty_gt():
 
 
 def test_label_anchors_uses_the_rule_on_the_model_anchors():
-    model = make_model(tiny_cfg("ATSS", "focal"))
-    batch = make_batch(seed=4)
+    model = seeded_model(tiny_cfg("ATSS", "focal"))
+    batch = dense_batch(NUM_CLASSES, seed=4)
     images = model.preprocess_image(batch)
     feats = model.backbone(images.tensor)
     anchors = model.anchor_generator([feats[f] for f in model.head_in_features])
@@ -163,18 +151,10 @@ def _decode(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0)):
     return torch.stack([pcx - pw / 2, pcy - ph / 2, pcx + pw / 2, pcy + ph / 2], dim=1)
 
 
-def _iou(a, b):
-    lt = torch.max(a[:, :2], b[:, :2])
-    rb = torch.min(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
-
-
 def test_iou_branch_targets_are_iou_of_decoded_boxes():
-    model = make_model(tiny_cfg("ATSS", "qfl"))
+    model = seeded_model(tiny_cfg("ATSS", "qfl"))
     model.train()
-    batch = make_batch(seed=5)
+    batch = dense_batch(NUM_CLASSES, seed=5)
     with torch.no_grad():  # give the regression branch visible, non-zero deltas
         model.head.bbox_pred.weight.normal_(std=0.05)
     images = model.preprocess_image(batch)
@@ -193,7 +173,7 @@ def test_iou_branch_targets_are_iou_of_decoded_boxes():
     img, idx = pos.nonzero().unbind(1)
     decoded = _decode(all_deltas[img, idx], all_anchors[idx])
     target = torch.stack(gt_boxes)[img, idx]
-    want = _iou(decoded, target)
+    want = matched_iou(decoded, target)
     assert want.std() > 0.01  # the targets differ between anchors
 
     got_boxes, got_target = decode_positives(model.box2box_transform, anchors, deltas, pos, gt_boxes)
@@ -239,11 +219,11 @@ def reference_efl(z, labels, gamma, gamma_b, alpha, normalizer, quality=None):
 def test_efl_statistics_equal_autograd_gradient_sums(arch, loss):
     # a prior of 0.2 makes the negatives' gradient comparable to the positives', so that
     # g^j < 1 and gamma^j differs between classes already in the second step
-    model = make_model(tiny_cfg(arch, loss, "MODEL.ATSS.PRIOR_PROB", "0.2",
+    model = seeded_model(tiny_cfg(arch, loss, "MODEL.ATSS.PRIOR_PROB", "0.2",
                                 "MODEL.RETINANET.PRIOR_PROB", "0.2"))
     crit = model.cls_loss.criterion
     calls = record_criterion_calls(model)
-    history, storage = train_steps(model, [make_batch(seed=s) for s in (1, 2, 3)], lr=0.05)
+    history, storage = sgd_steps(model, [dense_batch(NUM_CLASSES, seed=s) for s in (1, 2, 3)], lr=0.05)
 
     pos_sum = torch.zeros(NUM_CLASSES, dtype=torch.float64)
     neg_sum = torch.zeros(NUM_CLASSES, dtype=torch.float64)
@@ -271,11 +251,11 @@ def test_efl_statistics_equal_autograd_gradient_sums(arch, loss):
 
 @pytest.mark.parametrize("arch", ["ATSS", "EFLRetinaNet"])
 def test_scale_zero_trains_identically_to_focal(arch):
-    batches = [make_batch(seed=s) for s in (7, 8, 9)]
+    batches = [dense_batch(NUM_CLASSES, seed=s) for s in (7, 8, 9)]
     runs = {}
     for loss, opts in (("focal", ()), ("efl", ("MODEL.CLS_LOSS.EFL.SCALE", "0.0"))):
-        model = make_model(tiny_cfg(arch, loss, *opts), seed=1)
-        history, _ = train_steps(model, batches, lr=0.05)
+        model = seeded_model(tiny_cfg(arch, loss, *opts), seed=1)
+        history, _ = sgd_steps(model, batches, lr=0.05)
         runs[loss] = (history, model.state_dict())
     for step_focal, step_efl in zip(runs["focal"][0], runs["efl"][0]):
         for key in step_focal:
@@ -287,14 +267,14 @@ def test_scale_zero_trains_identically_to_focal(arch):
 
 def test_focal_default_matches_detectron2_retinanet():
     cfg = tiny_cfg("EFLRetinaNet", "focal")
-    ours = make_model(cfg)
+    ours = seeded_model(cfg)
     d2_cfg = copy.deepcopy(cfg)
     d2_cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
-    theirs = make_model(d2_cfg)
+    theirs = seeded_model(d2_cfg)
     # the same network; our loss module's buffers (regime indicators) are not detectron2's
     theirs.load_state_dict({k: v for k, v in ours.state_dict().items()
                             if not k.startswith("cls_loss.")}, strict=True)
-    batch = make_batch(seed=11)
+    batch = dense_batch(NUM_CLASSES, seed=11)
     # one storage each: detectron2 puts num_pos_anchors smoothed every iteration, ours
     # puts it as the value of every 20th iteration
     with EventStorage():
@@ -315,14 +295,14 @@ def test_focal_default_matches_detectron2_retinanet():
     ("EFLRetinaNet", "qfl"), ("EFLRetinaNet", "sigmoid_ce"),
 ])
 def test_each_loss_trains_and_infers(arch, loss):
-    model = make_model(tiny_cfg(arch, loss, "TEST.DETECTIONS_PER_IMAGE", "50"))
-    history, _ = train_steps(model, [make_batch(seed=s, num_images=3) for s in (1, 2)])
+    model = seeded_model(tiny_cfg(arch, loss, "TEST.DETECTIONS_PER_IMAGE", "50"))
+    history, _ = sgd_steps(model, [dense_batch(NUM_CLASSES, seed=s, num_images=3) for s in (1, 2)])
     for losses in history:
         assert all(torch.isfinite(v) for v in losses.values()), losses
     assert history[0]["loss_cls"] > 0 and history[0]["loss_box_reg"] > 0
     model.eval()
     with torch.no_grad():
-        out = model(make_batch(seed=3))
+        out = model(dense_batch(NUM_CLASSES, seed=3))
     for res in out:
         inst = res["instances"]
         assert 0 < len(inst) <= 50
@@ -332,12 +312,12 @@ def test_each_loss_trains_and_infers(arch, loss):
 
 def test_atss_inference_scores_combine_class_and_iou():
     """With one location and no NMS ties, the top score is sqrt(p_cls * p_iou)."""
-    model = make_model(tiny_cfg("ATSS", "focal", "TEST.DETECTIONS_PER_IMAGE", "1"))
+    model = seeded_model(tiny_cfg("ATSS", "focal", "TEST.DETECTIONS_PER_IMAGE", "1"))
     model.eval()
     with torch.no_grad():
         model.head.iou_pred.bias.fill_(2.0)
         model.head.cls_score.bias.fill_(-1.0)
-        batch = make_batch(seed=3)
+        batch = dense_batch(NUM_CLASSES, seed=3)
         images = model.preprocess_image(batch)
         feats = model.backbone(images.tensor)
         preds = model.head([feats[f] for f in model.head_in_features])
@@ -352,10 +332,10 @@ def test_atss_inference_scores_combine_class_and_iou():
 
 def test_checkpoint_round_trip_restores_statistics(tmp_path):
     cfg = tiny_cfg("ATSS", "efl")
-    model = make_model(cfg)
-    train_steps(model, [make_batch(seed=s) for s in (1, 2)])
+    model = seeded_model(cfg)
+    sgd_steps(model, [dense_batch(NUM_CLASSES, seed=s) for s in (1, 2)])
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_x")
-    fresh = make_model(cfg, seed=5)
+    fresh = seeded_model(cfg, seed=5)
     assert fresh.cls_loss.criterion.neg_grad.sum() == 0
     DetectionCheckpointer(fresh, save_dir=str(tmp_path)).resume_or_load(
         str(tmp_path / "model_x.pth"), resume=True)
