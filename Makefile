@@ -7,10 +7,11 @@ DEMO_CFG := configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_eqlv2_demo.yaml
 DEMO_BASELINE_CFG := configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_sigmoid_demo.yaml
 DEMO_OUT := output/demo
 DEMO_BASELINE_OUT := output/demo_baseline
-# Both configs measured with `make demo-reference` (seeds DEMO_SEEDS), shipped with the code.
+# Both configs measured with `make demo-reference` (seeds DEMO_SEEDS: one seed moves AP by ~2),
+# shipped with the code.
 DEMO_REFERENCE := benchmarks/results/demo_reference.json
 DEMO_REFERENCE_OUT := output/demo_reference
-DEMO_SEEDS := 0
+DEMO_SEEDS := 0 1 2
 DEMO_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE}
 
 .PHONY: install demo demo-eval demo-baseline demo-table demo-reference test

@@ -7,14 +7,17 @@
         --command "make demo-reference" output/demo_reference/*      # record the reference
 
 A run is a train_net.py OUTPUT_DIR: its ``final_metrics.json`` (or ``eval_metrics.json`` of
-``--eval-only``) gives the metrics and its ``config.yaml`` the classification loss and seed
-that label the row. Every figure printed is read from those files or from the reference
-JSON; none is written in this script. The reference JSON (``--write-reference``) copies the
-metrics, loss, seed and config file of each run, with the command that made them, so
-``make demo`` can show the baseline without training it.
+``--eval-only``) gives the metrics, its ``config.yaml`` the classification loss and seed
+that label the row, and the evaluator's ``inference/<dataset>/per_category_<task>.csv`` the
+number of rare categories with AP > 0 (column "rare AP>0"). Every figure printed is read
+from those files or from the reference JSON; none is written in this script. The
+reference JSON (``--write-reference``) copies the metrics, loss, seed, config file and rare
+count of each run, with the command that made them, so ``make demo`` can show the baseline
+without training it. Several seeds of a loss are printed with their mean and spread.
 """
 
 import argparse
+import csv
 import datetime
 import math
 import os
@@ -96,6 +99,26 @@ def log_config_file(run_dir):
     return None
 
 
+def rare_detected(run_dir, dataset, task):
+    """[categories with AP > 0, categories with an AP] of the rare group, from the run's
+    per-category CSV (LVISPerCategoryEvaluator), or None without one."""
+    path = os.path.join(run_dir, "inference", dataset, f"per_category_{task}.csv")
+    if not os.path.isfile(path):
+        return None
+    found = total = 0
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                ap = float(row.get("AP") or "nan")
+            except ValueError:
+                continue
+            if row.get("frequency") != "r" or math.isnan(ap):
+                continue
+            total += 1
+            found += ap > 0
+    return [found, total] if total else None
+
+
 def run_record(run_dir, dataset=None, task="bbox"):
     """What one run contributes to a table: label parts and the task's metrics."""
     results = read_metrics(run_dir)
@@ -118,8 +141,13 @@ def run_record(run_dir, dataset=None, task="bbox"):
         "dataset": dataset,
         "task": task,
         "metrics": results[dataset][task],
+        "rare_detected": rare_detected(run_dir, dataset, task),
         "wall_s": log_wall_seconds(run_dir),
     }
+
+
+RARE_FOUND = "rare AP>0"  # column: rare categories with AP > 0 / rare categories evaluated
+COLUMNS = KEYS + (RARE_FOUND,)
 
 
 def _fmt(v, signed=False):
@@ -128,20 +156,32 @@ def _fmt(v, signed=False):
     return f"{v:+6.2f}" if signed else f"{v:6.2f}"
 
 
+def _fmt_found(v, signed=False):
+    """[found, total] as "found/total" (found a mean: one decimal); signed: a difference."""
+    if v is None:
+        text = "-"
+    elif signed:
+        text = f"{v:+g}" if float(v).is_integer() else f"{v:+.1f}"
+    else:
+        found, total = v
+        text = f"{found:g}/{total}" if float(found).is_integer() else f"{found:.1f}/{total}"
+    return f"{text:>{len(RARE_FOUND)}}"
+
+
 def format_table(rows, differences=()):
-    """rows: (label, metrics dict); differences: (label, metrics dict) printed signed below a
-    rule. A fixed-width text table of KEYS."""
+    """rows: (label, values); differences: (label, values) printed signed below a rule;
+    values: {column: value} as made by row_values, mean_values and difference."""
     width = max([len("run")] + [len(label) for label, _ in list(rows) + list(differences)])
-    lines = ["  ".join([f"{'run':<{width}}"] + [f"{k:>6}" for k in KEYS])]
+    lines = ["  ".join([f"{'run':<{width}}"] + [f"{k:>6}" for k in KEYS] + [RARE_FOUND])]
     rule = "-" * len(lines[0])
     lines.append(rule)
-    for label, metrics in rows:
-        lines.append("  ".join([f"{label:<{width}}"] + [_fmt(metrics.get(k)) for k in KEYS]))
-    if differences:
-        lines.append(rule)
-        for label, metrics in differences:
+    for block, signed in ((rows, False), (differences, True)):
+        if signed and block:
+            lines.append(rule)
+        for label, values in block:
             lines.append("  ".join([f"{label:<{width}}"]
-                                   + [_fmt(metrics.get(k), signed=True) for k in KEYS]))
+                                   + [_fmt(values.get(k), signed) for k in KEYS]
+                                   + [_fmt_found(values.get(RARE_FOUND), signed)]))
     return "\n".join(lines)
 
 
@@ -151,27 +191,42 @@ def _same_loss(a, b):
     return norm(a) == norm(b)
 
 
+def row_values(record):
+    """{column: value} of one run (a run_record or a reference run)."""
+    values = {k: record["metrics"].get(k) for k in KEYS}
+    values[RARE_FOUND] = record.get("rare_detected")
+    return values
+
+
 def difference(a, b):
-    """Key-wise a - b (None where either lacks the key)."""
-    return {k: None if a.get(k) is None or b.get(k) is None else a[k] - b[k] for k in KEYS}
-
-
-def mean_metrics(records):
-    """Key-wise mean of the records' metrics (None where a record lacks the key)."""
-    out = {}
-    for k in KEYS:
-        vals = [r["metrics"].get(k) for r in records]
-        out[k] = None if any(v is None for v in vals) else sum(vals) / len(vals)
+    """Column-wise a - b of two row values (None where either lacks the value; the rare
+    count only when both evaluated the same number of rare categories)."""
+    out = {k: None if a.get(k) is None or b.get(k) is None else a[k] - b[k] for k in KEYS}
+    fa, fb = a.get(RARE_FOUND), b.get(RARE_FOUND)
+    out[RARE_FOUND] = fa[0] - fb[0] if fa and fb and fa[1] == fb[1] else None
     return out
 
 
-def spread_metrics(records):
-    """Key-wise max - min of the records' metrics (None where a record lacks the key)."""
+def _over_seeds(records, reduce):
+    values = [row_values(r) for r in records]
     out = {}
     for k in KEYS:
-        vals = [r["metrics"].get(k) for r in records]
-        out[k] = None if any(v is None for v in vals) else max(vals) - min(vals)
+        vals = [v[k] for v in values]
+        out[k] = None if any(x is None for x in vals) else reduce(vals)
+    found = [v[RARE_FOUND] for v in values]
+    same_total = all(f for f in found) and len({f[1] for f in found}) == 1
+    out[RARE_FOUND] = [reduce([f[0] for f in found]), found[0][1]] if same_total else None
     return out
+
+
+def mean_values(records):
+    """Column-wise mean over the records (None where a record lacks the value)."""
+    return _over_seeds(records, lambda xs: sum(xs) / len(xs))
+
+
+def spread_values(records):
+    """Column-wise max - min over the records (None where a record lacks the value)."""
+    return _over_seeds(records, lambda xs: max(xs) - min(xs))
 
 
 def _seed_label(r):
@@ -194,10 +249,10 @@ def build_table(runs, reference=None, reference_path=None):
     rows, differences = [], []
     for i, r in enumerate(runs):
         where = "this run" if i == 0 else "run here"
-        rows.append((f"{r['loss'] or '?'} ({where}, {_seed_label(r)})", r["metrics"]))
+        rows.append((f"{r['loss'] or '?'} ({where}, {_seed_label(r)})", row_values(r)))
         if i > 0 and not _same_loss(r["loss"], this["loss"]):
             differences.append((f"{this_label} - {r['loss']} (run here)",
-                                difference(this["metrics"], r["metrics"])))
+                                difference(row_values(this), row_values(r))))
     notes = []
     if reference is not None:
         by_loss = {}
@@ -205,18 +260,18 @@ def build_table(runs, reference=None, reference_path=None):
             by_loss.setdefault(r["loss"], []).append(r)
         for loss, recs in by_loss.items():
             for r in recs:
-                rows.append((f"{loss} (reference, {_seed_label(r)})", r["metrics"]))
-            ref_metrics, which = recs[0]["metrics"], "reference"
+                rows.append((f"{loss} (reference, {_seed_label(r)})", row_values(r)))
+            ref_values, which = row_values(recs[0]), "reference"
             if len(recs) > 1:
-                ref_metrics, which = mean_metrics(recs), f"reference mean of {len(recs)}"
-                rows.append((f"{loss} ({which})", ref_metrics))
-                spread = spread_metrics(recs)
+                ref_values, which = mean_values(recs), f"reference mean of {len(recs)}"
+                rows.append((f"{loss} ({which})", ref_values))
+                spread = spread_values(recs)
                 notes.append(f"{loss}: spread over the reference seeds (max - min): "
                              + ", ".join(f"{k} {spread[k]:.2f}" for k in KEYS
                                          if spread[k] is not None))
             if not _same_loss(loss, this["loss"]):
                 differences.append((f"{this_label} - {loss} ({which})",
-                                    difference(this["metrics"], ref_metrics)))
+                                    difference(row_values(this), ref_values)))
         other = sorted({r.get("max_iter") for r in reference["runs"]} - {this.get("max_iter")},
                        key=str)
         if this.get("max_iter") is not None and other:
@@ -225,8 +280,10 @@ def build_table(runs, reference=None, reference_path=None):
         notes.insert(0, f"reference: {reference_path}, measured with `{reference['command']}`"
                      + (f" on a {reference['machine']}" if reference.get("machine") else "")
                      + (f", {reference['date']}" if reference.get("date") else ""))
-    head = (f"{this['dataset']} {this['task']}: LVIS AP (%) over all / rare / common / frequent "
-            "categories" + (f"; {this['max_iter']} iterations" if this.get("max_iter") else ""))
+    head = (f"{this['dataset']} {this['task']}"
+            + (f", {this['max_iter']} iterations" if this.get("max_iter") else "")
+            + ": LVIS AP (%) over all / rare / common / frequent categories;\n"
+            + f"{RARE_FOUND}: rare categories with AP > 0 / rare categories evaluated")
     out = [head, "", format_table(rows, differences), ""]
     out += notes
     for r in runs:
@@ -234,9 +291,9 @@ def build_table(runs, reference=None, reference_path=None):
         plot = os.path.join(inference, f"ap_vs_train_images_{r['task']}.png")
         if os.path.isfile(plot):
             out.append(f"per-category AP against train images ({r['loss']}): {plot}")
-        csv = os.path.join(inference, f"per_category_{r['task']}.csv")
-        if os.path.isfile(csv):
-            out.append(f"per-category AP table ({r['loss']}): {csv}")
+        table = os.path.join(inference, f"per_category_{r['task']}.csv")
+        if os.path.isfile(table):
+            out.append(f"per-category AP table ({r['loss']}): {table}")
     return "\n".join(out)
 
 
@@ -260,7 +317,7 @@ def write_reference(path, run_dirs, command, dataset=None, task="bbox"):
         runs.append({"loss": r["loss"], "seed": r["seed"], "max_iter": r["max_iter"],
                      "config_file": log_config_file(d),
                      "dataset": r["dataset"], "task": task, "run_dir": d,
-                     "wall_s": r["wall_s"],
+                     "wall_s": r["wall_s"], "rare_detected": r["rare_detected"],
                      "metrics": r["metrics"]})
     ref = {"command": command, "machine": _machine(),
            "date": datetime.date.today().isoformat(), "runs": runs}

@@ -20,7 +20,7 @@ def load_tool():
 demo_table = load_tool()
 
 
-def fake_run(root, name, loss, seed, ap, apr, apc, apf, plots=True):
+def fake_run(root, name, loss, seed, ap, apr, apc, apf, plots=True, rare_aps=(0.0, 5.0, 1.0)):
     """A finished train_net.py OUTPUT_DIR: metrics, config, log and (optionally) plots."""
     d = root / name
     inference = d / "inference" / "synthetic_lt_val"
@@ -36,13 +36,18 @@ def fake_run(root, name, loss, seed, ap, apr, apc, apf, plots=True):
         "[12/04 10:04:30 d2.engine.hooks]: Total training time\n")
     if plots:
         (inference / "ap_vs_train_images_bbox.png").write_bytes(b"png")
-        (inference / "per_category_bbox.csv").write_text("category_id,AP\n")
+        rows = [f"{i + 1},r{i},r,{i + 1},{a},10" for i, a in enumerate(rare_aps)]
+        rows += ["9,f0,f,300,50.0,40", "10,c_no_val_objects,c,20,nan,0"]
+        (inference / "per_category_bbox.csv").write_text(
+            "category_id,name,frequency,train_image_count,AP,num_detections\n"
+            + "\n".join(rows) + "\n")
     return str(d)
 
 
 def test_reference_is_written_from_the_runs_and_printed_beside_this_run(tmp_path, capsys):
     s0 = fake_run(tmp_path, "sigmoid_seed0", "SigmoidCE", 0, 20.0, 4.0, 12.0, 40.0)
-    s1 = fake_run(tmp_path, "sigmoid_seed1", "SigmoidCE", 1, 22.0, 6.0, 14.0, 42.0)
+    s1 = fake_run(tmp_path, "sigmoid_seed1", "SigmoidCE", 1, 22.0, 6.0, 14.0, 42.0,
+                  rare_aps=(0.0, 0.0, 1.0))
     ref = str(tmp_path / "ref.json")
     assert demo_table.main(["--write-reference", ref, "--command", "make demo-reference",
                             s0, s1]) == 0
@@ -53,18 +58,19 @@ def test_reference_is_written_from_the_runs_and_printed_beside_this_run(tmp_path
     assert written["runs"][0]["metrics"]["APr"] == 4.0
     assert written["runs"][0]["config_file"] == "configs/SigmoidCE.yaml"
     assert written["runs"][0]["wall_s"] == 270
+    assert [r["rare_detected"] for r in written["runs"]] == [[2, 3], [1, 3]]
     capsys.readouterr()
 
-    run = fake_run(tmp_path, "demo", "EQLv2", 0, 25.0, 10.0, 16.0, 41.0)
+    run = fake_run(tmp_path, "demo", "EQLv2", 0, 25.0, 10.0, 16.0, 41.0, rare_aps=(2.0, 5.0, 1.0))
     assert demo_table.main([run, "--reference", ref]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     row = next(line for line in lines if line.startswith("EQLv2 (this run, seed 0)"))
-    assert row.split()[-4:] == ["25.00", "10.00", "16.00", "41.00"]
+    assert row.split()[-5:] == ["25.00", "10.00", "16.00", "41.00", "3/3"]
     mean = next(line for line in lines if line.startswith("SigmoidCE (reference mean of 2)"))
-    assert mean.split()[-4:] == ["21.00", "5.00", "13.00", "41.00"]
+    assert mean.split()[-5:] == ["21.00", "5.00", "13.00", "41.00", "1.5/3"]
     diff = next(line for line in lines if line.startswith("EQLv2 (this run) - SigmoidCE"))
-    assert diff.split()[-4:] == ["+4.00", "+5.00", "+3.00", "+0.00"]
+    assert diff.split()[-5:] == ["+4.00", "+5.00", "+3.00", "+0.00", "+1.5"]
     assert "measured with `make demo-reference`" in out
     assert "SigmoidCE: spread over the reference seeds (max - min): AP 2.00, APr 2.00" in out
     assert os.path.join(run, "inference", "synthetic_lt_val", "ap_vs_train_images_bbox.png") in out
@@ -77,7 +83,8 @@ def test_runs_without_metrics_are_skipped_or_named(tmp_path, capsys):
     assert demo_table.main([run, missing, "--skip-missing",
                             "--reference", str(tmp_path / "no_reference.json")]) == 0
     out = capsys.readouterr().out
-    assert "EQLv2 (this run, seed 0)" in out and "per-category" not in out
+    row = next(line for line in out.splitlines() if line.startswith("EQLv2 (this run, seed 0)"))
+    assert row.split()[-1] == "-" and "per-category" not in out
     assert "no reference table at" in out
     with pytest.raises(FileNotFoundError, match="final_metrics.json"):
         demo_table.main([missing])
