@@ -42,6 +42,7 @@ if [[ -n ${ONLY:-} ]]; then
   RUNS=("${kept[@]}")
 fi
 
+mkdir -p "$(dirname "$OUT")"
 for run in "${RUNS[@]}"; do
   IFS='|' read -r name loss extra <<<"$run"
   dir=$OUT/$name

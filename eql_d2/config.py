@@ -122,6 +122,9 @@ def _add_atss_config(cfg):
     cfg.MODEL.ATSS.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
     # weight of the GIoU box loss
     cfg.MODEL.ATSS.BBOX_REG_LOSS_WEIGHT = 2.0
+    # how positives share it: "uniform" (sum / number of positives) or "iou" (each weighted
+    # by its IoU target, sum / sum of the targets: the EFL authors' improved baseline)
+    cfg.MODEL.ATSS.BBOX_REG_LOSS_WEIGHTING = "uniform"
     # weight of the IoU-branch BCE loss (positives only)
     cfg.MODEL.ATSS.IOU_LOSS_WEIGHT = 1.0
 
@@ -147,6 +150,11 @@ def _add_dataloader_config(cfg):
     # training images that may fail to load (replaced by another sample, with a warning)
     # per process before training stops with an error naming them
     cfg.DATALOADER.MAX_FAILED_IMAGES = 20
+    # RepeatFactorTrainingSampler: how an image of repeat factor r is repeated per epoch.
+    # "stochastic": floor(r) + Bernoulli(r - floor(r)) copies (detectron2; E[copies] = r);
+    # "ceil": exactly ceil(r) copies (the EFL / EQLv2 authors' code: mmdetection's
+    # ClassBalancedDataset, United-Perception's repeat-factor sampler)
+    cfg.DATALOADER.REPEAT_ROUNDING = "stochastic"
 
 
 _NODES.append(_add_dataloader_config)
@@ -168,6 +176,19 @@ def _add_eval_config(cfg):
 
 
 _NODES.append(_add_eval_config)
+
+
+def _add_weights_config(cfg):
+    """MODEL.WEIGHTS_PARTIAL: how strictly MODEL.WEIGHTS must fit the model
+    (eql_d2.engine.checkpoint)."""
+    # False: weights whose head parameters (and, for evaluation, any parameter) are missing,
+    # unexpected or of another shape are an error naming the file and keys (a backbone-only
+    # file such as ImageNet weights still initialises training). True: load what fits and
+    # log the rest, as detectron2 does (fine-tuning from a model of another dataset)
+    cfg.MODEL.WEIGHTS_PARTIAL = False
+
+
+_NODES.append(_add_weights_config)
 
 
 # Keys of the earlier layout -> where their value lives now. Setting one (in a YAML file or

@@ -39,12 +39,14 @@ from detectron2.data.build import trivial_batch_collator
 from detectron2.data.common import DatasetFromList
 from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
 
-__all__ = ["ResumableTrainLoader", "check_image_files", "derive_seed", "seeded_rngs", "SAMPLERS",
-           "SEED_TRAIN_STEP"]
+__all__ = ["ResumableTrainLoader", "CeilRepeatFactorTrainingSampler", "check_image_files",
+           "derive_seed", "seeded_rngs", "SAMPLERS", "REPEAT_ROUNDINGS", "SEED_TRAIN_STEP"]
 
 logger = logging.getLogger(__name__)
 
 SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler")
+# DATALOADER.REPEAT_ROUNDING: detectron2's stochastic rounding, or ceil(r) copies per epoch
+REPEAT_ROUNDINGS = ("stochastic", "ceil")
 
 # First word of every derived seed: keeps the streams of different uses independent.
 SEED_AUGMENT, SEED_REPLACE, SEED_TRAIN_STEP, SEED_LOADER = 1, 2, 3, 4
@@ -114,6 +116,19 @@ def global_batches(indices: Iterator[int], batch_size: int,
             bucket.clear()
 
 
+class CeilRepeatFactorTrainingSampler(RepeatFactorTrainingSampler):
+    """detectron2's repeat-factor sampler with a fixed epoch: every image of repeat factor r
+    appears exactly ceil(r) times per epoch (the expanded image list of mmdetection's
+    ``ClassBalancedDataset`` and United-Perception's sampler, which the EFL and EQLv2 papers
+    trained with), shuffled anew each epoch by detectron2's generator. detectron2's own
+    rounding is stochastic: floor(r) + Bernoulli(frac(r)) copies, ceil(r) only on average
+    for integers."""
+
+    def _get_epoch_indices(self, generator):
+        copies = torch.ceil(self._int_part + self._frac_part).to(torch.int64)
+        return torch.repeat_interleave(torch.arange(len(copies)), copies)
+
+
 class _RankBatches:
     """Batch sampler: this rank's slice of every global batch, from batch ``start`` on."""
 
@@ -179,6 +194,8 @@ class ResumableTrainLoader:
         seed: seed of the sample stream and of every derived RNG (non-negative).
         sampler: "TrainingSampler" or "RepeatFactorTrainingSampler".
         repeat_factors: [num images] tensor for ``RepeatFactorTrainingSampler``.
+        repeat_rounding: "stochastic" (detectron2's) or "ceil"
+            (:class:`CeilRepeatFactorTrainingSampler`), for ``RepeatFactorTrainingSampler``.
         aspect_ratio_grouping: group batches by orientation.
         num_workers: data-loader worker processes (0: map in this process).
         max_failed_images: failures tolerated in this process before training stops.
@@ -187,6 +204,7 @@ class ResumableTrainLoader:
 
     def __init__(self, dataset_dicts, mapper, *, total_batch_size: int, seed: int,
                  sampler: str = "TrainingSampler", repeat_factors=None,
+                 repeat_rounding: str = "stochastic",
                  aspect_ratio_grouping: bool = True, num_workers: int = 0,
                  max_failed_images: int = 20, rank: int = 0, world_size: int = 1):
         if sampler not in SAMPLERS:
@@ -194,6 +212,9 @@ class ResumableTrainLoader:
                              f"resumable loader; use one of {', '.join(SAMPLERS)}")
         if (sampler == "RepeatFactorTrainingSampler") != (repeat_factors is not None):
             raise ValueError("repeat_factors go with RepeatFactorTrainingSampler only")
+        if repeat_rounding not in REPEAT_ROUNDINGS:
+            raise ValueError(f"DATALOADER.REPEAT_ROUNDING {repeat_rounding!r} is not one of "
+                             f"{', '.join(REPEAT_ROUNDINGS)}")
         if total_batch_size <= 0 or total_batch_size % world_size:
             raise ValueError(f"SOLVER.IMS_PER_BATCH = {total_batch_size} must be a positive "
                              f"multiple of the number of processes ({world_size})")
@@ -205,6 +226,10 @@ class ResumableTrainLoader:
         self.total_batch_size = int(total_batch_size)
         self.sampler = sampler
         self.repeat_factors = repeat_factors
+        # the stream of TrainingSampler does not depend on it: kept as "stochastic" there, so
+        # resuming such a run never depends on the key
+        self.repeat_rounding = (repeat_rounding if sampler == "RepeatFactorTrainingSampler"
+                                else "stochastic")
         self.num_workers = int(num_workers)
         self.max_failed_images = int(max_failed_images)
         self.rank, self.world_size = int(rank), int(world_size)
@@ -226,12 +251,15 @@ class ResumableTrainLoader:
         """The global, infinite index stream (detectron2's sampler, before rank slicing)."""
         if self.sampler == "TrainingSampler":
             return TrainingSampler(self.num_images, seed=self.seed)._infinite_indices()
-        return RepeatFactorTrainingSampler(self.repeat_factors, seed=self.seed)._infinite_indices()
+        sampler = (CeilRepeatFactorTrainingSampler if self.repeat_rounding == "ceil"
+                   else RepeatFactorTrainingSampler)
+        return sampler(self.repeat_factors, seed=self.seed)._infinite_indices()
 
     def state_dict(self) -> Dict:
         """What a checkpoint needs to continue this stream (positions come from the
         trainer's iteration)."""
-        return {"seed": self.seed, "sampler": self.sampler, "num_images": self.num_images,
+        return {"seed": self.seed, "sampler": self.sampler,
+                "repeat_rounding": self.repeat_rounding, "num_images": self.num_images,
                 "total_batch_size": self.total_batch_size, "world_size": self.world_size,
                 "num_failed_images": len(self.failed_images)}
 
@@ -239,10 +267,14 @@ class ResumableTrainLoader:
         """Continue the stream of a checkpoint: take its seed after checking that it
         describes the same stream. A different number of processes keeps the stream
         (global batches are split anew) but not the per-rank random draws: warned."""
-        for key, ours in (("sampler", self.sampler), ("num_images", self.num_images),
+        # checkpoints written before the key existed used detectron2's stochastic rounding
+        state = dict({"repeat_rounding": "stochastic"}, **state)
+        for key, ours in (("sampler", self.sampler), ("repeat_rounding", self.repeat_rounding),
+                          ("num_images", self.num_images),
                           ("total_batch_size", self.total_batch_size)):
             if state.get(key) != ours:
                 name = {"sampler": "DATALOADER.SAMPLER_TRAIN",
+                        "repeat_rounding": "DATALOADER.REPEAT_ROUNDING",
                         "num_images": "number of training images (DATASETS.TRAIN)",
                         "total_batch_size": "SOLVER.IMS_PER_BATCH"}[key]
                 raise ValueError(

@@ -13,6 +13,7 @@ from ..evaluation import build_evaluator
 from ..data.dataset_mapper import ImageLabelDatasetMapper
 from ..data.train_loader import ResumableTrainLoader, check_image_files
 from ..modeling.roi_heads import needs_image_labels
+from ..solver import build_optimizer
 from .checkpoint import AtomicCheckpointer
 from .hooks import RegimeIndicatorWriter, SeedEachIteration
 
@@ -114,6 +115,12 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's optimizer; ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` clips the
+        norm of all gradients together (:func:`eql_d2.solver.build_optimizer`)."""
+        return build_optimizer(cfg, model)
+
+    @classmethod
     def build_train_loader(cls, cfg):
         """The resumable loader over DATASETS.TRAIN with detectron2's DatasetMapper; image
         files are checked to exist first (DATALOADER.CHECK_IMAGE_FILES)."""
@@ -135,6 +142,7 @@ class Trainer(DefaultTrainer):
         return ResumableTrainLoader(
             dicts, cls.build_train_mapper(cfg), total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
             seed=seed, sampler=sampler, repeat_factors=repeat_factors,
+            repeat_rounding=cfg.DATALOADER.REPEAT_ROUNDING,
             aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
             num_workers=cfg.DATALOADER.NUM_WORKERS,
             max_failed_images=cfg.DATALOADER.MAX_FAILED_IMAGES,

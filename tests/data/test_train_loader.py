@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from eql_d2.data.train_loader import ResumableTrainLoader, global_batches
+from eql_d2.data.train_loader import (CeilRepeatFactorTrainingSampler, ResumableTrainLoader,
+                                     global_batches)
 
 NUM_IMAGES = 23
 
@@ -41,13 +42,61 @@ def _rfs_factors():
     return torch.tensor([1.0 + (i % 4) * 0.6 for i in range(NUM_IMAGES)])
 
 
-@pytest.mark.parametrize("sampler", ["TrainingSampler", "RepeatFactorTrainingSampler"])
-def test_resumed_loader_continues_the_uninterrupted_stream(sampler):
+@pytest.mark.parametrize("sampler,rounding", [("TrainingSampler", "stochastic"),
+                                               ("RepeatFactorTrainingSampler", "stochastic"),
+                                               ("RepeatFactorTrainingSampler", "ceil")])
+def test_resumed_loader_continues_the_uninterrupted_stream(sampler, rounding):
     rf = _rfs_factors() if sampler != "TrainingSampler" else None
-    whole = _take(_loader(sampler=sampler, repeat_factors=rf), 12)
-    resumed = _loader(sampler=sampler, repeat_factors=rf)
+    args = dict(sampler=sampler, repeat_factors=rf, repeat_rounding=rounding)
+    whole = _take(_loader(**args), 12)
+    resumed = _loader(**args)
     resumed.start_iter = 7
     assert _take(resumed, 5) == whole[7:]
+
+
+def test_ceil_rounding_repeats_each_image_exactly_ceil_r_times_every_epoch():
+    # integer, just-above-integer, fractional and float32-exact factors
+    factors = torch.tensor([1.0, 1.001, 1.5, 2.0, 2.25, 3.999, 1.0, 4.0])
+    expected = [1, 2, 2, 2, 3, 4, 1, 4]
+    epoch = sum(expected)
+    stream = CeilRepeatFactorTrainingSampler(factors, seed=7)._infinite_indices()
+    epochs = [list(itertools.islice(stream, epoch)) for _ in range(5)]
+    for indices in epochs:
+        assert [indices.count(i) for i in range(len(factors))] == expected
+    # shuffled anew each epoch, not one fixed order
+    assert len({tuple(e) for e in epochs}) > 1
+
+
+def test_stochastic_rounding_is_detectron2s_and_differs_from_ceil():
+    factors = torch.full((200,), 1.5)
+    loader = _loader(sampler="RepeatFactorTrainingSampler", repeat_factors=factors[:NUM_IMAGES])
+    ceil = _loader(sampler="RepeatFactorTrainingSampler", repeat_factors=factors[:NUM_IMAGES],
+                   repeat_rounding="ceil")
+    # the first epoch of ceil rounding holds every image exactly twice: 46 samples
+    first = [i for i in itertools.islice(ceil._index_stream(), 2 * NUM_IMAGES)]
+    assert sorted(first) == sorted(list(range(NUM_IMAGES)) * 2)
+    # detectron2's rounding gives 1 or 2 copies per image in an epoch, so its first 46
+    # samples reach into a second epoch and some image appears a third time or only once
+    stochastic = list(itertools.islice(loader._index_stream(), 2 * NUM_IMAGES))
+    counts = [stochastic.count(i) for i in range(NUM_IMAGES)]
+    assert counts != [2] * NUM_IMAGES
+
+
+def test_repeat_rounding_is_checked_and_part_of_the_stream_state():
+    with pytest.raises(ValueError, match="DATALOADER.REPEAT_ROUNDING 'floor'"):
+        _loader(sampler="RepeatFactorTrainingSampler", repeat_factors=_rfs_factors(),
+                repeat_rounding="floor")
+    ceil = _loader(sampler="RepeatFactorTrainingSampler", repeat_factors=_rfs_factors(),
+                   repeat_rounding="ceil")
+    stochastic = _loader(sampler="RepeatFactorTrainingSampler", repeat_factors=_rfs_factors())
+    with pytest.raises(ValueError, match="DATALOADER.REPEAT_ROUNDING is 'stochastic'"):
+        ceil.load_state_dict(stochastic.state_dict())
+    # a checkpoint from before the key existed was written with stochastic rounding
+    old = stochastic.state_dict()
+    del old["repeat_rounding"]
+    stochastic.load_state_dict(old)
+    with pytest.raises(ValueError, match="REPEAT_ROUNDING"):
+        ceil.load_state_dict(old)
 
 
 def test_workers_map_exactly_what_the_training_process_maps():

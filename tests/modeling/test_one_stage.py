@@ -193,6 +193,69 @@ def test_iou_branch_targets_are_iou_of_decoded_boxes():
     assert (quality[~pos] == 0).all()
 
 
+def _giou_loss_by_hand(a, b):
+    """1 - GIoU of two XYXY boxes, in plain Python."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return 1.0 - (inter / union - (hull - union) / hull)
+
+
+def test_giou_box_loss_both_forms_equal_the_hand_computed_values():
+    from eql_d2.modeling.meta_arch.atss import giou_box_loss
+
+    target = torch.tensor([[0.0, 0.0, 2.0, 2.0]] * 3)
+    pred = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 2.0], [1.0, 1.0, 3.0, 3.0]])
+    # losses 0, 1/2 and 1 + 5/63 (IoU 1/7, hull 9, union 7); IoU targets 1, 1/2, 1/7
+    losses = [0.0, 0.5, 1.0 + 5.0 / 63.0]
+    assert [_giou_loss_by_hand(p, t) for p, t in zip(pred.tolist(), target.tolist())] == \
+        pytest.approx(losses)
+    iou = torch.tensor([1.0, 0.5, 1.0 / 7.0])
+    uniform = giou_box_loss(pred, target, iou, "uniform", torch.tensor(3.0))
+    assert float(uniform) == pytest.approx(sum(losses) / 3, rel=1e-6)
+    weighted = giou_box_loss(pred, target, iou, "iou", torch.tensor(3.0))
+    want = (0.5 * 0.5 + (1 / 7) * (1 + 5 / 63)) / (1 + 0.5 + 1 / 7)
+    assert float(weighted) == pytest.approx(want, rel=1e-6)
+    # no positives: 0, not NaN
+    empty = torch.zeros((0, 4))
+    assert float(giou_box_loss(empty, empty, torch.zeros(0), "iou", torch.tensor(1.0))) == 0.0
+    with pytest.raises(ValueError, match="BBOX_REG_LOSS_WEIGHTING must be one of uniform, iou"):
+        giou_box_loss(pred, target, iou, "centerness", torch.tensor(3.0))
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "iou"])
+def test_atss_box_loss_of_the_model_is_the_configured_form(weighting):
+    model = seeded_model(tiny_cfg("ATSS", "focal", "MODEL.ATSS.BBOX_REG_LOSS_WEIGHTING",
+                                  weighting, "MODEL.ATSS.BBOX_REG_LOSS_WEIGHT", "1.5",
+                                  "MODEL.ATSS.BBOX_REG_WEIGHTS", "(1.0, 1.0, 1.0, 1.0)"))
+    assert model.box2box_transform.weights == (1.0, 1.0, 1.0, 1.0)
+    model.train()
+    batch = dense_batch(NUM_CLASSES, seed=5)
+    with torch.no_grad():
+        model.head.bbox_pred.weight.normal_(std=0.05)
+    images = model.preprocess_image(batch)
+    feats = model.backbone(images.tensor)
+    feats = [feats[f] for f in model.head_in_features]
+    logits, deltas, ious = model._transpose_dense_predictions(model.head(feats),
+                                                              [NUM_CLASSES, 4, 1])
+    anchors = model.anchor_generator(feats)
+    labels, gt_boxes = model.label_anchors(anchors, [b["instances"] for b in batch])
+    pos = torch.stack(labels) < NUM_CLASSES
+    boxes, targets = decode_positives(model.box2box_transform, anchors, deltas, pos, gt_boxes)
+    pairs = list(zip(boxes.detach().tolist(), targets.tolist()))
+    by_hand = [_giou_loss_by_hand(p, t) for p, t in pairs]
+    iou = matched_iou(boxes.detach(), targets).tolist()
+    if weighting == "uniform":
+        want = sum(by_hand) / len(by_hand)
+    else:
+        want = sum(w * v for w, v in zip(iou, by_hand)) / sum(iou)
+    with EventStorage():
+        out = model.losses(anchors, logits, labels, deltas, gt_boxes, ious)
+    assert float(out["loss_box_reg"]) == pytest.approx(1.5 * want, rel=1e-4)
+
+
 # ---------------------------------------------------------------------- EFL statistics
 
 

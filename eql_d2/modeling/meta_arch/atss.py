@@ -25,10 +25,14 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
+from ...utils.comm import all_reduce_
 from .dense_loss import (DenseClassificationLoss, TopKFirstDecoding, box_quality,
                          decode_positives, head_feature_shapes, positives_and_normalizer)
 
-__all__ = ["ATSS", "ATSSHead", "atss_match"]
+__all__ = ["ATSS", "ATSSHead", "atss_match", "giou_box_loss", "BOX_LOSS_WEIGHTINGS"]
+
+# MODEL.ATSS.BBOX_REG_LOSS_WEIGHTING: how positives share the GIoU box loss
+BOX_LOSS_WEIGHTINGS = ("uniform", "iou")
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,31 @@ def atss_match(gt_boxes: Tensor, anchors_per_level: List[Tensor], topk: int) -> 
     return torch.where(best >= 0, best_gt, matched)
 
 
+def giou_box_loss(pred_boxes: Tensor, target_boxes: Tensor, iou_target: Tensor,
+                  weighting: str, num_pos: Tensor) -> Tensor:
+    """GIoU loss of P positive anchors' decoded boxes [P, 4] against their targets, reduced
+    to a scalar the two ways ATSS implementations do:
+
+    - "uniform": sum of the P losses / ``num_pos`` (the positive count averaged over workers);
+    - "iou": each loss weighted by its IoU target [P] (the IoU of the detached decoded box
+      with its ground truth, as ATSS weights by centerness) and divided by the sum of those
+      targets averaged over workers: sum_i t_i L_i / mean_workers(sum_i t_i). The EFL
+      authors' improved baseline does this.
+
+    Both are averaged over workers so that DDP's mean of the workers' gradients equals one
+    process on the whole batch.
+    """
+    losses = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none")
+    if weighting == "uniform":
+        return losses.sum() / num_pos
+    if weighting == "iou":
+        total = all_reduce_(iou_target.sum().detach().clone(), mean=True)
+        # no positive anywhere (or only zero-IoU boxes): the loss is 0 with a defined gradient
+        return (losses * iou_target).sum() / total.clamp(min=1e-6)
+    raise ValueError(f"MODEL.ATSS.BBOX_REG_LOSS_WEIGHTING must be one of "
+                     f"{', '.join(BOX_LOSS_WEIGHTINGS)}, got {weighting!r}")
+
+
 class ATSSHead(RetinaNetHead):
     """RetinaNet's head (shared convs, NORM, prior-probability bias) plus an IoU branch: a
     3x3 conv on the box subnet's features predicting, per anchor, the logit of the IoU of
@@ -151,7 +180,9 @@ class ATSS(TopKFirstDecoding, DenseDetector):
     - ``loss_cls``: :class:`DenseClassificationLoss` over all levels and images at once
       (focal / EFL / QFL / EQFL; QFL and EQFL use the IoU target below as soft label);
     - ``loss_box_reg``: GIoU loss of the decoded boxes of positive anchors, times
-      ``box_reg_loss_weight``;
+      ``box_reg_loss_weight``, either divided by the number of positives or weighted by
+      each positive's IoU target and divided by their sum (``box_reg_loss_weighting``,
+      :func:`giou_box_loss`);
     - ``loss_iou``: BCE of the IoU branch on positive anchors against the IoU of the
       decoded (detached) box with its ground truth, times ``iou_loss_weight``.
 
@@ -176,6 +207,7 @@ class ATSS(TopKFirstDecoding, DenseDetector):
         cls_loss: nn.Module,
         topk: int = 18,
         box_reg_loss_weight: float = 2.0,
+        box_reg_loss_weighting: str = "uniform",
         iou_loss_weight: float = 1.0,
         test_score_thresh: float = 0.0,
         test_topk_candidates: int = 1000,
@@ -195,6 +227,10 @@ class ATSS(TopKFirstDecoding, DenseDetector):
         self.cls_loss = cls_loss
         self.topk = int(topk)
         self.box_reg_loss_weight = box_reg_loss_weight
+        if box_reg_loss_weighting not in BOX_LOSS_WEIGHTINGS:
+            raise ValueError(f"MODEL.ATSS.BBOX_REG_LOSS_WEIGHTING must be one of "
+                             f"{', '.join(BOX_LOSS_WEIGHTINGS)}, got {box_reg_loss_weighting!r}")
+        self.box_reg_loss_weighting = box_reg_loss_weighting
         self.iou_loss_weight = iou_loss_weight
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
@@ -228,6 +264,7 @@ class ATSS(TopKFirstDecoding, DenseDetector):
             "cls_loss": DenseClassificationLoss(cfg, cfg.MODEL.ATSS.NUM_CLASSES),
             "topk": cfg.MODEL.ATSS.TOPK,
             "box_reg_loss_weight": cfg.MODEL.ATSS.BBOX_REG_LOSS_WEIGHT,
+            "box_reg_loss_weighting": cfg.MODEL.ATSS.BBOX_REG_LOSS_WEIGHTING,
             "iou_loss_weight": cfg.MODEL.ATSS.IOU_LOSS_WEIGHT,
             "test_score_thresh": cfg.MODEL.ATSS.SCORE_THRESH_TEST,
             "test_topk_candidates": cfg.MODEL.ATSS.TOPK_CANDIDATES_TEST,
@@ -285,12 +322,13 @@ class ATSS(TopKFirstDecoding, DenseDetector):
         loss_cls = self.cls_loss(cat(pred_logits, dim=1), gt_labels, pos_mask, normalizer,
                                  positive_iou=lambda: iou_target)
 
-        loss_box = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="sum")
+        loss_box = giou_box_loss(pred_boxes, target_boxes, iou_target,
+                                 self.box_reg_loss_weighting, normalizer)
         iou_logits = cat(pred_ious, dim=1).squeeze(-1)[pos_mask]
         loss_iou = F.binary_cross_entropy_with_logits(iou_logits, iou_target, reduction="sum")
         return {
             "loss_cls": loss_cls,
-            "loss_box_reg": loss_box * (self.box_reg_loss_weight / normalizer),
+            "loss_box_reg": loss_box * self.box_reg_loss_weight,
             "loss_iou": loss_iou * (self.iou_loss_weight / normalizer),
         }
 
