@@ -26,6 +26,7 @@ RUNS=(
   "sigmoid|sigmoid|"
   "eql|eql|MODEL.IMAGE_LABELS.VERIFIED True"
   "eqlv2|eqlv2|"
+  "eqlv2_no_image_labels|eqlv2|MODEL.IMAGE_LABELS.VERIFIED False"
   "softmax|softmax|"
   "eql_no_image_labels|eql|MODEL.IMAGE_LABELS.VERIFIED False"
   "eql_ignore_not_exhaustive|eql|MODEL.IMAGE_LABELS.IGNORE_NOT_EXHAUSTIVE True"

@@ -160,6 +160,22 @@ def _add_dataloader_config(cfg):
 _NODES.append(_add_dataloader_config)
 
 
+def _add_solver_config(cfg):
+    """SOLVER: schedules counted in epochs (eql_d2.solver.resolve_epoch_schedule), as the
+    papers state them; the iterations follow from the training data when training starts."""
+    # > 0: MAX_ITER = EPOCHS x iterations per epoch, where an epoch is one pass over the
+    # sampler's list (with repeat factor sampling: the expanded list; "ceil" rounding makes it
+    # exact) at SOLVER.IMS_PER_BATCH; 0: MAX_ITER / STEPS / WARMUP_ITERS are used as given
+    cfg.SOLVER.EPOCHS = 0.0
+    # epochs after which the learning rate decays (replace SOLVER.STEPS when EPOCHS > 0)
+    cfg.SOLVER.EPOCH_STEPS = ()
+    # warm-up of at least this many epochs (the longer of it and WARMUP_ITERS)
+    cfg.SOLVER.WARMUP_EPOCHS = 0.0
+
+
+_NODES.append(_add_solver_config)
+
+
 def _add_eval_config(cfg):
     """TEST.EVAL: LVIS evaluation outputs (eql_d2.evaluation.LVISPerCategoryEvaluator)."""
     cfg.TEST.EVAL = CN()

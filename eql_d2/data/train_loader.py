@@ -162,6 +162,10 @@ class _SeededMapDataset(torchdata.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item):
+        # an image whose size is not its dataset entry's cannot be trained on either (its
+        # boxes would be misplaced): detectron2's mapper raises SizeMismatchError for it
+        from detectron2.data.detection_utils import SizeMismatchError
+
         index, position = item
         failures = []
         for attempt in range(self.max_attempts):
@@ -169,7 +173,7 @@ class _SeededMapDataset(torchdata.Dataset):
             try:
                 with seeded_rngs(derive_seed(SEED_AUGMENT, self.seed, position, attempt)):
                     data = self.mapper(record)
-            except _IMAGE_ERRORS as e:
+            except (*_IMAGE_ERRORS, SizeMismatchError) as e:
                 failures.append((record.get("file_name", f"dataset index {index}"),
                                  f"{type(e).__name__}: {e}"))
                 index = derive_seed(SEED_REPLACE, self.seed, position, attempt) % len(self.dataset)
@@ -254,6 +258,16 @@ class ResumableTrainLoader:
         sampler = (CeilRepeatFactorTrainingSampler if self.repeat_rounding == "ceil"
                    else RepeatFactorTrainingSampler)
         return sampler(self.repeat_factors, seed=self.seed)._infinite_indices()
+
+    @property
+    def images_per_epoch(self) -> float:
+        """Samples in one epoch of the stream: the training images, or with repeat factor
+        sampling sum(ceil(r)) ("ceil" rounding) or the expectation sum(r) ("stochastic")."""
+        if self.sampler == "TrainingSampler":
+            return float(self.num_images)
+        if self.repeat_rounding == "ceil":
+            return float(torch.ceil(self.repeat_factors).sum())
+        return float(self.repeat_factors.sum())
 
     def state_dict(self) -> Dict:
         """What a checkpoint needs to continue this stream (positions come from the

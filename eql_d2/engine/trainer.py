@@ -13,7 +13,7 @@ from ..evaluation import build_evaluator
 from ..data.dataset_mapper import ImageLabelDatasetMapper
 from ..data.train_loader import ResumableTrainLoader, check_image_files
 from ..modeling.roi_heads import needs_image_labels
-from ..solver import build_optimizer
+from ..solver import build_optimizer, resolve_epoch_schedule
 from .checkpoint import AtomicCheckpointer
 from .hooks import RegimeIndicatorWriter, SeedEachIteration
 
@@ -104,6 +104,9 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        # SOLVER.EPOCHS: the iterations (schedule, hooks, max_iter) follow from the sampler's
+        # epoch; nothing built above reads them
+        cfg = resolve_epoch_schedule(cfg, data_loader.images_per_epoch)
         model = wrap_distributed(model)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
             model, data_loader, optimizer)

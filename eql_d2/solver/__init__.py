@@ -1,4 +1,6 @@
-"""Optimizer construction: detectron2's, plus gradient clipping by the norm of the whole
-model's gradient (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"``)."""
+"""Optimizer and schedule: detectron2's, plus gradient clipping by the norm of the whole
+model's gradient (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"``) and schedules counted in
+epochs (``SOLVER.EPOCHS``)."""
 
-from .build import FULL_MODEL, build_optimizer  # noqa: F401
+from .build import (FULL_MODEL, build_optimizer, epoch_length,  # noqa: F401
+                    resolve_epoch_schedule)

@@ -7,10 +7,16 @@ with thousands of tensors each below 35 the global norm can be far above it, so 
 different constraints. ``"full_model"`` is the authors' form.
 """
 
+import logging
+import math
+
 import torch
 from detectron2.solver import build as d2_build
 
-__all__ = ["FULL_MODEL", "build_optimizer", "clip_full_model"]
+__all__ = ["FULL_MODEL", "build_optimizer", "clip_full_model", "epoch_length",
+           "resolve_epoch_schedule"]
+
+logger = logging.getLogger(__name__)
 
 FULL_MODEL = "full_model"
 CLIP_TYPES = ("value", "norm", FULL_MODEL)
@@ -47,3 +53,43 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     optimizer.__class__ = d2_build._generate_optimizer_class_with_gradient_clipping(
         type(optimizer), global_clipper=clip_full_model(clip.CLIP_VALUE, clip.NORM_TYPE))
     return optimizer
+
+
+def epoch_length(num_images_per_epoch: float, batch_size: int) -> int:
+    """Iterations of one epoch: ceil(images per epoch / images per batch)."""
+    return math.ceil(num_images_per_epoch / batch_size)
+
+
+def resolve_epoch_schedule(cfg, num_images_per_epoch: float):
+    """A copy of ``cfg`` whose SOLVER.MAX_ITER, STEPS and WARMUP_ITERS come from
+    ``SOLVER.EPOCHS``, ``EPOCH_STEPS`` and ``WARMUP_EPOCHS`` (when ``SOLVER.EPOCHS > 0``),
+    with ``num_images_per_epoch`` the length of the sampler's epoch (the training images, or
+    with repeat factor sampling its expanded list; see
+    :attr:`~eql_d2.data.train_loader.ResumableTrainLoader.images_per_epoch`).
+
+    Each epoch count times the iterations per epoch, rounded; the warm-up is the longer of
+    WARMUP_ITERS and WARMUP_EPOCHS (United-Perception's rule). ``cfg`` itself is unchanged
+    (``SOLVER.EPOCHS 0``: returned as is)."""
+    solver = cfg.SOLVER
+    if solver.EPOCHS <= 0:
+        if solver.EPOCH_STEPS or solver.WARMUP_EPOCHS > 0:
+            raise ValueError("SOLVER.EPOCH_STEPS / WARMUP_EPOCHS are set but SOLVER.EPOCHS is "
+                             "0: set SOLVER.EPOCHS to count the schedule in epochs")
+        return cfg
+    if list(solver.EPOCH_STEPS) != sorted(solver.EPOCH_STEPS) or any(
+            not 0 < e < solver.EPOCHS for e in solver.EPOCH_STEPS):
+        raise ValueError(f"SOLVER.EPOCH_STEPS {tuple(solver.EPOCH_STEPS)} must increase and lie "
+                         f"inside (0, SOLVER.EPOCHS = {solver.EPOCHS})")
+    per_epoch = epoch_length(num_images_per_epoch, solver.IMS_PER_BATCH)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.SOLVER.MAX_ITER = round(solver.EPOCHS * per_epoch)
+    cfg.SOLVER.STEPS = tuple(round(e * per_epoch) for e in solver.EPOCH_STEPS)
+    cfg.SOLVER.WARMUP_ITERS = max(solver.WARMUP_ITERS, round(solver.WARMUP_EPOCHS * per_epoch))
+    cfg.freeze()
+    logger.info("Schedule in epochs: %g images per epoch at batch %d = %d iterations per epoch; "
+                "SOLVER.EPOCHS %g -> MAX_ITER %d, EPOCH_STEPS %s -> STEPS %s, WARMUP_ITERS %d",
+                num_images_per_epoch, solver.IMS_PER_BATCH, per_epoch, solver.EPOCHS,
+                cfg.SOLVER.MAX_ITER, tuple(solver.EPOCH_STEPS), cfg.SOLVER.STEPS,
+                cfg.SOLVER.WARMUP_ITERS)
+    return cfg

@@ -71,3 +71,72 @@ def test_unknown_clip_type_and_bad_value_are_named():
         build_optimizer(_cfg("global"), _model())
     with pytest.raises(ValueError, match="CLIP_VALUE must be positive"):
         build_optimizer(_cfg("full_model", max_norm=0.0), _model())
+
+
+# ---------------------------------------------------------------------- epoch schedules
+
+
+def _epoch_cfg(epochs, steps=(), warmup_epochs=0.0, warmup_iters=1, batch=4):
+    cfg = get_eql_cfg()
+    cfg.SOLVER.IMS_PER_BATCH = batch
+    cfg.SOLVER.EPOCHS = epochs
+    cfg.SOLVER.EPOCH_STEPS = steps
+    cfg.SOLVER.WARMUP_EPOCHS = warmup_epochs
+    cfg.SOLVER.WARMUP_ITERS = warmup_iters
+    return cfg
+
+
+def test_epoch_schedule_is_epochs_times_iterations_per_epoch():
+    from eql_d2.solver import resolve_epoch_schedule
+
+    # 14 images per epoch at batch 4: ceil(3.5) = 4 iterations per epoch
+    cfg = resolve_epoch_schedule(_epoch_cfg(24, (16, 22), warmup_epochs=1.0), 14)
+    assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS) == (96, (64, 88), 4)
+    # the longer of WARMUP_ITERS and WARMUP_EPOCHS; fractional epochs round
+    cfg = resolve_epoch_schedule(_epoch_cfg(2.5, (1.5,), warmup_epochs=1.0, warmup_iters=7), 14)
+    assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS) == (10, (6,), 7)
+    # EPOCHS 0: detectron2's iterations, untouched
+    plain = _epoch_cfg(0.0)
+    assert resolve_epoch_schedule(plain, 14) is plain
+
+
+def test_epoch_schedule_errors_name_the_keys():
+    from eql_d2.solver import resolve_epoch_schedule
+
+    with pytest.raises(ValueError, match=r"SOLVER.EPOCH_STEPS \(22, 16\) must increase"):
+        resolve_epoch_schedule(_epoch_cfg(24, (22, 16)), 14)
+    with pytest.raises(ValueError, match=r"SOLVER.EPOCH_STEPS \(30,\) must increase and lie"):
+        resolve_epoch_schedule(_epoch_cfg(24, (30,)), 14)
+    with pytest.raises(ValueError, match="SOLVER.EPOCHS is 0"):
+        resolve_epoch_schedule(_epoch_cfg(0.0, (8,)), 14)
+
+
+def test_trainer_schedule_follows_the_samplers_epoch(small_synthetic, tmp_path):
+    """Built on a real training set, the trainer's max_iter and learning-rate milestones
+    come from the epoch length of its sampler (ceil repeat factors)."""
+    import os
+
+    from eql_d2.engine import Trainer
+    from helpers import ROOT, TINY_RCNN, register_small
+
+    train, val = register_small(small_synthetic, "epochs")
+    cfg = get_eql_cfg(os.path.join(ROOT, "configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_sigmoid.yaml"),
+                      TINY_RCNN)
+    cfg.merge_from_list([
+        "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)",
+        "DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler",
+        "DATALOADER.REPEAT_THRESHOLD", "0.3", "DATALOADER.REPEAT_ROUNDING", "ceil",
+        "SOLVER.IMS_PER_BATCH", "4", "SOLVER.EPOCHS", "3.0", "SOLVER.EPOCH_STEPS", "(2,)",
+        "OUTPUT_DIR", str(tmp_path)])
+    trainer = Trainer(cfg)
+    loader = trainer.train_loader
+    expanded = int(torch.ceil(loader.repeat_factors).sum())
+    assert expanded > loader.num_images  # the threshold repeats some images
+    assert loader.images_per_epoch == expanded
+    per_epoch = -(-expanded // 4)
+    assert trainer.max_iter == 3 * per_epoch
+    assert trainer.cfg.SOLVER.STEPS == (2 * per_epoch,)
+    multiplier = trainer.scheduler._multiplier
+    step = 2 * per_epoch
+    assert multiplier((step - 1) / trainer.max_iter) == pytest.approx(1.0)
+    assert multiplier(step / trainer.max_iter) == pytest.approx(0.1)
