@@ -1,0 +1,3 @@
+"""Backbones registered in detectron2's BACKBONE_REGISTRY."""
+
+from .fpn import LateralP6P7, build_resnet_fpn_lateral_p6p7_backbone  # noqa: F401
