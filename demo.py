@@ -5,11 +5,16 @@
         --input datasets/synthetic_lt/val --output output/demo_vis --confidence-threshold 0.3
 
 --input takes image files and/or folders (their .png/.jpg/.jpeg/.bmp files, not recursive).
-Each image gets ``<output>/<name>.png`` with boxes, masks (when the model predicts them),
-class names and scores drawn by detectron2's Visualizer; the category names come from the
-config's first test dataset with categories, else from a training set whose names are
-already registered or whose JSON is on disk, else the drawing shows class indices. The
-model itself needs only the config and the weights: the training data need not exist.
+Each image gets a PNG named after its whole file name (``a.png`` -> ``<output>/a.png``,
+``a.jpg`` -> ``<output>/a.jpg.png``, so ``a.jpg`` and ``a.png`` do not collide; inputs
+that would still write the same file are an error) with boxes, masks
+(when the model predicts them), class names and scores drawn by detectron2's Visualizer;
+the category names come from the config's first test dataset with categories, else from a
+training set whose names are already registered or whose JSON is on disk, else the drawing
+shows class indices. The model itself needs only the config and the weights (which must
+fit it: see ``MODEL.WEIGHTS_PARTIAL``); the training data need not exist. An image that
+cannot be read is skipped with a warning naming it; the others are processed, and then
+the run stops with an error listing the skipped ones (exit status 1).
 """
 
 import argparse
@@ -26,6 +31,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from eql_d2.config import get_eql_cfg
 from eql_d2.data import load_category_metadata, register_all
+from eql_d2.engine.checkpoint import load_weights
 from eql_d2.utils.io import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -46,6 +52,33 @@ def list_images(inputs):
         else:
             raise FileNotFoundError(f"Input image or folder not found: {path}")
     return files
+
+
+def output_names(images, output_dir):
+    """{input path: output PNG}: the input's whole file name, with ``.png`` appended
+    unless it ends so; raises ValueError when two inputs would write the same file."""
+    outputs, seen = {}, {}
+    for path in images:
+        name = os.path.basename(path)
+        out = os.path.join(output_dir, name if name.lower().endswith(".png") else name + ".png")
+        if out in seen and os.path.abspath(seen[out]) != os.path.abspath(path):
+            raise ValueError(f"Inputs {seen[out]} and {path} have the same file name; both "
+                             f"would be drawn into {out}. Run them with separate --output folders")
+        seen[out] = path
+        outputs[path] = out
+    return outputs
+
+
+def build_predictor(cfg):
+    """detectron2's DefaultPredictor with the weights loaded by eql_d2's checked loader
+    (weights that do not fit the model are an error, unless MODEL.WEIGHTS_PARTIAL)."""
+    bare = cfg.clone()
+    bare.defrost()
+    bare.MODEL.WEIGHTS = ""  # DefaultPredictor loads nothing then
+    bare.freeze()
+    predictor = DefaultPredictor(bare)
+    load_weights(predictor.model, cfg.MODEL.WEIGHTS, partial=cfg.MODEL.WEIGHTS_PARTIAL)
+    return predictor
 
 
 def setup_cfg(args):
@@ -94,23 +127,34 @@ def main(argv=None):
     register_all()
     cfg = setup_cfg(args)
     images = list_images(args.input)
+    outputs = output_names(images, args.output)
     metadata = category_metadata(cfg)
-    predictor = DefaultPredictor(cfg)
+    predictor = build_predictor(cfg)
     os.makedirs(args.output, exist_ok=True)
-    written = []
+    written, unreadable = [], []
     for n, path in enumerate(images, 1):
-        image = read_image(path, format="BGR")
+        try:
+            image = read_image(path, format="BGR")
+        except (OSError, SyntaxError, ValueError) as e:
+            logger.warning("[%d/%d] %s: skipped, the image cannot be read (%s: %s)", n,
+                           len(images), path, type(e).__name__, e)
+            unreadable.append(path)
+            continue
         instances = predictor(image)["instances"].to("cpu")
         instances = instances[instances.scores >= args.confidence_threshold]
         vis = Visualizer(image[:, :, ::-1], metadata, scale=max(1.0, 480 / max(image.shape[:2])),
                          instance_mode=ColorMode.IMAGE)
         drawn = vis.draw_instance_predictions(instances)
-        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
+        out = outputs[path]
         with atomic_write(out, "wb") as f:
             drawn.fig.savefig(f, format="png")
         written.append(out)
         logger.info("[%d/%d] %s: %d detections >= %.2f -> %s", n, len(images), path,
                     len(instances), args.confidence_threshold, out)
+    if unreadable:
+        # after the readable ones are drawn: a batch job sees the failure in its exit status
+        raise SystemExit(f"demo.py: {len(unreadable)} of {len(images)} input images could not "
+                         f"be read and were skipped: {', '.join(unreadable)}")
     return written
 
 

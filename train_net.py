@@ -8,8 +8,10 @@
         --dist-url tcp://<host of rank 0>:<port>                      # and rank 1 on the other
 """
 
+import contextlib
 import os
 
+import torch
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -18,12 +20,34 @@ import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from eql_d2.config import get_eql_cfg
 from eql_d2.data import register_all
 from eql_d2.engine import AtomicCheckpointer, Trainer, prepare_datasets
-from eql_d2.utils.io import write_json_atomic
+from eql_d2.utils.io import atomic_write, write_json_atomic
 
 
-def setup(args):
+def check_config(cfg, args):
+    """Refuse, before anything is written, what cannot run on this machine or does nothing."""
+    if args.eval_only and not cfg.DATASETS.TEST:
+        raise ValueError("--eval-only: DATASETS.TEST is empty, so there is nothing to evaluate; "
+                         "name the test sets, e.g. DATASETS.TEST \"('synthetic_lt_val',)\"")
+    if (not args.eval_only and cfg.SOLVER.AMP.ENABLED
+            and not (torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"))):
+        # detectron2's AMPTrainer asserts CUDA in its first iteration (torch.cuda.amp)
+        where = ("this machine has no CUDA device" if not torch.cuda.is_available()
+                 else f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}")
+        raise ValueError(f"SOLVER.AMP.ENABLED True trains with detectron2's AMPTrainer, which "
+                         f"needs CUDA, but {where}; set SOLVER.AMP.ENABLED False")
+
+
+def build_config(args):
     cfg = get_eql_cfg(args.config_file, args.opts)
     cfg.freeze()
+    check_config(cfg, args)
+    return cfg
+
+
+def setup(args, cfg=None):
+    """The checked config (built from `args` unless given), with detectron2's and
+    eql_d2's logging set up and the config written to OUTPUT_DIR/config.yaml."""
+    cfg = cfg if cfg is not None else build_config(args)
     default_setup(cfg, args)
     # default_setup configures detectron2's loggers only; eql_d2's (EQL's tail ratio at
     # start, dataset generation) need their own handler to reach the console and log.txt.
@@ -45,23 +69,49 @@ def summarize(results):
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def config_kept_on_failure(cfg, args):
+    """For ``--resume``: put back the run's ``config.yaml`` (which detectron2's
+    default_setup overwrites) when the block fails, so a refused resume leaves the run's
+    record of how it was trained as it was."""
+    path = os.path.join(cfg.OUTPUT_DIR, "config.yaml") if cfg.OUTPUT_DIR else None
+    previous = None
+    if args.resume and comm.is_main_process() and path and os.path.isfile(path):
+        with open(path, "rb") as f:
+            previous = f.read()
+    try:
+        yield
+    except BaseException:
+        if previous is not None:
+            with atomic_write(path, "wb") as f:
+                f.write(previous)
+        raise
+
+
 def main(args):
     register_all()
-    cfg = setup(args)
-    # evaluation needs only the test sets: a trained model's config and checkpoint hold the
-    # rest, so the training JSON may be absent
-    prepare_datasets(cfg, training=not args.eval_only)
+    cfg = build_config(args)
+    with config_kept_on_failure(cfg, args):
+        setup(args, cfg)
+        # evaluation needs only the test sets: a trained model's config and checkpoint hold
+        # the rest, so the training JSON may be absent
+        prepare_datasets(cfg, training=not args.eval_only)
+        if args.eval_only:
+            weights = cfg.MODEL.WEIGHTS
+            if not weights or not (os.path.isfile(weights) or "://" in weights):
+                raise FileNotFoundError(f"--eval-only: MODEL.WEIGHTS file not found: {weights!r}")
+            model = Trainer.build_model(cfg)
+            # weights that do not fit the model are an error (eql_d2.engine.checkpoint)
+            AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, for_inference=True,
+                               weights_partial=cfg.MODEL.WEIGHTS_PARTIAL).resume_or_load(
+                weights, resume=args.resume)
+        else:
+            trainer = Trainer(cfg)
+            trainer.resume_or_load(resume=args.resume)
     if args.eval_only:
-        weights = cfg.MODEL.WEIGHTS
-        if not weights or not (os.path.isfile(weights) or "://" in weights):
-            raise FileNotFoundError(f"--eval-only: MODEL.WEIGHTS file not found: {weights!r}")
-        model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(weights, resume=args.resume)
         results = Trainer.test(cfg, model)
         metrics_file = "eval_metrics.json"
     else:
-        trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
         metrics_file = "final_metrics.json"
     if comm.is_main_process() and results:

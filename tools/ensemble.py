@@ -25,8 +25,13 @@ Writes into --output-dir:
 - ``ensemble_results.json``: merged results, at most --max-dets per image (or, with
   --ap-fixed, the top --ap-fixed-dets-per-class per category and no per-image cap); a list
   ``lvis.LVISResults`` reads, ready to zip and submit for test-dev;
-- ``inference/``: the ensemble's per-category CSV and plots; ``metrics.json`` last.
-Files appear only when complete (written under a temporary name, then renamed).
+- ``inference/``: the ensemble's per-category CSV and plots; ``metrics.json`` last, with
+  every member under ``members`` (``{}`` for one without detections, which is warned about)
+  and its detection count under ``settings``.
+Files appear only when complete (written under a temporary name, then renamed). Results
+files with a non-finite score or box, or a box of negative size, are refused naming the
+file and the detection; model members' weights must fit their config's model
+(``MODEL.WEIGHTS_PARTIAL``, e.g. in --opts, loads what fits).
 """
 
 import argparse
@@ -35,7 +40,6 @@ import os
 import time
 from collections import OrderedDict
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import launch
 from detectron2.evaluation import inference_on_dataset
@@ -46,6 +50,7 @@ from detectron2.utils.logger import setup_logger
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from eql_d2.config import get_eql_cfg
 from eql_d2.data import load_category_metadata, register_all
+from eql_d2.engine.checkpoint import load_weights
 from eql_d2.engine.trainer import NUM_CLASSES_KEYS, prepare_datasets
 from eql_d2.evaluation import LVISPerCategoryEvaluator, evaluate_lvis, read_lvis_results
 from eql_d2.evaluation.ensemble import (METHODS, calibrate_quantile, cap_per_image,
@@ -174,7 +179,7 @@ def run_model_members(args):
                     spec["config"], spec["weights"], " + TTA" if spec["tta"] else "")
         prepare_datasets(cfg, training=False)
         model = build_model(cfg)
-        DetectionCheckpointer(model).load(spec["weights"])
+        load_weights(model, spec["weights"], partial=cfg.MODEL.WEIGHTS_PARTIAL)
         model.eval()
         if spec["tta"]:
             model = build_tta_model(cfg, model)
@@ -228,12 +233,17 @@ def merge_and_write(args, gt, specs):
     for spec in specs:
         results = read_lvis_results(spec["results"], image_ids, cat_ids, source)
         logger.info("Member '%s': %d detections from %s", spec["name"], len(results), spec["results"])
+        spec["num_detections"] = len(results)
         if spec["calib"] == "quantile":
             results = calibrate_quantile(results)
         members.append(results)
-        if spec.get("metrics") is not None:
+        if not results:
+            logger.warning("Member '%s' has no detections (%s is an empty list): it adds "
+                           "nothing to the ensemble", spec["name"], spec["results"])
+            metrics["members"][spec["name"]] = spec.get("metrics") or {}
+        elif spec.get("metrics") is not None:
             metrics["members"][spec["name"]] = spec["metrics"]
-        elif has_gt and args.eval_members and results:
+        elif has_gt and args.eval_members:
             metrics["members"][spec["name"]] = evaluate_lvis(
                 gt, results, _tasks(results), max_dets_per_image=args.max_dets,
                 ap_fixed_dets_per_class=args.ap_fixed_dets_per_class if args.ap_fixed else 0,
@@ -251,7 +261,7 @@ def merge_and_write(args, gt, specs):
         merged = cap_per_image(merged, args.max_dets)
     merged.sort(key=lambda r: (r["image_id"], -r["score"]))
     out_json = os.path.join(args.output_dir, "ensemble_results.json")
-    write_json_atomic(out_json, merged)
+    write_json_atomic(out_json, merged, allow_nan=False)
     logger.info("Wrote %d detections to %s", len(merged), out_json)
 
     if has_gt and merged:

@@ -12,7 +12,8 @@ first ids: a box with non-positive or non-finite width or height, a box entirely
 image, an empty segmentation or polygon, a polygon with fewer than 3 points or an odd number
 of coordinates. Boxes that extend partly outside their image are kept (detectron2 clips
 them). Structural faults (unknown image or category id, malformed box, RLE or missing
-segmentation, duplicate annotation ids) raise ``ValueError``.
+segmentation, duplicate annotation ids, an image id or image file in two ``images``
+entries) raise ``ValueError``.
 
 Metadata of a dataset carries what long-tailed training needs:
 
@@ -59,7 +60,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from ..utils.io import read_json, write_json_atomic
-from . import synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,14 @@ METADATA_CACHE_VERSION = 1
 
 # How many ids of skipped annotations the warning names.
 SKIPPED_IDS_SHOWN = 10
+
+
+def _synthetic():
+    # imported on use, not with the package: ``python -m eql_d2.data.synthetic`` runs that
+    # module as __main__, and an earlier import of it by the package makes runpy warn
+    from . import synthetic
+
+    return synthetic
 
 
 def _read_json(json_file):
@@ -129,6 +137,31 @@ def _check_images(json_file, images):
                 f"{json_file}: image {img['id']} has no 'coco_url'; detectron2's LVIS loader "
                 "reads <image_root><folder>/<file> from its last two parts"
             )
+    _check_unique_images(json_file, images)
+
+
+def _check_unique_images(json_file, images):
+    """Raise ValueError naming `json_file` when two ``images`` entries share an id or an
+    image file: dataset dicts would keep one of them while ``num_train_images`` (which
+    EQL's category frequencies divide by) counted both."""
+    entries_of_id, ids_of_file = defaultdict(int), defaultdict(list)
+    for img in images:
+        entries_of_id[img["id"]] += 1
+        ids_of_file["/".join(img["coco_url"].split("/")[-2:])].append(img["id"])
+    repeated = [(i, n) for i, n in entries_of_id.items() if n > 1]
+    if repeated:
+        shown = ", ".join(f"{i} ({n} entries)" for i, n in repeated[:SKIPPED_IDS_SHOWN])
+        raise ValueError(
+            f"{json_file}: {len(repeated)} image ids appear in more than one 'images' entry: "
+            f"{shown}{' ...' if len(repeated) > SKIPPED_IDS_SHOWN else ''}; every image "
+            "must be listed once, under its own id")
+    shared = [(f, ids) for f, ids in ids_of_file.items() if len(ids) > 1]
+    if shared:
+        shown = "; ".join(f"{f}: image ids {ids}" for f, ids in shared[:SKIPPED_IDS_SHOWN])
+        raise ValueError(
+            f"{json_file}: {len(shared)} image files are listed more than once (under "
+            f"several image ids): {shown}{' ...' if len(shared) > SKIPPED_IDS_SHOWN else ''}; "
+            "every image must be listed once")
 
 
 def _unusable(json_file, a, image_sizes):
@@ -210,7 +243,8 @@ def _category_metadata(data):
         for a in data["annotations"]:
             per_cat[a["category_id"] - 1].add(a["image_id"])
         counts = [len(s) for s in per_cat]
-    freq = [c.get("frequency") or synthetic.frequency_group(n) for c, n in zip(cats, counts)]
+    group = _synthetic().frequency_group
+    freq = [c.get("frequency") or group(n) for c, n in zip(cats, counts)]
     return {
         "thing_classes": [c["name"] for c in cats],
         "class_image_count": [{"id": c["id"], "image_count": n} for c, n in zip(cats, counts)],
@@ -465,9 +499,10 @@ def ensure_synthetic_lt(root=None, default_spec=None):
     """
     root = root or synthetic_lt_root()
     have = _generated_with(root)
-    if have is not None and have.get("version") == synthetic.GENERATOR_VERSION:
-        synthetic.add_federated_val(root)
+    if have is not None and have.get("version") == _synthetic().GENERATOR_VERSION:
+        _synthetic().add_federated_val(root)
         return root
+    synthetic = _synthetic()
     spec = default_spec or synthetic.SyntheticLTSpec()
     if have is not None:
         args = {k: v for k, v in have.items() if k != "version"}
@@ -519,7 +554,7 @@ def synthetic_preset_root(preset):
 def ensure_synthetic_preset(preset, root=None):
     """Return `root` (default :func:`synthetic_preset_root`) holding the preset, generating
     it if absent (one time, a few minutes); as :func:`ensure_synthetic_lt` otherwise."""
-    return ensure_synthetic_lt(root or synthetic_preset_root(preset), synthetic.PRESETS[preset])
+    return ensure_synthetic_lt(root or synthetic_preset_root(preset), _synthetic().PRESETS[preset])
 
 
 def register_synthetic_presets(presets=tuple(SYNTHETIC_PRESET_ROOT_VARS)):

@@ -1,6 +1,7 @@
 """Training hooks of eql_d2's Trainer."""
 
 import json
+import logging
 import os
 import random
 
@@ -13,6 +14,8 @@ from ..data.train_loader import SEED_TRAIN_STEP, derive_seed
 from ..utils.io import atomic_write
 
 __all__ = ["RegimeIndicatorWriter", "SeedEachIteration"]
+
+logger = logging.getLogger(__name__)
 
 class SeedEachIteration(HookBase):
     """Seed python's, numpy's and torch's RNGs before every iteration from (stream seed,
@@ -71,8 +74,22 @@ class RegimeIndicatorWriter(HookBase):
         done = self.trainer.start_iter
         with open(self.path) as f:
             lines = f.readlines()
-        kept = [line for line in lines
-                if line.strip() and json.loads(line)["iteration"] <= done]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                iteration = json.loads(line)["iteration"]
+            except (ValueError, KeyError, TypeError) as e:
+                if number == len(lines):
+                    # a run killed while appending leaves its last line cut short
+                    logger.warning("%s: dropping its last line %d, which is incomplete (%s)",
+                                   self.path, number, e)
+                    continue
+                raise ValueError(f"{self.path}: line {number} is not a regime-indicator "
+                                 f"record ({e}); move the file away to start it afresh") from e
+            if iteration <= done:
+                kept.append(line)
         if len(kept) != len(lines):
             with atomic_write(self.path) as f:
                 f.writelines(kept)

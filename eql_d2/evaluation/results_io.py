@@ -3,8 +3,12 @@
 A results file is what ``lvis.LVISResults`` reads and the LVIS evaluation server takes:
 a JSON list of ``{"image_id", "category_id", "score", "bbox": [x, y, w, h]}`` with an
 optional ``"segmentation"`` (compressed RLE), category ids as in the annotation JSON.
+Scores and box values must be finite and box sizes non-negative (Python's json reads the
+``NaN`` and ``Infinity`` it writes by default, which would otherwise rank or merge as
+numbers); write results with ``allow_nan=False``.
 """
 
+import math
 import numbers
 from collections import defaultdict
 
@@ -34,6 +38,8 @@ def check_lvis_results(results, image_ids, category_ids, source, gt_source="the 
                 raise ValueError(f"{source}: detection #{i} has no '{key}'")
         if not isinstance(r["score"], numbers.Real):
             raise ValueError(f"{source}: detection #{i} has non-numeric score {r['score']!r}")
+        if not math.isfinite(r["score"]):
+            raise ValueError(f"{source}: detection #{i} has non-finite score {r['score']!r}")
         bbox = r.get("bbox")
         if bbox is None and "segmentation" not in r:
             raise ValueError(f"{source}: detection #{i} has neither 'bbox' nor 'segmentation'")
@@ -41,6 +47,11 @@ def check_lvis_results(results, image_ids, category_ids, source, gt_source="the 
                                      and all(isinstance(v, numbers.Real) for v in bbox)):
             raise ValueError(f"{source}: detection #{i} has malformed bbox {bbox!r} "
                              "(want [x, y, width, height])")
+        if bbox is not None and not all(math.isfinite(v) for v in bbox):
+            raise ValueError(f"{source}: detection #{i} has a non-finite bbox {list(bbox)!r}")
+        if bbox is not None and (bbox[2] < 0 or bbox[3] < 0):
+            raise ValueError(f"{source}: detection #{i} has a bbox of negative width or height "
+                             f"{list(bbox)!r} (want [x, y, width, height])")
         seg = r.get("segmentation")
         if seg is not None and not (isinstance(seg, dict) and "size" in seg and "counts" in seg):
             raise ValueError(f"{source}: detection #{i} has a segmentation that is not "

@@ -135,8 +135,12 @@ class EQLv2(EQLv2Loss, ClassificationLoss):
     statistics_name = "eqlv2"
 
     def __init__(self, num_classes: int, gamma: float = 12.0, mu: float = 0.8,
-                 alpha: float = 4.0):
+                 alpha: float = 4.0, objectness_prior: float = 0.0):
         super().__init__(num_classes, gamma, mu, alpha)
+        if not 0.0 <= objectness_prior < 1.0:
+            raise ValueError("MODEL.CLS_LOSS.EQLV2.OBJECTNESS_PRIOR must be in [0, 1), got "
+                             f"{objectness_prior}")
+        self.objectness_prior = float(objectness_prior)
         logger.info("EQLv2: gamma = %g, mu = %g, alpha = %g, %d categories", gamma, mu, alpha,
                     num_classes)
 
@@ -145,14 +149,18 @@ class EQLv2(EQLv2Loss, ClassificationLoss):
         "GAMMA": (12.0, "gamma", "steepness gamma of the gradient-ratio -> negative-weight map"),
         "MU": (0.8, "mu", "centre mu of that mapping"),
         "ALPHA": (4.0, "alpha", "positive up-weighting alpha"),
+        "OBJECTNESS_PRIOR": (0.0, "objectness_prior",
+                             "initial probability of the objectness (background) column; 0: "
+                             "the expected share of background proposals, 1 - "
+                             "ROI_HEADS.POSITIVE_FRACTION (the authors' code: the class prior)"),
     }
 
     def init_bias(self, bias, prior_prob, background_fraction):
         super().init_bias(bias, prior_prob, background_fraction)
         # The objectness target is 1 on background proposals, which make up about
-        # background_fraction of a sampled batch; start the column there.
-        nn.init.constant_(bias[self.num_classes:],
-                          math.log(background_fraction / (1.0 - background_fraction)))
+        # background_fraction of a sampled batch; start the column there, unless a prior is set.
+        p = self.objectness_prior or background_fraction
+        nn.init.constant_(bias[self.num_classes:], math.log(p / (1.0 - p)))
 
     def head_loss(self, logits, labels, avg_factor, verified):
         return self(logits, labels, verified, avg_factor=avg_factor)
