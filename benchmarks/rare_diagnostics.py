@@ -14,6 +14,17 @@ and the ground truth of that dataset, prints per LVIS frequency group (r / c / f
   another category, i.e. confusions between categories rather than background;
 - high FP/img: false positives per image scoring above the group's median TP score.
 
+``--locations`` prints a second table: where each group's false positives land, by what the
+image's LVIS labels say of the detected category (``location_statistics``), per image:
+
+- positive: the category is annotated in the image (a duplicate or a misplaced box);
+- verified negative: the category is in the image's ``neg_category_ids`` (LVIS counts it);
+- not exhaustive: in ``not_exhaustive_category_ids`` (LVIS ignores it);
+- unverified: neither (LVIS ignores it: federated labelling).
+
+Only the first two lower LVIS AP; a loss that adds detections only where the evaluation
+ignores them costs nothing on the benchmark.
+
 AP of a category needs its true positives to outrank its false positives across images, so
 "recall high, TP score below FP score" means the classifier finds the objects but ranks them
 badly, while "recall low" means the detector never proposes the category there.
@@ -92,6 +103,49 @@ def group_statistics(gt, results, iou_thresh=0.5):
     return out
 
 
+LOCATIONS = ("positive", "verified negative", "not exhaustive", "unverified")
+
+
+def location_statistics(gt, results, iou_thresh=0.5):
+    """Per group: false positives per image by where they land (:data:`LOCATIONS`), in all
+    and above the group's median true-positive score ("high"); dicts of floats."""
+    group = {c["id"]: c["frequency"] for c in gt["categories"]}
+    negative = {(img["id"], c) for img in gt["images"] for c in img.get("neg_category_ids", [])}
+    not_exhaustive = {(img["id"], c) for img in gt["images"]
+                      for c in img.get("not_exhaustive_category_ids", [])}
+    gt_by = defaultdict(list)
+    for a in gt["annotations"]:
+        gt_by[(a["image_id"], a["category_id"])].append(a["bbox"])
+    det_by = defaultdict(list)
+    for r in results:
+        det_by[(r["image_id"], r["category_id"])].append((r["score"], r["bbox"]))
+    fps = {g: [] for g in GROUPS}  # (location, score)
+    tps = {g: [] for g in GROUPS}
+    for key, dets in det_by.items():
+        gts = gt_by.get(key, [])
+        scores = [sc for sc, _ in dets]
+        if gts:
+            hit = box_iou(_xyxy(gts), _xyxy([b for _, b in dets])) >= iou_thresh
+            for row in hit:
+                if row.any():
+                    tps[group[key[1]]].append(max(sc for sc, h in zip(scores, row.tolist()) if h))
+            unmatched = (~hit.any(dim=0)).tolist()
+            location = "positive"
+        else:
+            unmatched = [True] * len(dets)
+            location = ("verified negative" if key in negative else
+                        "not exhaustive" if key in not_exhaustive else "unverified")
+        fps[group[key[1]]].extend((location, sc) for sc, u in zip(scores, unmatched) if u)
+    num_images = len(gt["images"])
+    out = {}
+    for g in GROUPS:
+        median_tp = float(np.median(tps[g])) if tps[g] else float("inf")
+        out[g] = {loc: sum(1 for l, _ in fps[g] if l == loc) / num_images for loc in LOCATIONS}
+        out[g].update({f"high {loc}": sum(1 for l, sc in fps[g] if l == loc and sc > median_tp)
+                       / num_images for loc in LOCATIONS})
+    return out
+
+
 def group_ap(csv_file):
     """Mean per-category AP (in %) of each group from a per_category_<task>.csv."""
     per = defaultdict(list)
@@ -106,6 +160,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gt", required=True, help="LVIS-format ground-truth JSON")
     parser.add_argument("runs", nargs="+", help="train_net.py output folders")
+    parser.add_argument("--locations", action="store_true",
+                        help="also print where the false positives land (see above)")
     args = parser.parse_args()
     with open(args.gt) as f:
         gt = json.load(f)
@@ -113,6 +169,7 @@ def main():
     print("| run | group | AP | recall (any score) | TP score | FP score | dets/img "
           "| FP on objects | high FP/img |")
     print("|---|---|---|---|---|---|---|---|---|")
+    loaded = []
     for run in args.runs:
         found = glob.glob(os.path.join(run, "inference", "*", "lvis_instances_results.json"))
         if len(found) != 1:
@@ -120,12 +177,23 @@ def main():
                              f"found {len(found)}")
         with open(found[0]) as f:
             results = json.load(f)
+        name = os.path.basename(os.path.normpath(run))
+        loaded.append((name, results))
         ap = group_ap(os.path.join(os.path.dirname(found[0]), "per_category_bbox.csv"))
         for g, s in group_statistics(gt, results).items():
-            print(f"| {os.path.basename(os.path.normpath(run))} | {g} | {ap.get(g, float('nan')):.2f} "
+            print(f"| {name} | {g} | {ap.get(g, float('nan')):.2f} "
                   f"| {s['recall']:.3f} | {s['tp_score']:.4f} | {s['fp_score']:.4f} "
                   f"| {s['dets_per_image']:.1f} | {s['fp_on_objects']:.3f} "
                   f"| {s['high_fp_per_image']:.2f} |")
+    if args.locations:
+        print("\nFalse positives per image by where they land (in all / above the group's "
+              "median TP score)\n")
+        print("| run | group | " + " | ".join(LOCATIONS) + " |")
+        print("|---|---|" + "---|" * len(LOCATIONS))
+        for name, results in loaded:
+            for g, s in location_statistics(gt, results).items():
+                cells = " | ".join(f"{s[loc]:.2f} / {s['high ' + loc]:.2f}" for loc in LOCATIONS)
+                print(f"| {name} | {g} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -60,3 +60,33 @@ def test_group_ap_skips_categories_without_ground_truth(tmp_path):
     path.write_text("category_id,name,frequency,train_image_count,AP,num_detections\n"
                     "1,a,r,1,2.0,5\n2,b,r,2,4.0,5\n3,c,f,9,-1,0\n4,d,f,9,10.0,3\n")
     assert rare_diagnostics.group_ap(str(path)) == pytest.approx({"r": 3.0, "f": 10.0})
+
+
+def test_false_positive_locations_by_hand():
+    gt = {
+        "images": [{"id": 1, "neg_category_ids": [2], "not_exhaustive_category_ids": [3]},
+                   {"id": 2, "neg_category_ids": [], "not_exhaustive_category_ids": []}],
+        "categories": [{"id": 1, "frequency": "r"}, {"id": 2, "frequency": "r"},
+                       {"id": 3, "frequency": "r"}, {"id": 4, "frequency": "f"}],
+        "annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]}],
+    }
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.4},   # TP
+        {"image_id": 1, "category_id": 1, "bbox": [40, 40, 5, 5], "score": 0.6},   # positive
+        {"image_id": 1, "category_id": 2, "bbox": [0, 0, 5, 5], "score": 0.2},     # verified neg
+        {"image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5], "score": 0.5},     # not exh.
+        {"image_id": 2, "category_id": 2, "bbox": [0, 0, 5, 5], "score": 0.9},     # unverified
+        {"image_id": 2, "category_id": 3, "bbox": [0, 0, 5, 5], "score": 0.1},     # unverified
+        {"image_id": 2, "category_id": 4, "bbox": [0, 0, 5, 5], "score": 0.1},     # f, unverified
+    ]
+    s = rare_diagnostics.location_statistics(gt, results)
+    r = s["r"]
+    # per image (2 images); "high": above the rare median TP score 0.4
+    assert (r["positive"], r["verified negative"], r["not exhaustive"], r["unverified"]) == \
+        (0.5, 0.5, 0.5, 1.0)
+    assert (r["high positive"], r["high verified negative"], r["high not exhaustive"],
+            r["high unverified"]) == (0.5, 0.0, 0.5, 0.5)
+    # the frequent group has no true positive: every false positive counts as "high" only
+    # above an infinite median, i.e. never
+    assert s["f"]["unverified"] == 0.5 and s["f"]["high unverified"] == 0.0
+    assert s["c"]["positive"] == 0.0
