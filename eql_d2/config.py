@@ -109,6 +109,17 @@ def _dense_head_node():
     return node
 
 
+def _add_cascade_config(cfg):
+    """MODEL.ROI_BOX_CASCADE_HEAD: test-time scores of EQLCascadeROIHeads."""
+    # "mean_probs": mean of the stages' probabilities (detectron2); "mean_logits": the loss's
+    # probabilities of the stages' mean logits (mmdetection); "stage1" / "stage2" / "stage3":
+    # one stage alone
+    cfg.MODEL.ROI_BOX_CASCADE_HEAD.TEST_SCORES = "mean_probs"
+
+
+_NODES.append(_add_cascade_config)
+
+
 def _add_atss_config(cfg):
     """MODEL.ATSS: the improved ATSS baseline of Li et al. (CVPR 2022, sec. 4.1, Tab. 5)."""
     cfg.MODEL.ATSS = _dense_head_node()

@@ -39,3 +39,47 @@ def test_cascade_eqlv2_trains_keeps_statistics_per_stage_and_evaluates(small_syn
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(out, "eval", "eval_metrics.json")) as f:
         assert json.load(f) == final
+
+
+def test_test_scores_combine_the_stages_as_configured(monkeypatch):
+    """mean_logits: the loss's probabilities of the mean of the stages' logits (EQLv2:
+    sigmoid(z_j) (1 - sigmoid(z_obj)) of the mean); stageK: that stage's own; boxes from the
+    last stage. Checked against the stage outputs recorded during the same forward pass."""
+    import pytest
+    from detectron2.modeling import build_model
+
+    from eql_d2.config import get_eql_cfg
+    from eql_d2.modeling.roi_heads import cascade
+
+    torch.manual_seed(0)
+    cfg = get_eql_cfg(CFG, [*TINY_RCNN, "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+                            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    model = build_model(cfg).eval()
+    image = {"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8),
+             "height": 64, "width": 64}
+    seen, captured = [], {}
+    for predictor in model.roi_heads.box_predictor:
+        predictor.register_forward_hook(lambda m, i, out: seen.append(out[0].detach()))
+
+    def capture(boxes, scores, *args):
+        captured["scores"], captured["boxes"] = scores[0], boxes[0]
+        return [Instances((64, 64), pred_boxes=Boxes(torch.zeros(0, 4)), scores=torch.zeros(0),
+                          pred_classes=torch.zeros(0, dtype=torch.long))], None
+
+    from detectron2.structures import Boxes, Instances
+
+    monkeypatch.setattr(cascade, "fast_rcnn_inference", capture)
+    for mode in ("mean_logits", "stage1", "stage3"):
+        seen.clear()
+        model.roi_heads.test_scores = mode
+        with torch.no_grad():
+            model([image])
+        assert len(seen) == 3
+        logits = sum(seen) / 3 if mode == "mean_logits" else seen[int(mode[-1]) - 1]
+        want = torch.sigmoid(logits[:, :-1]) * torch.sigmoid(-logits[:, -1:])
+        torch.testing.assert_close(captured["scores"][:, :-1], want)
+        torch.testing.assert_close(captured["scores"][:, -1], 1 - want.amax(dim=1))
+    with pytest.raises(ValueError, match="TEST_SCORES 'stage4' is not one of"):
+        get = get_eql_cfg(CFG, [*TINY_RCNN, "MODEL.ROI_BOX_CASCADE_HEAD.TEST_SCORES", "stage4",
+                                "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
+        build_model(get)
