@@ -9,7 +9,11 @@ On CUDA:
     EFL and EQLv2, each of ``reference`` (autograd + hook), ``fused-eager`` and
     ``fused-compiled``, in fp32 and AMP (float16 logits, the step under autocast): median
     time of a forward + backward + statistics step and its peak allocation above the inputs
-    (``torch.cuda.max_memory_allocated``), using bench_losses' own workers.
+    (``torch.cuda.max_memory_allocated``), using bench_losses' own workers. Each step is
+    set against the memory-traffic floor of any such loss, reading the logits once and
+    writing their gradient once: the measured time of copying an [N, C] tensor of the
+    logits' dtype on the same device (one read + one write of the same bytes), reported as
+    "x floor" (step time / copy time) and the step's effective bandwidth 2 N C bytes / time.
 (b) Training iterations at LVIS scale: R50-FPN from random init, 1203 classes, batch 2 of
     800 x 1333 random images with 10 random objects each (boxes, polygon masks, LVIS
     image-level labels), built from eql_d2's LVIS v1 configs: Mask R-CNN with the sigmoid
@@ -18,14 +22,24 @@ On CUDA:
     ``train_net.py`` does. Reported: median s/iter after warm-up, peak GPU memory, and the
     ratios EQLv2 / sigmoid and EFL / focal. No dataset and no pretrained weights are needed
     (the training set's category counts are an LVIS-like long tail registered in metadata).
-(c) Host-device synchronisations per training iteration: one more iteration under
+(c) Host-device synchronisations: one more training iteration under
     ``torch.cuda.set_sync_debug_mode("warn")``, counting the warnings (and where they come
-    from). detectron2's own ``.item()`` of every loss for its metrics counts too.
+    from; detectron2's own ``.item()`` of every loss for its metrics counts too); and the
+    classification losses alone: their ``head_loss`` calls of one training step are
+    recorded and replayed, forward and backward, under ``set_sync_debug_mode("error")``,
+    which raises at the first synchronising call (reported with the line it comes from).
+    Both on the first setting of each model (AMP on).
+
+``--budget-s`` starts no new measurement once that many seconds have passed (the rows not
+run are listed in the notes), and the JSON and Markdown are rewritten after every row, so a
+run stopped from outside keeps what it measured.
 
 On CPU everything runs reduced (N = 2000, the compiled loss left out, 128 x 192 images,
 R18-FPN, 20 classes, 64 sampled ROIs per image, 1 iteration, no AMP training since
-detectron2's AMPTrainer needs CUDA, no sync counting), so that ``tests/tools/test_gpu_check.py``
-keeps the script working.
+detectron2's AMPTrainer needs CUDA, no sync checks), so that ``tests/tools/test_gpu_check.py``
+keeps the script working. On a CUDA machine without a package index,
+``bash tools/gpu_carry.sh run`` installs what the check needs from a carried folder of
+wheels and runs it (docs/INSTALL.md).
 
 Writes ``gpu_check.json`` (everything) and ``gpu_check.md`` (the tables) into ``--out``.
 """
@@ -55,6 +69,8 @@ MODELS = {
     "atss_focal": ("configs/LVIS-v1/atss_R50_FPN_2x_rfs_focal.yaml", None),
     "atss_efl": ("configs/LVIS-v1/atss_R50_FPN_2x_rfs_efl.yaml", "atss_focal"),
 }
+# this tree's implementations (bench_losses' baseline-* need another checkout)
+LOSS_IMPLS = ("reference", "fused-eager", "fused-compiled")
 NUM_CLASSES_KEYS = ("MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES",
                     "MODEL.ATSS.NUM_CLASSES", "MODEL.FCOS.NUM_CLASSES")
 
@@ -62,8 +78,9 @@ NUM_CLASSES_KEYS = ("MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES"
 def settings(cuda):
     """Sizes of the full (CUDA) and reduced (CPU) check."""
     if cuda:
-        return dict(n=100_000, impls=list(bench_losses.IMPLS), loss_reps=5, classes=LVIS_CLASSES,
-                    height=800, width=1333, depth=50, warmup=3, iters=10, amp=[False, True],
+        # AMP first: the setting LVIS training uses, and the one the sync checks run on
+        return dict(n=100_000, impls=list(LOSS_IMPLS), loss_reps=5, classes=LVIS_CLASSES,
+                    height=800, width=1333, depth=50, warmup=3, iters=10, amp=[True, False],
                     objects=10, opts=[])
     # fewer sampled ROIs and proposals: CPU ROIAlign backward dominates otherwise
     return dict(n=2000, impls=["reference", "fused-eager"], loss_reps=1, classes=20,
@@ -75,27 +92,81 @@ def settings(cuda):
 # ----------------------------------------------------------------------------- (a) losses
 
 
-def loss_rows(device, s):
-    """bench_losses' timing and memory workers, fp32 and AMP, on `device`."""
+class Budget:
+    """Seconds since the check started, against ``--budget-s`` (None: no limit)."""
+
+    def __init__(self, seconds=None):
+        self.seconds = seconds
+        self.start = time.monotonic()
+        self.skipped = []
+
+    def allows(self, what):
+        if self.seconds is None or time.monotonic() - self.start < self.seconds:
+            return True
+        self.skipped.append(what)
+        return False
+
+
+def copy_floor_s(n, width, dtype, device, reps=20):
+    """Median time of copying an [n, width] tensor of `dtype`: one read and one write of the
+    bytes a loss step must at least read (logits) and write (their gradient)."""
+    x = torch.empty(n, width, dtype=dtype, device=device).normal_()
+    y = torch.empty_like(x)
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(3):
+        y.copy_(x)
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            y.copy_(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            y.copy_(x)
+            times.append(time.perf_counter() - t0)
+    del x, y
+    return statistics.median(times)
+
+
+def loss_rows(device, s, budget=None, report=None):
+    """bench_losses' timing and memory workers, fp32 and AMP, on `device`, each step set
+    against the copy floor of its logits."""
+    budget = budget or Budget()
     rows = []
     for loss in ("efl", "eqlv2"):
         for amp in (False, True):
+            precision = f"AMP ({bench_losses.amp_dtype(device)})".replace("torch.", "") if amp else "fp32"
+            if not budget.allows(f"loss {loss} {precision}"):
+                continue
             timing = bench_losses.timing_worker(loss, s["n"], device, s["loss_reps"], s["impls"], amp=amp)
             ref = timing["impls"].get("reference")
+            width = bench_losses.C + (1 if loss == "eqlv2" else 0)
+            dtype = bench_losses.amp_dtype(device) if amp else torch.float32
+            floor = copy_floor_s(s["n"], width, dtype, device)
+            traffic = 2 * s["n"] * width * torch.empty((), dtype=dtype).element_size()
             for impl in s["impls"]:
                 res = timing["impls"][impl]
                 mem = bench_losses.memory_worker(loss, s["n"], impl, device, amp=amp)
                 rows.append({
                     "loss": loss, "n": s["n"], "classes": bench_losses.C, "impl": impl,
-                    "precision": f"AMP ({bench_losses.amp_dtype(device)})".replace("torch.", "") if amp else "fp32",
+                    "precision": precision,
                     "median_s": res["median_s"],
                     "speedup_vs_reference": (statistics.median(
                         r / f for r, f in zip(ref["wall_s"], res["wall_s"])) if ref else None),
                     "peak_mib": mem["peak_increase_bytes"] / 2**20,
                     "peak_method": mem["peak_method"],
+                    "floor_s": floor,
+                    "x_floor": res["median_s"] / floor,
+                    "effective_gb_s": traffic / res["median_s"] / 1e9,
                 })
                 if device == "cuda":
                     torch.cuda.empty_cache()
+            if report:
+                report(rows)
     return rows
 
 
@@ -180,7 +251,7 @@ def synthetic_batch(s, device, seed=0):
 def _trainer(cfg, batch):
     from detectron2.engine import AMPTrainer, SimpleTrainer
     from detectron2.modeling import build_model
-    from detectron2.solver import build_optimizer
+    from eql_d2.solver import build_optimizer  # full-model clipping of the one-stage configs
 
     import eql_d2.modeling  # noqa: F401  (registers eql_d2's heads and architectures)
 
@@ -219,6 +290,8 @@ def train_row(name, s, amp, device, count_syncs):
                     times.append(time.perf_counter() - t0)
             if count_syncs:
                 row.update(count_host_syncs(trainer, storage, s["warmup"] + s["iters"]))
+                row["loss_syncs"] = loss_sync_check(trainer, storage, s["warmup"] + s["iters"] + 1,
+                                                    amp)
         except FloatingPointError as e:  # random init can diverge; report instead of stopping
             row["error"] = str(e).splitlines()[0]
     row["s_per_iter"] = statistics.median(times) if times else None
@@ -250,13 +323,89 @@ def count_host_syncs(trainer, storage, it):
             "sync_sites": sorted(where.items(), key=lambda kv: -kv[1])}
 
 
-def train_rows(device, s):
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
+def _where(exc):
+    """file:line of the innermost frame of `exc`'s traceback inside this repository."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith(ROOT)]
+    f = frames[-1] if frames else traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{os.path.relpath(f.filename, ROOT) if f.filename.startswith(ROOT) else f.filename}:{f.lineno}"
+
+
+def loss_sync_check(trainer, storage, it, amp, debug_mode=None):
+    """Replay the classification losses of one training step under a sync debug mode of
+    "error": forward (``head_loss`` on the step's own logits, labels and inputs) and
+    backward. Returns ``{module path: {"loss", "sync_free", "error", "where"}}``.
+
+    `debug_mode` sets the mode (default ``torch.cuda.set_sync_debug_mode``)."""
+    from eql_d2.modeling.cls_losses import ClassificationLoss
+
+    debug_mode = debug_mode or torch.cuda.set_sync_debug_mode
+    model = getattr(trainer.model, "module", trainer.model)
+    losses = {n: m for n, m in model.named_modules() if isinstance(m, ClassificationLoss)}
+    calls = {}
+
+    def recorder(name, original):
+        def head_loss(*args, **kwargs):
+            calls.setdefault(name, (_detached(args), {k: _detached(v) for k, v in kwargs.items()}))
+            return original(*args, **kwargs)
+        return head_loss
+
+    for name, m in losses.items():
+        m.head_loss = recorder(name, m.head_loss)
+    try:
+        storage.iter = trainer.iter = it
+        trainer.run_step()
+    finally:
+        for m in losses.values():
+            del m.head_loss  # the class's method again
+    device_type = next(model.parameters()).device.type
+    out = {}
+    for name, (args, kwargs) in calls.items():
+        logits = args[0].clone().requires_grad_()
+        _sync()
+        error = where = None
+        debug_mode("error")
+        try:
+            with torch.autocast(device_type, dtype=torch.float16, enabled=amp):
+                loss = losses[name].head_loss(logits, *args[1:], **kwargs)
+            loss.backward()
+        except RuntimeError as e:
+            error, where = str(e).splitlines()[0], _where(e)
+        finally:
+            debug_mode("default")
+        _sync()
+        out[name or "(model)"] = {"loss": type(losses[name]).__name__, "sync_free": error is None,
+                                  "error": error, "where": where}
+    return out
+
+
+def train_rows(device, s, budget=None, report=None):
+    budget = budget or Budget()
     register_train_metadata(s["classes"])
     rows = []
     for amp in s["amp"]:
         for name in MODELS:
-            rows.append(train_row(name, s, amp, device, count_syncs=(device == "cuda" and not amp)))
+            if not budget.allows(f"training {name} AMP {'on' if amp else 'off'}"):
+                continue
+            first = amp == s["amp"][0]
+            rows.append(train_row(name, s, amp, device, count_syncs=(device == "cuda" and first)))
             print(_train_line(rows[-1]), flush=True)
+            _ratios(rows)
+            if report:
+                report(rows)
+    return rows
+
+
+def _ratios(rows):
     for row in rows:
         base = MODELS[row["model"]][1]
         ref = next((r for r in rows if r["model"] == base and r["amp"] == row["amp"]), None)
@@ -264,7 +413,6 @@ def train_rows(device, s):
             row["time_ratio"] = row["s_per_iter"] / ref["s_per_iter"]
             if row["peak_gpu_mib"]:
                 row["memory_ratio"] = row["peak_gpu_mib"] / ref["peak_gpu_mib"]
-    return rows
 
 
 def _train_line(r):
@@ -286,25 +434,52 @@ def markdown(result):
              f"Python {env['python']}, numpy {env['numpy']}, detectron2 {env['detectron2']}.", ""]
     for note in result["notes"]:
         lines.append(f"- {note}")
-    lines += ["", "| loss | N x C | precision | implementation | median s/step | x reference | peak MiB |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| loss | N x C | precision | implementation | median s/step | x reference | "
+              "peak MiB | x floor | GB/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["losses"]:
         lines.append(f"| {r['loss']} | {r['n']} x {r['classes']} | {r['precision']} | {r['impl']} | "
-                     f"{r['median_s']:.4f} | {_fmt(r['speedup_vs_reference'], '.1f')} | {r['peak_mib']:.0f} |")
+                     f"{r['median_s']:.4f} | {_fmt(r['speedup_vs_reference'], '.1f')} | {r['peak_mib']:.0f} | "
+                     f"{_fmt(r.get('x_floor'), '.1f')} | {_fmt(r.get('effective_gb_s'), '.1f')} |")
+    floors = {(r["loss"], r["precision"]): r["floor_s"] for r in result["losses"] if r.get("floor_s")}
+    if floors:
+        lines += ["", "Floor (copy of the logits: one read + one write): " + "; ".join(
+            f"{loss} {prec} {t * 1e3:.3f} ms" for (loss, prec), t in floors.items())]
     lines += ["", "| model | AMP | image, batch, classes | s/iter | peak GPU MiB | time / baseline | "
-              "memory / baseline | host syncs / iter |", "|---|---|---|---|---|---|---|---|"]
+              "memory / baseline | host syncs / iter | losses sync-free |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["training"]:
         s_it = _fmt(r["s_per_iter"], ".3f") if "error" not in r else f"failed: {r['error']}"
+        checks = r.get("loss_syncs")
+        free = "-" if checks is None else (
+            "yes" if all(c["sync_free"] for c in checks.values()) and checks else
+            "no" if checks else "no loss")
         lines.append(f"| {r['model']} (R{r['depth']}) | {'on' if r['amp'] else 'off'} | {r['image']}, {r['batch']}, "
                      f"{r['classes']} | {s_it} | {_fmt(r['peak_gpu_mib'], '.0f')} | "
                      f"{_fmt(r.get('time_ratio'), '.2f')} | {_fmt(r.get('memory_ratio'), '.2f')} | "
-                     f"{r.get('syncs_per_iter', '-')} |")
-    sites = [(r["model"], r["sync_sites"]) for r in result["training"] if r.get("sync_sites")]
+                     f"{r.get('syncs_per_iter', '-')} | {free} |")
+    sites = [(r["model"], r["amp"], r["sync_sites"]) for r in result["training"] if r.get("sync_sites")]
     if sites:
-        lines += ["", "Where the syncs of one fp32 iteration come from (top 8 per model):", ""]
-        for model, where in sites:
-            lines.append(f"- {model}: " + "; ".join(f"{k} x{n}" for k, n in where[:8]))
+        lines += ["", "Where the syncs of one training iteration come from (top 8 per model):", ""]
+        for model, amp, where in sites:
+            lines.append(f"- {model} (AMP {'on' if amp else 'off'}): "
+                         + "; ".join(f"{k} x{n}" for k, n in where[:8]))
+    failed = [(r["model"], name, c) for r in result["training"]
+              for name, c in (r.get("loss_syncs") or {}).items() if not c["sync_free"]]
+    if failed:
+        lines += ["", "Classification losses that synchronise (set_sync_debug_mode('error')):", ""]
+        for model, name, c in failed:
+            lines.append(f"- {model}: {c['loss']} at {name}: {c['where']}: {c['error']}")
     return "\n".join(lines) + "\n"
+
+
+def write_report(out, result):
+    """gpu_check.json and gpu_check.md in `out`, rewritten whole (each an atomic rename)."""
+    for name, text in (("gpu_check.json", json.dumps(result, indent=1)),
+                       ("gpu_check.md", markdown(result))):
+        tmp = os.path.join(out, f".{name}.partial")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out, name))
 
 
 def environment(device):
@@ -327,7 +502,10 @@ def main(argv=None):
     ap.add_argument("--parts", nargs="+", default=["losses", "training"], choices=["losses", "training"])
     ap.add_argument("--iters", type=int, default=None, help="timed training iterations")
     ap.add_argument("--loss-reps", type=int, default=None, help="timed loss rounds")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new measurement after this many seconds")
     args = ap.parse_args(argv)
+    budget = Budget(args.budget_s)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
     s = settings(cuda)
@@ -345,24 +523,33 @@ def main(argv=None):
                   f"{s['height']} x {s['width']} images, {' '.join(s['opts'])}, "
                   f"{s['iters']} timed iteration(s) without warm-up.",
                   "AMP training skipped (detectron2's AMPTrainer needs CUDA); host-sync counting "
-                  "skipped (torch.cuda.set_sync_debug_mode needs CUDA).",
+                  "and the losses' sync check skipped (torch.cuda.set_sync_debug_mode needs CUDA).",
                   "Loss peak MiB on CPU: growth of the process's peak RSS (VmHWM) during a step; "
                   "memory freed by earlier rows is reused, so small steps read ~0."]
     else:
         notes += [f"Training: {s['warmup']} warm-up + {s['iters']} timed iterations, median; "
                   "random init, SOLVER.BASE_LR 1e-5 (timing only); synthetic batch reused.",
-                  "Host syncs counted over one fp32 iteration after the timed ones."]
+                  "Host syncs counted over one training iteration after the timed ones, and the "
+                  "classification losses replayed under set_sync_debug_mode('error'), on the "
+                  "first setting of each model (AMP on)."]
     result = {"environment": environment(device), "settings": s, "notes": notes,
               "losses": [], "training": []}
+
+    def report(part):
+        def write(rows):
+            result[part] = rows
+            write_report(out, result)
+        return write
+
     if "losses" in args.parts:
-        result["losses"] = loss_rows(device, s)
+        result["losses"] = loss_rows(device, s, budget, report("losses"))
     if "training" in args.parts:
-        result["training"] = train_rows(device, s)
-    with open(os.path.join(out, "gpu_check.json"), "w") as f:
-        json.dump(result, f, indent=1)
+        result["training"] = train_rows(device, s, budget, report("training"))
+    result["elapsed_s"] = time.monotonic() - budget.start
+    if budget.skipped:
+        notes.append(f"Not run, past --budget-s {args.budget_s:g}: {', '.join(budget.skipped)}.")
+    write_report(out, result)
     md = markdown(result)
-    with open(os.path.join(out, "gpu_check.md"), "w") as f:
-        f.write(md)
     print(md)
     print(f"written: {os.path.join(out, 'gpu_check.json')}, {os.path.join(out, 'gpu_check.md')}")
     return result
