@@ -21,7 +21,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
             dataset_name, output_dir=output_folder, max_dets_per_image=ev.MAX_DETS_PER_IMAGE,
             ap_fixed_dets_per_class=ev.AP_FIXED_DETS_PER_CLASS if ev.AP_FIXED else 0,
             train_dataset_name=cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None,
-            per_category_outputs=ev.PER_CATEGORY_OUTPUTS)
+            per_category_outputs=ev.PER_CATEGORY_OUTPUTS, backend=ev.BACKEND)
     if evaluator_type == "coco":
         # the fast COCO evaluator needs detectron2's compiled _C, which eql_d2 does not require
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False,

@@ -1,7 +1,7 @@
 """LVIS evaluation that shows each category: standard AP, optional AP-fixed, per-category CSV
 and plots.
 
-:func:`evaluate_lvis` runs ``lvis.LVISEval`` once per task (bbox, segm) and reads both the
+:func:`evaluate_lvis` runs one LVIS evaluation per task (bbox, segm) and reads both the
 summary numbers detectron2 reports (AP, AP50, AP75, APs/m/l, APr/c/f) and the per-category
 AP out of that same run. :class:`LVISPerCategoryEvaluator` is detectron2's LVISEvaluator
 with that evaluation in place of its own, so ``--eval-only`` and evaluation during training
@@ -11,6 +11,10 @@ also write, per task, into the evaluator's output folder:
   num_detections (and AP_fixed, num_detections_fixed with AP-fixed);
 - ``ap_vs_train_images_<task>.png``: per-category AP against train image count (log x);
 - ``ap_by_frequency_<task>.png``: AP, APr, APc, APf (and their AP-fixed values).
+
+Two backends give the same numbers (``backend``, config ``TEST.EVAL.BACKEND``): "fast"
+(:class:`~eql_d2.evaluation.fast_lvis.FastLVISEval`, faster-coco-eval's C++ matching and
+accumulation with lvis-api's rules) and "lvis" (``lvis.LVISEval`` itself, the reference).
 
 AP-fixed is Dave et al., "Evaluating Large-Vocabulary Object Detectors: The Devil is in the
 Details" (2021): no per-image cap, and only the top K (10,000) detections of each category
@@ -38,6 +42,7 @@ from .plots import plot_ap_by_frequency, plot_ap_vs_train_images
 from .results_io import top_k_per
 
 __all__ = [
+    "LVIS_BACKENDS",
     "LVIS_METRICS",
     "LVISPerCategoryEvaluator",
     "evaluate_lvis",
@@ -49,6 +54,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+LVIS_BACKENDS = ("fast", "lvis")
 LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 CSV_FIELDS = ["category_id", "name", "frequency", "train_image_count", "AP", "num_detections"]
 
@@ -76,8 +82,35 @@ def numpy_float_alias():
         del np.float
 
 
-def _run_lvis_eval(lvis_gt, results, iou_type, max_dets):
-    """One LVISEval run; `max_dets` < 0 removes the per-image cap. Returns the LVISEval."""
+def _fast_backend_usable(lvis_gt):
+    """Whether the "fast" backend can evaluate `lvis_gt` here; says why not."""
+    from .fast_lvis import supports
+
+    try:
+        import faster_coco_eval  # noqa: F401
+    except ImportError:
+        logger.warning("TEST.EVAL.BACKEND fast needs the faster-coco-eval package "
+                       "(tools/install.sh installs it); evaluating with lvis-api")
+        return False
+    if not supports(lvis_gt):
+        logger.warning("The ground truth has 'ignore' flags, which only lvis-api honours; "
+                       "evaluating with lvis-api")
+        return False
+    return True
+
+
+def _run_lvis_eval(lvis_gt, results, iou_type, max_dets, backend="lvis"):
+    """One evaluation run; `max_dets` < 0 removes the per-image cap. Returns the LVISEval
+    (backend "lvis") or the FastLVISEval ("fast") after run()."""
+    if backend not in LVIS_BACKENDS:
+        raise ValueError(f"LVIS evaluation backend {backend!r}: expected one of {LVIS_BACKENDS}")
+    if backend == "fast" and _fast_backend_usable(lvis_gt):
+        from .fast_lvis import FastLVISEval
+
+        fast_eval = FastLVISEval(lvis_gt, results, iou_type, max_dets)
+        fast_eval.run()
+        return fast_eval
+
     from lvis import LVISEval, LVISResults
 
     # LVISResults writes ids, areas and (for boxes) polygons into the dicts it gets
@@ -110,16 +143,19 @@ def per_category_ap(lvis_eval):
     return out
 
 
-def _evaluate_task(lvis_gt, results, iou_type, max_dets):
+def _evaluate_task(lvis_gt, results, iou_type, max_dets, backend):
     """(metrics in percent, per-category AP in [0, 1], detections per category)."""
     if not results:
         return ({m: float("nan") for m in LVIS_METRICS},
                 {c: float("nan") for c in lvis_gt.get_cat_ids()}, Counter())
-    lvis_eval = _run_lvis_eval(lvis_gt, results, iou_type, max_dets)
+    lvis_eval = _run_lvis_eval(lvis_gt, results, iou_type, max_dets, backend)
     lvis_eval.print_results()
     summary = lvis_eval.get_results()
     metrics = {m: float(summary[m] * 100) for m in LVIS_METRICS}
-    counts = Counter(a["category_id"] for a in lvis_eval.lvis_dt.dataset["annotations"])
+    if hasattr(lvis_eval, "num_detections"):
+        counts = lvis_eval.num_detections
+    else:
+        counts = Counter(a["category_id"] for a in lvis_eval.lvis_dt.dataset["annotations"])
     return metrics, per_category_ap(lvis_eval), counts
 
 
@@ -156,7 +192,7 @@ def _write_csv(rows, fields, path):
 
 def evaluate_lvis(lvis_gt, results, iou_types=("bbox",), *, max_dets_per_image=300,
                   ap_fixed_dets_per_class=0, train_image_counts=None, output_dir=None,
-                  title=""):
+                  title="", backend="fast"):
     """Evaluate LVIS-format `results` against `lvis_gt` (an ``lvis.LVIS``).
 
     Args:
@@ -169,10 +205,12 @@ def evaluate_lvis(lvis_gt, results, iou_types=("bbox",), *, max_dets_per_image=3
             ``image_count`` field of the annotation JSON's categories.
         output_dir: where the per-category CSV and PNG plots go (None: not written).
         title: prefix of the plot titles (e.g. the dataset name).
+        backend: "fast" (faster-coco-eval with lvis-api's rules) or "lvis" (lvis-api);
+            both give the same numbers.
 
     Returns:
         OrderedDict {task: {metric: value in percent}}, metrics as detectron2 names them.
-        LVISEval runs once per task (twice with AP-fixed).
+        The evaluation runs once per task (twice with AP-fixed).
     """
     counts = train_image_counts or _train_counts_from_gt(lvis_gt)
     cats = sorted(lvis_gt.dataset["categories"], key=lambda c: c["id"])
@@ -180,12 +218,12 @@ def evaluate_lvis(lvis_gt, results, iou_types=("bbox",), *, max_dets_per_image=3
     out = OrderedDict()
     for task in iou_types:
         logger.info("Evaluating %s with at most %d detections per image", task, max_dets_per_image)
-        metrics, cat_ap, num_dets = _evaluate_task(lvis_gt, results, task, max_dets_per_image)
+        metrics, cat_ap, num_dets = _evaluate_task(lvis_gt, results, task, max_dets_per_image, backend)
         fields = list(CSV_FIELDS)
         if fixed is not None:
             logger.info("Evaluating %s AP-fixed: no per-image cap, top %d per category",
                         task, ap_fixed_dets_per_class)
-            m_fixed, cat_ap_fixed, num_fixed = _evaluate_task(lvis_gt, fixed, task, -1)
+            m_fixed, cat_ap_fixed, num_fixed = _evaluate_task(lvis_gt, fixed, task, -1, backend)
             metrics.update({f"{k}-fixed": v for k, v in m_fixed.items()})
             fields += ["AP_fixed", "num_detections_fixed"]
         logger.info("Evaluation results for %s: \n%s", task, create_small_table(metrics))
@@ -223,11 +261,14 @@ class LVISPerCategoryEvaluator(LVISEvaluator):
             categories, which LVIS val carries from train).
         per_category_outputs: write the CSV and plots into ``output_dir``.
         evaluate: False only writes the results file (as for a split without annotations).
+        backend: "fast" or "lvis" (see :func:`evaluate_lvis`).
     """
 
     def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, *,
                  max_dets_per_image=300, ap_fixed_dets_per_class=0, train_dataset_name=None,
-                 per_category_outputs=True, evaluate=True):
+                 per_category_outputs=True, evaluate=True, backend="fast"):
+        if backend not in LVIS_BACKENDS:
+            raise ValueError(f"LVIS evaluation backend {backend!r}: expected one of {LVIS_BACKENDS}")
         super().__init__(dataset_name, tasks, distributed, output_dir,
                          max_dets_per_image=max_dets_per_image)
         self._do_evaluation = self._do_evaluation and evaluate
@@ -235,6 +276,7 @@ class LVISPerCategoryEvaluator(LVISEvaluator):
         self._ap_fixed_dets_per_class = ap_fixed_dets_per_class
         self._train_dataset_name = train_dataset_name
         self._per_category_outputs = per_category_outputs
+        self._backend = backend
 
     def _lvis_results(self, predictions):
         """Predictions -> LVIS results list with the annotation JSON's category ids."""
@@ -265,4 +307,5 @@ class LVISPerCategoryEvaluator(LVISEvaluator):
             self._lvis_api, results, sorted(tasks),
             max_dets_per_image=self._max_dets_per_image,
             ap_fixed_dets_per_class=self._ap_fixed_dets_per_class,
-            train_image_counts=counts, output_dir=write_to, title=self._dataset_name)))
+            train_image_counts=counts, output_dir=write_to, title=self._dataset_name,
+            backend=self._backend)))

@@ -1,0 +1,252 @@
+"""LVIS AP through faster-coco-eval's C++ matching and accumulation, with lvis-api's numbers.
+
+``faster_coco_eval.COCOeval_faster(..., lvis_style=True)`` implements LVIS's federated rules
+(a detection counts only on images where its category is annotated or listed in
+``neg_category_ids``; unmatched detections of a category in the image's
+``not_exhaustive_category_ids`` are ignored; r / c / f groups from the categories'
+``frequency``), but it differs from ``lvis.LVISEval`` in what it is given:
+
+- its detection cap (``params.maxDets``) applies per image *and category*, as COCO's does;
+  LVIS keeps the top ``max_dets`` detections per *image* over all categories
+  (``LVISResults.limit_dets_per_image``). :func:`limit_dets_per_image` applies LVIS's cap
+  first, and the C++ cap is set at or above what remains;
+- lvis-api leaves out ground truth and detections whose area is not in (0, inf) (its
+  ``get_ann_ids`` filter; e.g. an empty mask); faster-coco-eval keeps them (an empty
+  mask then counts as a false positive). They are removed here, after the cap, as in
+  lvis-api;
+- it takes ``iscrowd`` of the ground truth as crowd regions and ignores the dataset's
+  ``ignore`` flag; lvis-api does the reverse. LVIS has neither field: ``iscrowd`` is
+  dropped here, and a ground truth with a true ``ignore`` flag is refused
+  (:func:`supports`), for lvis-api to evaluate.
+
+With that, every entry of ``precision`` and ``recall`` equals lvis-api's (up to the last
+bits of ``tp / (tp + fp)``, which lvis-api computes with ``+ eps``), hence AP, AP50, AP75,
+APs/m/l, APr/c/f and every per-category AP.
+
+Memory of faster-coco-eval grows with images x categories (one record per pair and area
+range); :class:`FastLVISEval` evaluates categories in groups, each over the images that
+hold its ground truth or detections, so a group stays near ``pairs_per_group`` pairs.
+"""
+
+import math
+from collections import Counter, OrderedDict, defaultdict
+
+import numpy as np
+
+__all__ = ["FastLVISEval", "limit_dets_per_image", "supports"]
+
+
+def limit_dets_per_image(results, max_dets):
+    """LVIS's per-image cap: the `max_dets` highest-scoring results of each image (ties keep
+    their order), images in order of first appearance, as ``LVISResults`` orders them.
+    `max_dets` < 0 keeps everything (the order is still by image)."""
+    by_image = defaultdict(list)
+    for r in results:
+        by_image[r["image_id"]].append(r)
+    out = []
+    for anns in by_image.values():
+        if 0 <= max_dets < len(anns):
+            anns = sorted(anns, key=lambda a: a["score"], reverse=True)[:max_dets]
+        out.extend(anns)
+    return out
+
+
+def supports(lvis_gt):
+    """False when the ground truth carries an ``ignore`` flag, which only lvis-api honours."""
+    return not any(a.get("ignore") for a in lvis_gt.dataset["annotations"])
+
+
+def _in_area_filter(area):
+    return 0 < area < math.inf
+
+
+def _lvis_params(iou_type, max_dets):
+    """lvis-api's evaluation parameters (thresholds, area ranges, group labels)."""
+    from lvis.eval import Params
+
+    p = Params(iou_type=iou_type)
+    p.max_dets = max_dets
+    return p
+
+
+class FastLVISEval:
+    """``lvis.LVISEval``'s results through faster-coco-eval.
+
+    After :meth:`run`, ``eval["precision"]`` [T, R, K, A] and ``eval["recall"]`` [T, K, A]
+    (-1 where a category has no ground truth in an area range), ``results`` (AP, AP50, AP75,
+    APs, APm, APl, APr, APc, APf, AR@max_dets, ARs/m/l@max_dets as fractions), ``params``
+    (lvis-api's) and ``num_detections`` (results per category after the per-image cap) are
+    what ``LVISEval`` would hold.
+
+    Args:
+        lvis_gt: an ``lvis.LVIS``.
+        results: LVIS result dicts (not modified).
+        iou_type: "bbox" or "segm" (segm results: compressed RLE ``segmentation``; as in
+            lvis-api their area is the mask area, not the box's).
+        max_dets: per-image cap (LVIS: 300); < 0 for none (AP-fixed).
+        pairs_per_group: images x categories evaluated together (bounds memory).
+    """
+
+    def __init__(self, lvis_gt, results, iou_type="segm", max_dets=300, pairs_per_group=250_000):
+        if iou_type not in ("bbox", "segm"):
+            raise ValueError(f"iou_type: {iou_type} is not supported.")
+        if not supports(lvis_gt):
+            raise ValueError("ground truth with an 'ignore' flag: evaluate it with lvis-api")
+        self.lvis_gt = lvis_gt
+        self._results = results
+        self.params = _lvis_params(iou_type, max_dets)
+        self.params.img_ids = sorted(lvis_gt.get_img_ids())
+        self.params.cat_ids = sorted(lvis_gt.get_cat_ids())
+        self.pairs_per_group = pairs_per_group
+        self.eval = {}
+        self.results = OrderedDict()
+        self.num_detections = Counter()
+
+    # ------------------------------------------------------------------------- inputs
+
+    def _ground_truth(self):
+        by_cat = defaultdict(list)
+        for a in self.lvis_gt.dataset["annotations"]:
+            if _in_area_filter(a["area"]):
+                a = dict(a)
+                a.pop("iscrowd", None)
+                by_cat[a["category_id"]].append(a)
+        return by_cat
+
+    def _detections(self, gt_by_cat):
+        """Capped, copied results by category; left out: zero-area ones, and those of a
+        category neither annotated on their image nor in its negative list (LVIS does not
+        score them; faster-coco-eval would drop them too, later)."""
+        p = self.params
+        dts = [dict(r) for r in limit_dets_per_image(self._results, p.max_dets)]
+        self.num_detections = Counter(d["category_id"] for d in dts)
+        if p.iou_type == "segm":
+            import pycocotools.mask as mask_utils
+
+            for d in dts:
+                d.pop("bbox", None)
+            areas = mask_utils.area([d["segmentation"] for d in dts]) if dts else []
+        else:
+            areas = [d["bbox"][2] * d["bbox"][3] for d in dts]
+        verified = {(a["image_id"], c) for c, anns in gt_by_cat.items() for a in anns}
+        for img in self.lvis_gt.dataset["images"]:
+            verified.update((img["id"], c) for c in img.get("neg_category_ids", ()))
+        by_cat = defaultdict(list)
+        for d, area in zip(dts, areas):
+            if _in_area_filter(area) and (d["image_id"], d["category_id"]) in verified:
+                by_cat[d["category_id"]].append(d)
+        return by_cat
+
+    def _groups(self, gt_by_cat, dt_by_cat):
+        """Categories with ground truth, in id order, cut into groups of about
+        `pairs_per_group` (images touched x categories)."""
+        group, images = [], set()
+        for c in self.params.cat_ids:
+            if not gt_by_cat.get(c):
+                continue  # no ground truth: precision stays -1, as in lvis-api
+            touched = {a["image_id"] for a in gt_by_cat[c]} | {d["image_id"] for d in dt_by_cat.get(c, ())}
+            if group and len(images | touched) * (len(group) + 1) > self.pairs_per_group:
+                yield group, images
+                group, images = [], set()
+            group.append(c)
+            images |= touched
+        if group:
+            yield group, images
+
+    # ----------------------------------------------------------------------- evaluate
+
+    def _evaluate_group(self, cats, image_ids, gt_by_cat, dt_by_cat):
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        def quiet(*args, **kwargs):
+            pass
+
+        p = self.params
+        images = [self.lvis_gt.imgs[i] for i in sorted(image_ids)]
+        gt = COCO({"images": images, "categories": self.lvis_gt.load_cats(cats),
+                   "annotations": [a for c in cats for a in gt_by_cat[c]]}, print_function=quiet)
+        dts = [d for c in cats for d in dt_by_cat.get(c, ())]
+        dt = gt.loadRes(dts)
+        ev = COCOeval_faster(gt, dt, p.iou_type, lvis_style=True, print_function=quiet)
+        ev.params.imgIds = sorted(image_ids)
+        ev.params.catIds = list(cats)
+        ev.params.iouThrs = p.iou_thrs
+        ev.params.recThrs = p.rec_thrs
+        ev.params.areaRng = [list(r) for r in p.area_rng]
+        ev.params.areaRngLbl = list(p.area_rng_lbl)
+        # the per-image cap is applied already; the C++ cap (per image and category) must
+        # not cut further, and sizes its buffers by it
+        per_pair = Counter((d["image_id"], d["category_id"]) for d in dts)
+        ev.params.maxDets = [max(per_pair.values(), default=1)]
+        ev.evaluate()
+        ev.accumulate()
+        return ev.eval["precision"][..., 0], ev.eval["recall"][..., 0]
+
+    def evaluate(self):
+        p = self.params
+        gt_by_cat = self._ground_truth()
+        dt_by_cat = self._detections(gt_by_cat)
+        num_t, num_r, num_a = len(p.iou_thrs), len(p.rec_thrs), len(p.area_rng)
+        precision = -np.ones((num_t, num_r, len(p.cat_ids), num_a))
+        recall = -np.ones((num_t, len(p.cat_ids), num_a))
+        index = {c: k for k, c in enumerate(p.cat_ids)}
+        for cats, image_ids in self._groups(gt_by_cat, dt_by_cat):
+            prec, rec = self._evaluate_group(cats, image_ids, gt_by_cat, dt_by_cat)
+            ks = [index[c] for c in cats]
+            precision[:, :, ks, :] = prec
+            recall[:, ks, :] = rec
+        self.eval = {"params": p, "counts": [num_t, num_r, len(p.cat_ids), num_a],
+                     "precision": precision, "recall": recall}
+
+    def accumulate(self):
+        """Nothing to do: :meth:`evaluate` accumulates (kept for LVISEval's call order)."""
+
+    # ---------------------------------------------------------------------- summarize
+
+    def _freq_groups(self):
+        groups = [[] for _ in self.params.img_count_lbl]
+        for k, cat in enumerate(self.lvis_gt.load_cats(self.params.cat_ids)):
+            groups[self.params.img_count_lbl.index(cat["frequency"])].append(k)
+        return groups
+
+    def _summarize(self, kind, iou_thr=None, area_rng="all", cats=None):
+        p = self.params
+        a = p.area_rng_lbl.index(area_rng)
+        s = self.eval["precision"] if kind == "ap" else self.eval["recall"]
+        if iou_thr is not None:
+            s = s[np.where(iou_thr == p.iou_thrs)[0]]
+        s = s[..., a]
+        if cats is not None:
+            s = s[..., cats]
+        s = s[s > -1]
+        return float(np.mean(s)) if s.size else -1
+
+    def summarize(self):
+        if not self.eval:
+            raise RuntimeError("Please run accumulate() first.")
+        groups = self._freq_groups()
+        r = self.results
+        r["AP"] = self._summarize("ap")
+        r["AP50"] = self._summarize("ap", iou_thr=0.50)
+        r["AP75"] = self._summarize("ap", iou_thr=0.75)
+        r["APs"] = self._summarize("ap", area_rng="small")
+        r["APm"] = self._summarize("ap", area_rng="medium")
+        r["APl"] = self._summarize("ap", area_rng="large")
+        for name, group in zip(("APr", "APc", "APf"), groups):
+            r[name] = self._summarize("ap", cats=group)
+        max_dets = self.params.max_dets
+        r[f"AR@{max_dets}"] = self._summarize("ar")
+        for area_rng in ("small", "medium", "large"):
+            r[f"AR{area_rng[0]}@{max_dets}"] = self._summarize("ar", area_rng=area_rng)
+
+    def run(self):
+        self.evaluate()
+        self.accumulate()
+        self.summarize()
+
+    def get_results(self):
+        return self.results
+
+    def print_results(self):
+        for key, value in self.results.items():
+            print(f" {key:<10} = {value:0.3f}")
