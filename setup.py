@@ -18,4 +18,6 @@ setup(
         "matplotlib",
         "ensemble-boxes>=1.0.9",
     ],
+    # tools/slurm_train.py: Slurm jobs that requeue themselves on time-out or pre-emption
+    extras_require={"slurm": ["submitit>=1.5"]},
 )

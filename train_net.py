@@ -6,20 +6,25 @@
     python train_net.py --config-file CFG --num-gpus 8             # one machine, 8 GPUs
     python train_net.py --config-file CFG --num-gpus 8 --num-machines 2 --machine-rank 0 \
         --dist-url tcp://<host of rank 0>:<port>                      # and rank 1 on the other
+    torchrun --nproc_per_node 8 train_net.py --config-file CFG        # processes from torchrun
+
+SIGTERM, SIGUSR1 or SIGUSR2 stop training at a checkpoint with exit status 75 (--resume
+continues); see docs/GETTING_STARTED.md. Slurm: tools/slurm_train.py.
 """
 
 import contextlib
 import os
 
 import torch
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from eql_d2.config import get_eql_cfg
 from eql_d2.data import register_all
-from eql_d2.engine import AtomicCheckpointer, Trainer, prepare_datasets
+from eql_d2.engine import (AtomicCheckpointer, Trainer, add_launch_arguments, check_same_config,
+                           launch, prepare_datasets)
 from eql_d2.utils.io import atomic_write, write_json_atomic
 
 
@@ -88,9 +93,16 @@ def config_kept_on_failure(cfg, args):
         raise
 
 
+def argument_parser():
+    """detectron2's ``default_argument_parser`` with ``--dist-timeout``."""
+    return add_launch_arguments(default_argument_parser())
+
+
 def main(args):
     register_all()
     cfg = build_config(args)
+    # before anything is written: processes with different configs would train in lock-step
+    check_same_config(cfg, resume=args.resume, eval_only=args.eval_only)
     with config_kept_on_failure(cfg, args):
         setup(args, cfg)
         # evaluation needs only the test sets: a trained model's config and checkpoint hold
@@ -124,12 +136,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch(main, argument_parser().parse_args())

@@ -1,4 +1,5 @@
 import logging
+import os
 import weakref
 
 from detectron2.data import DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
@@ -15,7 +16,7 @@ from ..data.train_loader import ResumableTrainLoader, check_image_files
 from ..modeling.roi_heads import needs_image_labels
 from ..solver import build_optimizer, resolve_epoch_schedule
 from .checkpoint import AtomicCheckpointer
-from .hooks import RegimeIndicatorWriter, SeedEachIteration
+from .hooks import RegimeIndicatorWriter, SeedEachIteration, StopOnSignal
 
 __all__ = ["Trainer", "prepare_datasets", "check_num_classes", "wrap_distributed",
            "NUM_CLASSES_KEYS"]
@@ -196,10 +197,18 @@ class Trainer(DefaultTrainer):
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         self.train_loader.start_iter = self.start_iter
+        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        if resume and self.start_iter >= self.max_iter and not os.path.isfile(final):
+            # the run ended while writing model_final.pth: the last checkpoint holds the
+            # same state (both are saved after the last iteration)
+            self.checkpointer.save("model_final", iteration=self.iter)
 
     def train(self):
         """Train, then return the final evaluation results (DefaultTrainer returns them
-        only when TEST.EXPECTED_RESULTS is set)."""
+        only when TEST.EXPECTED_RESULTS is set). A stop signal ends training at a
+        checkpoint (:class:`~eql_d2.engine.hooks.StopOnSignal`, registered last)."""
+        if not any(isinstance(h, StopOnSignal) for h in self._hooks):
+            self.register_hooks([StopOnSignal()])
         results = super().train()
         if results is None:
             results = getattr(self, "_last_eval_results", None)
