@@ -15,6 +15,8 @@ setup(
         "iopath",
         "lvis>=0.5.3",
         "pycocotools>=2.0.2",
+        # LVIS evaluation backend "fast" (TEST.EVAL.BACKEND); "lvis" needs only lvis
+        "faster-coco-eval>=1.6",
         "matplotlib",
         "ensemble-boxes>=1.0.9",
     ],

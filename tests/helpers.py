@@ -131,6 +131,20 @@ def matched_iou(a, b):
     return inter / (area(a) + area(b) - inter)
 
 
+def dense_forward(model, batch, num_classes):
+    """A dense detector's training-side view of a batch, outside its forward: the head's
+    per-level predictions transposed to (N, R_l, K) for K in (classes, 4, 1) (ATSS: logits,
+    deltas, IoU; FCOS: logits, deltas, centerness), the anchors, and the anchor labels and
+    matched boxes of ``label_anchors``."""
+    images = model.preprocess_image(batch)
+    feats = model.backbone(images.tensor)
+    feats = [feats[f] for f in model.head_in_features]
+    preds = model._transpose_dense_predictions(model.head(feats), [num_classes, 4, 1])
+    anchors = model.anchor_generator(feats)
+    labels, gt_boxes = model.label_anchors(anchors, [b["instances"] for b in batch])
+    return preds, anchors, labels, gt_boxes
+
+
 def seeded_model(cfg, seed=0):
     """detectron2's build_model(cfg) after torch.manual_seed(seed)."""
     from detectron2.modeling import build_model

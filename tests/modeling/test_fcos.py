@@ -19,7 +19,8 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
 import eql_d2.modeling  # noqa: F401  (registers EFLFCOS)
-from helpers import (ROOT, TINY_ONE_STAGE, dense_batch, record_criterion_calls, register_small,
+from helpers import (ROOT, TINY_ONE_STAGE, dense_batch, dense_forward, record_criterion_calls,
+                     register_small,
                      matched_iou, run_train_net, seeded_model, sgd_steps)
 from eql_d2.config import get_eql_cfg
 from eql_d2.engine import Trainer
@@ -88,13 +89,7 @@ def test_quality_targets_are_iou_of_decoded_boxes_and_normalizer_counts_positive
     (logits, labels, normalizer, quality), _ = calls[0]
 
     with torch.no_grad():
-        images = model.preprocess_image(batch)
-        feats = model.backbone(images.tensor)
-        feats = [feats[f] for f in model.head_in_features]
-        _, deltas, _ = model._transpose_dense_predictions(model.head(feats),
-                                                         [NUM_CLASSES, 4, 1])
-        anchors = model.anchor_generator(feats)
-        _, gt_boxes = model.label_anchors(anchors, [b["instances"] for b in batch])
+        (_, deltas, _), anchors, _, gt_boxes = dense_forward(model, batch, NUM_CLASSES)
     points = Boxes.cat(anchors).tensor  # squares of side = stride around each point
     ctr = (points[:, :2] + points[:, 2:]) / 2
     stride = (points[:, 2] - points[:, 0])[:, None]

@@ -20,8 +20,8 @@ from eql_d2.modeling.cls_losses import build_cls_loss
 from eql_d2.modeling.meta_arch import DenseClassificationLoss, atss_match
 from eql_d2.modeling.meta_arch.dense_loss import decode_positives
 
-from helpers import (ROOT, dense_batch, matched_iou, record_criterion_calls, seeded_model,
-                     sgd_steps)
+from helpers import (ROOT, dense_batch, dense_forward, matched_iou, record_criterion_calls,
+                     seeded_model, sgd_steps)
 
 BASE = os.path.join(ROOT, "configs/Synthetic-LT/Base-OneStage-R18-FPN.yaml")
 NUM_CLASSES = 5
@@ -157,13 +157,7 @@ def test_iou_branch_targets_are_iou_of_decoded_boxes():
     batch = dense_batch(NUM_CLASSES, seed=5)
     with torch.no_grad():  # give the regression branch visible, non-zero deltas
         model.head.bbox_pred.weight.normal_(std=0.05)
-    images = model.preprocess_image(batch)
-    feats = model.backbone(images.tensor)
-    feats = [feats[f] for f in model.head_in_features]
-    preds = model.head(feats)
-    logits, deltas, ious = model._transpose_dense_predictions(preds, [NUM_CLASSES, 4, 1])
-    anchors = model.anchor_generator(feats)
-    labels, gt_boxes = model.label_anchors(anchors, [b["instances"] for b in batch])
+    (logits, deltas, ious), anchors, labels, gt_boxes = dense_forward(model, batch, NUM_CLASSES)
     pos = (torch.stack(labels) < NUM_CLASSES)
     assert pos.sum() >= 4
 
@@ -235,13 +229,7 @@ def test_atss_box_loss_of_the_model_is_the_configured_form(weighting):
     batch = dense_batch(NUM_CLASSES, seed=5)
     with torch.no_grad():
         model.head.bbox_pred.weight.normal_(std=0.05)
-    images = model.preprocess_image(batch)
-    feats = model.backbone(images.tensor)
-    feats = [feats[f] for f in model.head_in_features]
-    logits, deltas, ious = model._transpose_dense_predictions(model.head(feats),
-                                                              [NUM_CLASSES, 4, 1])
-    anchors = model.anchor_generator(feats)
-    labels, gt_boxes = model.label_anchors(anchors, [b["instances"] for b in batch])
+    (logits, deltas, ious), anchors, labels, gt_boxes = dense_forward(model, batch, NUM_CLASSES)
     pos = torch.stack(labels) < NUM_CLASSES
     boxes, targets = decode_positives(model.box2box_transform, anchors, deltas, pos, gt_boxes)
     pairs = list(zip(boxes.detach().tolist(), targets.tolist()))
