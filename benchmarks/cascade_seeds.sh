@@ -2,7 +2,7 @@
 # Cascade Mask R-CNN R18-FPN on Synthetic-LT, sigmoid against EQLv2 (with the image-level
 # verified mask, the EQL paper's rule, and without it, the EQLv2 authors'), 700 iterations, on several
 # seeds, one run after another with one thread (resumable: finished runs are skipped, a run
-# cut off continues from its last checkpoint). Tabulate with benchmarks/cascade_table.py.
+# cut off continues from its last checkpoint). Tables: benchmarks/cascade_diagnosis.py.
 #
 #   benchmarks/cascade_seeds.sh                         # seeds 0 1 2, the three arms
 #   SEEDS="3" ONLY="eqlv2" benchmarks/cascade_seeds.sh MODEL.IMAGE_LABELS.VERIFIED False
