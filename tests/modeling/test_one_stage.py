@@ -241,7 +241,7 @@ def test_atss_box_loss_of_the_model_is_the_configured_form(weighting):
         want = sum(w * v for w, v in zip(iou, by_hand)) / sum(iou)
     with EventStorage():
         out = model.losses(anchors, logits, labels, deltas, gt_boxes, ious)
-    assert float(out["loss_box_reg"]) == pytest.approx(1.5 * want, rel=1e-4)
+    assert float(out["loss_box_reg"].detach()) == pytest.approx(1.5 * want, rel=1e-4)
 
 
 # ---------------------------------------------------------------------- EFL statistics
