@@ -8,8 +8,9 @@
 
 - its detection cap (``params.maxDets``) applies per image *and category*, as COCO's does;
   LVIS keeps the top ``max_dets`` detections per *image* over all categories
-  (``LVISResults.limit_dets_per_image``). :func:`limit_dets_per_image` applies LVIS's cap
-  first, and the C++ cap is set at or above what remains;
+  (``LVISResults.limit_dets_per_image``). LVIS's cap is applied first
+  (:meth:`~eql_d2.evaluation.detections.DetectionArrays.per_image_cap`), and the C++ cap is
+  set at or above what remains;
 - lvis-api leaves out ground truth and detections whose area is not in (0, inf) (its
   ``get_ann_ids`` filter; e.g. an empty mask); faster-coco-eval keeps them (an empty
   mask then counts as a false positive). They are removed here, after the cap, as in
@@ -23,7 +24,9 @@ With that, every entry of ``precision`` and ``recall`` equals lvis-api's (up to 
 bits of ``tp / (tp + fp)``, which lvis-api computes with ``+ eps``), hence AP, AP50, AP75,
 APs/m/l, APr/c/f and every per-category AP.
 
-Memory of faster-coco-eval grows with images x categories (one record per pair and area
+Detections are taken as :class:`~eql_d2.evaluation.detections.DetectionArrays` (a results
+list is converted) and become dicts only for the categories faster-coco-eval evaluates at
+once. Memory of faster-coco-eval grows with images x categories (one record per pair and area
 range); :class:`FastLVISEval` evaluates categories in groups, each over the images that
 hold its ground truth or detections, so a group stays near ``pairs_per_group`` pairs.
 """
@@ -33,22 +36,9 @@ from collections import Counter, OrderedDict, defaultdict
 
 import numpy as np
 
-__all__ = ["FastLVISEval", "limit_dets_per_image", "supports"]
+from .detections import DetectionArrays
 
-
-def limit_dets_per_image(results, max_dets):
-    """LVIS's per-image cap: the `max_dets` highest-scoring results of each image (ties keep
-    their order), images in order of first appearance, as ``LVISResults`` orders them.
-    `max_dets` < 0 keeps everything (the order is still by image)."""
-    by_image = defaultdict(list)
-    for r in results:
-        by_image[r["image_id"]].append(r)
-    out = []
-    for anns in by_image.values():
-        if 0 <= max_dets < len(anns):
-            anns = sorted(anns, key=lambda a: a["score"], reverse=True)[:max_dets]
-        out.extend(anns)
-    return out
+__all__ = ["FastLVISEval", "supports"]
 
 
 def supports(lvis_gt):
@@ -87,13 +77,21 @@ class FastLVISEval:
         pairs_per_group: images x categories evaluated together (bounds memory).
     """
 
-    def __init__(self, lvis_gt, results, iou_type="segm", max_dets=300, pairs_per_group=250_000):
+    def __init__(self, lvis_gt, results, iou_type="segm", max_dets=300, pairs_per_group=250_000,
+                 index=None):
         if iou_type not in ("bbox", "segm"):
             raise ValueError(f"iou_type: {iou_type} is not supported.")
         if not supports(lvis_gt):
             raise ValueError("ground truth with an 'ignore' flag: evaluate it with lvis-api")
         self.lvis_gt = lvis_gt
-        self._results = results
+        if not isinstance(results, DetectionArrays):
+            results = DetectionArrays.from_dicts(results)
+        if iou_type == "segm" and len(results) and not results.has_masks:
+            raise ValueError("segm evaluation: the detections have no masks")
+        if iou_type == "bbox" and len(results) and results.bbox is None:
+            raise ValueError("bbox evaluation: the detections have no boxes")
+        self._dets = results
+        self._index = np.arange(len(results)) if index is None else np.asarray(index, np.int64)
         self.params = _lvis_params(iou_type, max_dets)
         self.params.img_ids = sorted(lvis_gt.get_img_ids())
         self.params.cat_ids = sorted(lvis_gt.get_cat_ids())
@@ -113,29 +111,36 @@ class FastLVISEval:
                 by_cat[a["category_id"]].append(a)
         return by_cat
 
-    def _detections(self, gt_by_cat):
-        """Capped, copied results by category; left out: zero-area ones, and those of a
-        category neither annotated on their image nor in its negative list (LVIS does not
-        score them; faster-coco-eval would drop them too, later)."""
-        p = self.params
-        dts = [dict(r) for r in limit_dets_per_image(self._results, p.max_dets)]
-        self.num_detections = Counter(d["category_id"] for d in dts)
-        if p.iou_type == "segm":
-            import pycocotools.mask as mask_utils
-
-            for d in dts:
-                d.pop("bbox", None)
-            areas = mask_utils.area([d["segmentation"] for d in dts]) if dts else []
-        else:
-            areas = [d["bbox"][2] * d["bbox"][3] for d in dts]
-        verified = {(a["image_id"], c) for c, anns in gt_by_cat.items() for a in anns}
+    def _verified_keys(self, gt_by_cat, scale):
+        """image_id * scale + category_id of every (image, category) LVIS scores: the
+        category is annotated on the image or in its negative list."""
+        keys = [a["image_id"] * scale + c for c, anns in gt_by_cat.items() for a in anns]
         for img in self.lvis_gt.dataset["images"]:
-            verified.update((img["id"], c) for c in img.get("neg_category_ids", ()))
-        by_cat = defaultdict(list)
-        for d, area in zip(dts, areas):
-            if _in_area_filter(area) and (d["image_id"], d["category_id"]) in verified:
-                by_cat[d["category_id"]].append(d)
-        return by_cat
+            keys.extend(img["id"] * scale + c for c in img.get("neg_category_ids", ()))
+        return np.unique(np.asarray(keys, np.int64))
+
+    def _detections(self, gt_by_cat):
+        """Indices into the detections, grouped by category (a dict of index arrays): after
+        the per-image cap, without zero-area ones and those of a category neither annotated
+        on their image nor in its negative list (LVIS does not score them; faster-coco-eval
+        would drop them too, later)."""
+        p, det = self.params, self._dets
+        sub = det.take(self._index) if len(self._index) != len(det) else det
+        keep = self._index[sub.per_image_cap(p.max_dets)]
+        cats, counts = np.unique(det.category_id[keep], return_counts=True)
+        self.num_detections = Counter(dict(zip(cats.tolist(), counts.tolist())))
+        if p.iou_type == "segm":
+            areas = det.take(keep).mask_areas()
+        else:
+            areas = det.bbox[keep, 2] * det.bbox[keep, 3]
+        scale = max(self.params.cat_ids, default=0) + 1
+        keys = det.image_id[keep] * scale + det.category_id[keep]
+        scored = (areas > 0) & (areas < math.inf) & np.isin(keys, self._verified_keys(gt_by_cat, scale))
+        keep = keep[scored]
+        keep = keep[np.argsort(det.category_id[keep], kind="stable")]
+        cats = det.category_id[keep]
+        bounds = np.flatnonzero(np.r_[True, cats[1:] != cats[:-1], True])
+        return {int(cats[a]): keep[a:b] for a, b in zip(bounds[:-1], bounds[1:])}
 
     def _groups(self, gt_by_cat, dt_by_cat):
         """Categories with ground truth, in id order, cut into groups of about
@@ -144,7 +149,9 @@ class FastLVISEval:
         for c in self.params.cat_ids:
             if not gt_by_cat.get(c):
                 continue  # no ground truth: precision stays -1, as in lvis-api
-            touched = {a["image_id"] for a in gt_by_cat[c]} | {d["image_id"] for d in dt_by_cat.get(c, ())}
+            touched = {a["image_id"] for a in gt_by_cat[c]}
+            if c in dt_by_cat:
+                touched.update(np.unique(self._dets.image_id[dt_by_cat[c]]).tolist())
             if group and len(images | touched) * (len(group) + 1) > self.pairs_per_group:
                 yield group, images
                 group, images = [], set()
@@ -161,12 +168,13 @@ class FastLVISEval:
         def quiet(*args, **kwargs):
             pass
 
-        p = self.params
+        p, det = self.params, self._dets
         images = [self.lvis_gt.imgs[i] for i in sorted(image_ids)]
         gt = COCO({"images": images, "categories": self.lvis_gt.load_cats(cats),
                    "annotations": [a for c in cats for a in gt_by_cat[c]]}, print_function=quiet)
-        dts = [d for c in cats for d in dt_by_cat.get(c, ())]
-        dt = gt.loadRes(dts)
+        index = np.concatenate([dt_by_cat[c] for c in cats if c in dt_by_cat] or [np.zeros(0, np.int64)])
+        bbox = p.iou_type == "bbox"
+        dt = gt.loadRes(list(det.dicts(index, bbox=bbox, segmentation=not bbox)))
         ev = COCOeval_faster(gt, dt, p.iou_type, lvis_style=True, print_function=quiet)
         ev.params.imgIds = sorted(image_ids)
         ev.params.catIds = list(cats)
@@ -176,8 +184,8 @@ class FastLVISEval:
         ev.params.areaRngLbl = list(p.area_rng_lbl)
         # the per-image cap is applied already; the C++ cap (per image and category) must
         # not cut further, and sizes its buffers by it
-        per_pair = Counter((d["image_id"], d["category_id"]) for d in dts)
-        ev.params.maxDets = [max(per_pair.values(), default=1)]
+        pairs = det.image_id[index] * (max(cats) + 1) + det.category_id[index]
+        ev.params.maxDets = [int(np.unique(pairs, return_counts=True)[1].max()) if len(pairs) else 1]
         ev.evaluate()
         ev.accumulate()
         return ev.eval["precision"][..., 0], ev.eval["recall"][..., 0]

@@ -34,10 +34,13 @@ from collections import Counter, OrderedDict
 import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import LVISEvaluator
+from detectron2.structures import BoxMode
+from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
 from ..utils.io import atomic_write, write_json_atomic
+from .detections import DetectionArrays, load_shards, save_shard, shard_path
 from .plots import plot_ap_by_frequency, plot_ap_vs_train_images
 from .results_io import top_k_per
 
@@ -99,26 +102,30 @@ def _fast_backend_usable(lvis_gt):
     return True
 
 
-def _run_lvis_eval(lvis_gt, results, iou_type, max_dets, backend="lvis"):
-    """One evaluation run; `max_dets` < 0 removes the per-image cap. Returns the LVISEval
+def _run_lvis_eval(lvis_gt, results, iou_type, max_dets, backend="lvis", index=None):
+    """One evaluation run; `max_dets` < 0 removes the per-image cap. `results`: a results list
+    or :class:`DetectionArrays` (then `index` may select some of them). Returns the LVISEval
     (backend "lvis") or the FastLVISEval ("fast") after run()."""
     if backend not in LVIS_BACKENDS:
         raise ValueError(f"LVIS evaluation backend {backend!r}: expected one of {LVIS_BACKENDS}")
     if backend == "fast" and _fast_backend_usable(lvis_gt):
         from .fast_lvis import FastLVISEval
 
-        fast_eval = FastLVISEval(lvis_gt, results, iou_type, max_dets)
+        fast_eval = FastLVISEval(lvis_gt, results, iou_type, max_dets, index=index)
         fast_eval.run()
         return fast_eval
 
     from lvis import LVISEval, LVISResults
 
-    # LVISResults writes ids, areas and (for boxes) polygons into the dicts it gets
-    results = [dict(r) for r in results]
-    if iou_type == "segm":
+    if isinstance(results, DetectionArrays):
         # as detectron2: without a bbox, LVIS takes the mask area for the s/m/l ranges
-        for r in results:
-            r.pop("bbox", None)
+        results = list(results.dicts(index, bbox=iou_type == "bbox" or not results.has_masks))
+    else:
+        # LVISResults writes ids, areas and (for boxes) polygons into the dicts it gets
+        results = [dict(r) for r in results]
+        if iou_type == "segm":
+            for r in results:
+                r.pop("bbox", None)
     lvis_dt = LVISResults(lvis_gt, results, max_dets=max_dets)
     lvis_eval = LVISEval(lvis_gt, lvis_dt, iou_type)
     lvis_eval.params.max_dets = max_dets
@@ -143,12 +150,12 @@ def per_category_ap(lvis_eval):
     return out
 
 
-def _evaluate_task(lvis_gt, results, iou_type, max_dets, backend):
+def _evaluate_task(lvis_gt, results, iou_type, max_dets, backend, index=None):
     """(metrics in percent, per-category AP in [0, 1], detections per category)."""
-    if not results:
+    if len(results) == 0 or (index is not None and len(index) == 0):
         return ({m: float("nan") for m in LVIS_METRICS},
                 {c: float("nan") for c in lvis_gt.get_cat_ids()}, Counter())
-    lvis_eval = _run_lvis_eval(lvis_gt, results, iou_type, max_dets, backend)
+    lvis_eval = _run_lvis_eval(lvis_gt, results, iou_type, max_dets, backend, index)
     lvis_eval.print_results()
     summary = lvis_eval.get_results()
     metrics = {m: float(summary[m] * 100) for m in LVIS_METRICS}
@@ -196,7 +203,8 @@ def evaluate_lvis(lvis_gt, results, iou_types=("bbox",), *, max_dets_per_image=3
     """Evaluate LVIS-format `results` against `lvis_gt` (an ``lvis.LVIS``).
 
     Args:
-        results: list of LVIS result dicts, category ids as in the annotation JSON.
+        results: list of LVIS result dicts or :class:`DetectionArrays`, category ids as in
+            the annotation JSON.
         iou_types: tasks, "bbox" and/or "segm".
         max_dets_per_image: per-image cap of standard AP (LVIS: 300).
         ap_fixed_dets_per_class: K > 0 also computes AP-fixed (no per-image cap, top K per
@@ -214,7 +222,12 @@ def evaluate_lvis(lvis_gt, results, iou_types=("bbox",), *, max_dets_per_image=3
     """
     counts = train_image_counts or _train_counts_from_gt(lvis_gt)
     cats = sorted(lvis_gt.dataset["categories"], key=lambda c: c["id"])
-    fixed = top_k_per_category(results, ap_fixed_dets_per_class) if ap_fixed_dets_per_class > 0 else None
+    fixed = fixed_index = None
+    if ap_fixed_dets_per_class > 0:
+        if isinstance(results, DetectionArrays):
+            fixed, fixed_index = results, results.top_k_per("category_id", ap_fixed_dets_per_class)
+        else:
+            fixed = top_k_per_category(results, ap_fixed_dets_per_class)
     out = OrderedDict()
     for task in iou_types:
         logger.info("Evaluating %s with at most %d detections per image", task, max_dets_per_image)
@@ -223,7 +236,8 @@ def evaluate_lvis(lvis_gt, results, iou_types=("bbox",), *, max_dets_per_image=3
         if fixed is not None:
             logger.info("Evaluating %s AP-fixed: no per-image cap, top %d per category",
                         task, ap_fixed_dets_per_class)
-            m_fixed, cat_ap_fixed, num_fixed = _evaluate_task(lvis_gt, fixed, task, -1, backend)
+            m_fixed, cat_ap_fixed, num_fixed = _evaluate_task(lvis_gt, fixed, task, -1, backend,
+                                                                fixed_index)
             metrics.update({f"{k}-fixed": v for k, v in m_fixed.items()})
             fields += ["AP_fixed", "num_detections_fixed"]
         logger.info("Evaluation results for %s: \n%s", task, create_small_table(metrics))
@@ -250,8 +264,37 @@ def evaluate_lvis(lvis_gt, results, iou_types=("bbox",), *, max_dets_per_image=3
     return out
 
 
+def detections_of_instances(instances, image_id):
+    """:class:`DetectionArrays` of one image's predicted ``Instances`` (on the CPU), with the
+    values detectron2's ``instances_to_coco_json`` gives: float32 boxes as XYWH, float32
+    scores, contiguous class indices, one compressed RLE per mask."""
+    n = len(instances)
+    boxes = BoxMode.convert(instances.pred_boxes.tensor.numpy(), BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
+    masks = {}
+    if instances.has("pred_masks"):
+        import pycocotools.mask as mask_utils
+
+        rles = [mask_utils.encode(np.array(m[:, :, None], order="F", dtype="uint8"))[0]
+                for m in instances.pred_masks]
+        lengths = [len(r["counts"]) for r in rles]
+        masks = dict(rle_counts=np.frombuffer(b"".join(r["counts"] for r in rles), np.uint8),
+                     rle_offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+                     rle_size=np.array([r["size"] for r in rles], np.int64).reshape(-1, 2))
+    return DetectionArrays(np.full(n, image_id), instances.pred_classes.numpy(),
+                           instances.scores.numpy(), boxes, **masks)
+
+
 class LVISPerCategoryEvaluator(LVISEvaluator):
-    """detectron2's LVISEvaluator whose evaluation also writes per-category outputs.
+    """detectron2's LVISEvaluator whose evaluation also writes per-category outputs, and
+    whose detections stay compact from the model to the evaluation.
+
+    Each process keeps its detections as :class:`~eql_d2.evaluation.detections.DetectionArrays`
+    (not one dict per detection). In a distributed evaluation with an ``output_dir`` every
+    process writes them to a shard, ``<output_dir>/detection_shards/``, and the main process
+    reads the shards (removed afterwards; a missing, cut-short or foreign shard is an error
+    that names it) instead of gathering everyone's predictions through its memory; without an
+    ``output_dir`` the compact arrays are gathered. ``lvis_instances_results.json`` is
+    written from them chunk by chunk.
 
     Args (besides LVISEvaluator's):
         max_dets_per_image: per-image cap of standard AP (LVIS: 300).
@@ -278,33 +321,86 @@ class LVISPerCategoryEvaluator(LVISEvaluator):
         self._per_category_outputs = per_category_outputs
         self._backend = backend
 
-    def _lvis_results(self, predictions):
-        """Predictions -> LVIS results list with the annotation JSON's category ids."""
-        results = list(itertools.chain(*[x["instances"] for x in predictions]))
+    def reset(self):
+        self._predictions = []  # DetectionArrays, one per image with instances
+        self._image_ids = []
+        self._proposals = []
+
+    def process(self, inputs, outputs):
+        for inp, out in zip(inputs, outputs):
+            self._image_ids.append(inp["image_id"])
+            if "instances" in out:
+                self._predictions.append(detections_of_instances(
+                    out["instances"].to(self._cpu_device), inp["image_id"]))
+            if "proposals" in out:
+                self._proposals.append({"image_id": inp["image_id"],
+                                        "proposals": out["proposals"].to(self._cpu_device)})
+
+    def _collect(self, local, with_instances):
+        """(every process's detections, evaluated image ids, proposals, whether any process
+        had instances) on the main process; (None, ...) on the others."""
+        if not self._distributed or comm.get_world_size() == 1:
+            return local, np.asarray(self._image_ids, np.int64), self._proposals, with_instances
+        rank, world = comm.get_rank(), comm.get_world_size()
+        token = comm.shared_random_seed()  # this evaluation's, the same in every process
+        comm.synchronize()
+        flags = comm.gather(with_instances, dst=0)
+        proposals = comm.gather(self._proposals, dst=0)
+        if self._output_dir:
+            folder = os.path.join(self._output_dir, "detection_shards")
+            save_shard(local, folder, rank, world, token, self._image_ids)
+            comm.synchronize()
+            if not comm.is_main_process():
+                return None, None, None, None
+            detections, image_ids = load_shards(folder, world, token)
+            for r in range(world):
+                os.remove(shard_path(folder, r, world))
+        else:
+            parts = comm.gather((local, np.asarray(self._image_ids, np.int64)), dst=0)
+            if not comm.is_main_process():
+                return None, None, None, None
+            detections = DetectionArrays.concatenate([d for d, _ in parts])
+            image_ids = np.concatenate([i for _, i in parts])
+        return detections, image_ids, list(itertools.chain(*proposals)), any(flags)
+
+    def evaluate(self):
+        local = DetectionArrays.concatenate(self._predictions)
+        detections, image_ids, proposals, with_instances = self._collect(
+            local, bool(self._predictions))
+        if image_ids is None:
+            return None
+        if len(image_ids) == 0:
+            self._logger.warning("[LVISEvaluator] Did not receive valid predictions.")
+            return {}
+        self._results = OrderedDict()
+        if proposals:
+            self._eval_box_proposals(proposals)
+        if with_instances:
+            self._eval_predictions(detections)
+        return copy.deepcopy(self._results)
+
+    def _dataset_category_ids(self, detections):
+        """`detections` with the annotation JSON's category ids (from contiguous indices)."""
         id_map = self._metadata.get("thing_dataset_id_to_contiguous_id")
         if id_map is not None:
-            reverse = {v: k for k, v in id_map.items()}
-            for r in results:
-                r["category_id"] = reverse[r["category_id"]]
-        else:  # LVIS-format datasets: class index = category id - 1
-            for r in results:
-                r["category_id"] += 1
-        return results
+            return detections.map_categories({v: k for k, v in id_map.items()})
+        # LVIS-format datasets: class index = category id - 1
+        return detections.with_category_ids(detections.category_id + 1)
 
-    def _eval_predictions(self, predictions):
-        results = self._lvis_results(predictions)
-        tasks = self._tasks or self._tasks_from_predictions(results)
+    def _eval_predictions(self, detections):
+        detections = self._dataset_category_ids(detections)
+        tasks = self._tasks or (("bbox", "segm") if detections.has_masks else ("bbox",))
         if self._output_dir:
             path = os.path.join(self._output_dir, "lvis_instances_results.json")
             self._logger.info("Saving results to %s", path)
-            write_json_atomic(PathManager.get_local_path(path), results)
+            detections.write_json(PathManager.get_local_path(path))
         if not self._do_evaluation:
             self._logger.info("Annotations are not available for evaluation.")
             return
         counts = train_image_counts_from_metadata(self._train_dataset_name, self._lvis_api)
         write_to = self._output_dir if self._per_category_outputs else None
         self._results.update(copy.deepcopy(evaluate_lvis(
-            self._lvis_api, results, sorted(tasks),
+            self._lvis_api, detections, sorted(tasks),
             max_dets_per_image=self._max_dets_per_image,
             ap_fixed_dets_per_class=self._ap_fixed_dets_per_class,
             train_image_counts=counts, output_dir=write_to, title=self._dataset_name,

@@ -23,7 +23,8 @@ import test_federated_eval
 from eql_d2.config import get_eql_cfg
 from eql_d2.evaluation import build_evaluator, evaluate_lvis
 from eql_d2.evaluation import lvis_evaluation
-from eql_d2.evaluation.fast_lvis import FastLVISEval, limit_dets_per_image
+from eql_d2.evaluation.detections import DetectionArrays
+from eql_d2.evaluation.fast_lvis import FastLVISEval
 from eql_d2.evaluation.lvis_evaluation import per_category_ap
 from helpers import ROOT
 from lvis_cases import box_ann, category, det, image, per_category_case, write_json
@@ -133,14 +134,37 @@ def test_edge_cases_equal_lvis_api(iou_type):
         assert_same(reference(gt, results, iou_type, max_dets), fast)
 
 
+def limit_dets_per_image(results, max_dets):
+    """lvis-api's rule, written out: per image (in order of first appearance), the
+    `max_dets` best by a stable descending sort of the score."""
+    by_image = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    out = []
+    for anns in by_image.values():
+        if 0 <= max_dets < len(anns):
+            anns = sorted(anns, key=lambda a: a["score"], reverse=True)[:max_dets]
+        out.extend(anns)
+    return out
+
+
 def test_per_image_cap_is_lvis_results():
     """Top-scored results per image over all categories; ties keep their order."""
     results = [det(1, 1, 0, 0, 5, 5, s) for s in (0.2, 0.9, 0.5)] + \
         [det(2, c, 0, 0, 5, 5, 0.7, tag=c) for c in (1, 2, 3)] + [det(1, 2, 0, 0, 5, 5, 0.9)]
-    capped = limit_dets_per_image(results, 2)
-    assert [(r["image_id"], r["category_id"], r["score"]) for r in capped] == \
+    arrays = DetectionArrays.from_dicts(results)
+    capped = [results[i] for i in arrays.per_image_cap(2)]
+    assert sorted((r["image_id"], r["category_id"], r["score"]) for r in capped) == \
         [(1, 1, 0.9), (1, 2, 0.9), (2, 1, 0.7), (2, 2, 0.7)]
-    assert len(limit_dets_per_image(results, -1)) == len(results)
+    assert len(arrays.per_image_cap(-1)) == len(results)
+    # random lists with many ties: the same detections as the rule above, for several caps
+    rng = np.random.default_rng(0)
+    results = [det(int(i), int(c), 0, 0, 5, 5, float(s), tag=k) for k, (i, c, s) in enumerate(
+        zip(rng.integers(1, 9, 400), rng.integers(1, 4, 400), rng.integers(0, 5, 400) / 4))]
+    arrays = DetectionArrays.from_dicts(results)
+    for cap in (0, 1, 7, 60, -1):
+        expected = sorted(id(r) for r in limit_dets_per_image(results, cap))
+        assert sorted(id(results[i]) for i in arrays.per_image_cap(cap)) == expected, cap
 
 
 def test_ignore_flag_falls_back_to_lvis_api(tmp_path, caplog):
@@ -175,8 +199,8 @@ def test_config_switch_selects_the_backend(backend, tmp_path, monkeypatch):
 
     monkeypatch.setattr(lvis_evaluation, "_run_lvis_eval", spy)
     evaluator._results = {}
-    evaluator._eval_predictions([{"instances": [
-        {**r, "category_id": r["category_id"] - 1} for r in results]}])
+    evaluator._eval_predictions(DetectionArrays.from_dicts(
+        [{**r, "category_id": r["category_id"] - 1} for r in results]))
     assert used == [{"fast": "FastLVISEval", "lvis": "LVISEval"}[backend]]
     assert evaluator._results["bbox"]["AP"] == pytest.approx((100 + expected_ap[2]) / 3, abs=1e-4)
     out = evaluate_lvis(lvis_from_dict(gt), results, ("bbox",), backend=backend)
@@ -202,8 +226,8 @@ def _lvis_backend_for_imported_tests(request, monkeypatch):
         return
     run = lvis_evaluation._run_lvis_eval
 
-    def lvis_only(lvis_gt, results, iou_type, max_dets, backend="lvis"):
-        ev = run(lvis_gt, results, iou_type, max_dets, "lvis")
+    def lvis_only(lvis_gt, results, iou_type, max_dets, backend="lvis", index=None):
+        ev = run(lvis_gt, results, iou_type, max_dets, "lvis", index)
         assert not isinstance(ev, FastLVISEval)
         return ev
 
