@@ -184,10 +184,15 @@ class DetectionArrays:
         out.category_id = _as_column(category_id, np.int64, "category_id", len(self))
         return out
 
-    def rle(self, i):
-        """Detection i's compressed RLE as pycocotools takes it (``counts`` as bytes)."""
-        return {"size": self.rle_size[i].tolist(),
-                "counts": self.rle_counts[self.rle_offsets[i]:self.rle_offsets[i + 1]].tobytes()}
+    def rles(self, index):
+        """The compressed RLEs of the detections at `index` as pycocotools takes them
+        (``counts`` as bytes)."""
+        index = np.asarray(index, np.int64)
+        sizes = self.rle_size[index].tolist()
+        starts, stops = self.rle_offsets[index].tolist(), self.rle_offsets[index + 1].tolist()
+        counts = memoryview(self.rle_counts)
+        return [{"size": size, "counts": counts[a:b].tobytes()}
+                for size, a, b in zip(sizes, starts, stops)]
 
     def mask_areas(self, chunk=100_000):
         """[N] float64 area of every mask (pycocotools, in chunks)."""
@@ -196,25 +201,28 @@ class DetectionArrays:
         areas = np.zeros(len(self), np.float64)
         for start in range(0, len(self), chunk):
             stop = min(start + chunk, len(self))
-            areas[start:stop] = mask_utils.area([self.rle(i) for i in range(start, stop)])
+            areas[start:stop] = mask_utils.area(self.rles(np.arange(start, stop)))
         return areas
 
     def dicts(self, index=None, *, bbox=True, segmentation=True):
         """Yield the detections at `index` (default all) as LVIS result dicts; RLE counts as
         str, as detectron2 writes them. `bbox` / `segmentation` False leave those out."""
-        index = range(len(self)) if index is None else np.asarray(index).tolist()
-        image_id, category_id, score = (a.tolist() for a in (self.image_id, self.category_id,
-                                                              self.score))
-        boxes = self.bbox if (bbox and self.bbox is not None) else None
+        index = np.arange(len(self)) if index is None else np.asarray(index, np.int64)
+        columns = [self.image_id[index].tolist(), self.category_id[index].tolist(),
+                   self.score[index].tolist()]
+        boxes = self.bbox[index].tolist() if (bbox and self.bbox is not None) else None
         masks = segmentation and self.has_masks
-        for i in index:
-            d = {"image_id": image_id[i], "category_id": category_id[i], "score": score[i]}
+        if masks:
+            sizes = self.rle_size[index].tolist()
+            starts, stops = self.rle_offsets[index].tolist(), self.rle_offsets[index + 1].tolist()
+            counts = memoryview(self.rle_counts)
+        for k, (image_id, category_id, score) in enumerate(zip(*columns)):
+            d = {"image_id": image_id, "category_id": category_id, "score": score}
             if boxes is not None:
-                d["bbox"] = boxes[i].tolist()
+                d["bbox"] = boxes[k]
             if masks:
-                r = self.rle(i)
-                r["counts"] = r["counts"].decode("ascii")
-                d["segmentation"] = r
+                d["segmentation"] = {"size": sizes[k],
+                                     "counts": str(counts[starts[k]:stops[k]], "ascii")}
             yield d
 
     def to_dicts(self):

@@ -77,7 +77,7 @@ class FastLVISEval:
         pairs_per_group: images x categories evaluated together (bounds memory).
     """
 
-    def __init__(self, lvis_gt, results, iou_type="segm", max_dets=300, pairs_per_group=250_000,
+    def __init__(self, lvis_gt, results, iou_type="segm", max_dets=300, pairs_per_group=1000,
                  index=None):
         if iou_type not in ("bbox", "segm"):
             raise ValueError(f"iou_type: {iou_type} is not supported.")
@@ -142,6 +142,29 @@ class FastLVISEval:
         bounds = np.flatnonzero(np.r_[True, cats[1:] != cats[:-1], True])
         return {int(cats[a]): keep[a:b] for a, b in zip(bounds[:-1], bounds[1:])}
 
+    def _result_annotations(self, index):
+        """The detections at `index` as faster-coco-eval's result annotations: what its
+        ``loadRes`` makes of a results list (ids 1.., ``iscrowd`` 0, ``area`` the box's or
+        the mask's, for masks the RLE's bounding box), with areas and boxes computed for
+        all of them at once."""
+        det = self._dets
+        bbox = self.params.iou_type == "bbox"
+        anns = list(det.dicts(index, bbox=bbox, segmentation=not bbox))
+        if bbox:
+            areas = (det.bbox[index, 2] * det.bbox[index, 3]).tolist()
+            boxes = [None] * len(anns)
+        else:
+            import pycocotools.mask as mask_utils
+
+            rles = det.rles(index)
+            areas = mask_utils.area(rles).tolist() if rles else []
+            boxes = mask_utils.toBbox(rles).tolist() if rles else []
+        for k, (ann, area, box) in enumerate(zip(anns, areas, boxes)):
+            ann["id"], ann["iscrowd"], ann["area"] = k + 1, 0, area
+            if box is not None:
+                ann["bbox"] = box
+        return anns
+
     def _groups(self, gt_by_cat, dt_by_cat):
         """Categories with ground truth, in id order, cut into groups of about
         `pairs_per_group` (images touched x categories)."""
@@ -173,8 +196,8 @@ class FastLVISEval:
         gt = COCO({"images": images, "categories": self.lvis_gt.load_cats(cats),
                    "annotations": [a for c in cats for a in gt_by_cat[c]]}, print_function=quiet)
         index = np.concatenate([dt_by_cat[c] for c in cats if c in dt_by_cat] or [np.zeros(0, np.int64)])
-        bbox = p.iou_type == "bbox"
-        dt = gt.loadRes(list(det.dicts(index, bbox=bbox, segmentation=not bbox)))
+        dt = COCO({"images": images, "categories": gt.dataset["categories"],
+                   "annotations": self._result_annotations(index)}, print_function=quiet)
         ev = COCOeval_faster(gt, dt, p.iou_type, lvis_style=True, print_function=quiet)
         ev.params.imgIds = sorted(image_ids)
         ev.params.catIds = list(cats)
