@@ -243,35 +243,49 @@ def _measure(args):
                       "evaluator": type(ev).__name__}))
 
 
+def _rss_kb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _run_child(workdir, task, backend, max_dets, ap_fixed=0, memory_limit_gb=0.0):
     """One evaluation in a fresh interpreter: its JSON line plus ``peak_rss_kb``, the
     child's own peak resident set (``os.wait4``'s rusage of that child). With
-    `memory_limit_gb` the child's address space is capped; running out gives
-    ``{"failed": ...}`` instead of figures."""
+    `memory_limit_gb` the child is stopped once its resident set passes that many GB
+    (checked twice a second) and ``{"failed": ...}`` comes back instead of figures."""
     cmd = [sys.executable, os.path.abspath(__file__), "_child", "--workdir", workdir,
            "--task", task, "--backend", backend, "--max-dets", str(max_dets),
            "--ap-fixed", str(ap_fixed)]
-
-    def limit():
-        if memory_limit_gb:
-            size = int(memory_limit_gb * 2 ** 30)
-            resource.setrlimit(resource.RLIMIT_AS, (size, size))
-
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True,
-                                preexec_fn=limit)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
+        stopped = False
+        while memory_limit_gb:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if _rss_kb(proc.pid) > memory_limit_gb * 2 ** 20:
+                proc.kill()
+                stopped = True
+                break
+            time.sleep(0.5)
+        if not memory_limit_gb or stopped:
+            _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        if stopped:
+            return {"failed": f"stopped at a resident set above {memory_limit_gb:g} GB after "
+                              f"{seconds:.0f} s (loading included)", "peak_rss_kb": usage.ru_maxrss}
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         if proc.returncode != 0:
-            tail = err.read()[-3000:]
-            if memory_limit_gb and ("MemoryError" in tail or "bad_alloc" in tail):
-                return {"failed": f"out of memory under a {memory_limit_gb:g} GB address-space "
-                                  f"limit after {time.perf_counter() - start:.0f} s",
-                        "peak_rss_kb": usage.ru_maxrss}
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{tail}")
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
         result = json.loads(out.read().strip().splitlines()[-1])
     result["peak_rss_kb"] = usage.ru_maxrss
     return result
@@ -313,7 +327,7 @@ def main(argv=None):
     parser.add_argument("--ap-fixed", type=int, default=0,
                         help="also measure AP-fixed with this many detections per category")
     parser.add_argument("--lvis-memory-limit-gb", type=float, default=0.0,
-                        help="cap lvis-api's address space (a run past it is reported as failed)")
+                        help="stop lvis-api once its resident set passes this (reported as failed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None,
                         help="where the generated files go (kept; generated once per task)")

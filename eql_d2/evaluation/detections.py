@@ -26,7 +26,7 @@ import numpy as np
 
 from ..utils.io import atomic_write
 
-__all__ = ["DetectionArrays", "load_shards", "save_shard", "shard_path"]
+__all__ = ["DetectionArrays", "load_shards", "save_shard", "shard_path", "top_k_index"]
 
 SHARD_FORMAT = "eql_d2-detections-1"
 
@@ -194,14 +194,15 @@ class DetectionArrays:
         return [{"size": size, "counts": counts[a:b].tobytes()}
                 for size, a, b in zip(sizes, starts, stops)]
 
-    def mask_areas(self, chunk=100_000):
-        """[N] float64 area of every mask (pycocotools, in chunks)."""
+    def mask_areas(self, index=None, chunk=100_000):
+        """float64 area of the masks at `index` (default all; pycocotools, in chunks)."""
         import pycocotools.mask as mask_utils
 
-        areas = np.zeros(len(self), np.float64)
-        for start in range(0, len(self), chunk):
-            stop = min(start + chunk, len(self))
-            areas[start:stop] = mask_utils.area(self.rles(np.arange(start, stop)))
+        index = np.arange(len(self)) if index is None else np.asarray(index, np.int64)
+        areas = np.zeros(len(index), np.float64)
+        for start in range(0, len(index), chunk):
+            part = index[start:start + chunk]
+            areas[start:start + len(part)] = mask_utils.area(self.rles(part))
         return areas
 
     def dicts(self, index=None, *, bbox=True, segmentation=True):
@@ -230,27 +231,11 @@ class DetectionArrays:
 
     # ------------------------------------------------------------------- selections
 
-    def _first_appearance_rank(self, key):
-        """For each detection, the rank of its `key` value by first appearance."""
-        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-        rank = np.empty(len(first), np.int64)
-        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-        return rank[inverse.reshape(-1)]
-
     def top_k_per(self, key, k):
         """Indices (increasing) of the `k` highest-scoring detections of each value of `key`
         ("image_id" or "category_id"); equal scores keep the earlier detection, as a stable
         sort by descending score does. k < 0 keeps all."""
-        n = len(self)
-        if k < 0 or n == 0:
-            return np.arange(n, dtype=np.int64)
-        group = self._first_appearance_rank(getattr(self, key))
-        order = np.lexsort((np.arange(n), -self.score, group))
-        sorted_group = group[order]
-        starts = np.flatnonzero(np.r_[True, sorted_group[1:] != sorted_group[:-1]])
-        lengths = np.diff(np.r_[starts, n])
-        position = np.arange(n) - np.repeat(starts, lengths)
-        return np.sort(order[position < k])
+        return top_k_index(getattr(self, key), self.score, k)
 
     def per_image_cap(self, max_dets):
         """Indices of what LVIS's per-image cap keeps (``LVISResults.limit_dets_per_image``)."""
@@ -276,6 +261,23 @@ class DetectionArrays:
                 text = json.dumps(list(part), allow_nan=False)
                 f.write(("," if start else "") + text[1:-1])
             f.write("]")
+
+
+def top_k_index(key, score, k):
+    """Indices (increasing) of the `k` highest `score` entries of each value of `key`; equal
+    scores keep the earlier entry (a stable sort by descending score). k < 0 keeps all."""
+    n = len(key)
+    if k < 0 or n == 0:
+        return np.arange(n, dtype=np.int64)
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    group = rank[inverse.reshape(-1)]  # values of `key` numbered by first appearance
+    order = np.lexsort((np.arange(n), -score, group))
+    sorted_group = group[order]
+    starts = np.flatnonzero(np.r_[True, sorted_group[1:] != sorted_group[:-1]])
+    position = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    return np.sort(order[position < k])
 
 
 def shard_path(folder, rank, world_size):

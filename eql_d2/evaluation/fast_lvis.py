@@ -36,7 +36,7 @@ from collections import Counter, OrderedDict, defaultdict
 
 import numpy as np
 
-from .detections import DetectionArrays
+from .detections import DetectionArrays, top_k_index
 
 __all__ = ["FastLVISEval", "supports"]
 
@@ -125,12 +125,11 @@ class FastLVISEval:
         on their image nor in its negative list (LVIS does not score them; faster-coco-eval
         would drop them too, later)."""
         p, det = self.params, self._dets
-        sub = det.take(self._index) if len(self._index) != len(det) else det
-        keep = self._index[sub.per_image_cap(p.max_dets)]
+        keep = self._index[top_k_index(det.image_id[self._index], det.score[self._index], p.max_dets)]
         cats, counts = np.unique(det.category_id[keep], return_counts=True)
         self.num_detections = Counter(dict(zip(cats.tolist(), counts.tolist())))
         if p.iou_type == "segm":
-            areas = det.take(keep).mask_areas()
+            areas = det.mask_areas(keep)
         else:
             areas = det.bbox[keep, 2] * det.bbox[keep, 3]
         scale = max(self.params.cat_ids, default=0) + 1
