@@ -19,6 +19,8 @@ setup(
         "faster-coco-eval>=1.6",
         "matplotlib",
         "ensemble-boxes>=1.0.9",
+        # streaming parse of LVIS-format JSONs into their compact form (eql_d2.data.compact)
+        "ijson>=3.2",
     ],
     # tools/slurm_train.py: Slurm jobs that requeue themselves on time-out or pre-emption
     extras_require={"slurm": ["submitit>=1.5"]},

@@ -3,7 +3,7 @@
     python benchmarks/check_image_files.py --num-files 100000
 
 Creates that many empty files in a temporary folder (LVIS v1 train has 100170 images),
-then times eql_d2.data.train_loader.check_image_files over their dataset dicts, with one
+then times eql_d2.data.train_loader.check_image_files over their file names, with one
 file missing (the error path) and with all present.
 """
 
@@ -21,15 +21,15 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        dicts = []
+        names = []
         for i in range(args.num_files):
             path = os.path.join(root, f"{i // 1000:03d}", f"{i:012d}.jpg")
             if i % 1000 == 0:
                 os.makedirs(os.path.dirname(path))
             open(path, "wb").close()
-            dicts.append({"file_name": path})
-        for label, files in (("all present", dicts),
-                             ("one missing", dicts + [{"file_name": root + "/missing.jpg"}])):
+            names.append(path)
+        for label, files in (("all present", names),
+                             ("one missing", names + [root + "/missing.jpg"])):
             times = []
             for _ in range(args.reps):
                 t0 = time.perf_counter()

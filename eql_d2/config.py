@@ -166,6 +166,10 @@ def _add_dataloader_config(cfg):
     # "ceil": exactly ceil(r) copies (the EFL / EQLv2 authors' code: mmdetection's
     # ClassBalancedDataset, United-Perception's repeat-factor sampler)
     cfg.DATALOADER.REPEAT_ROUNDING = "stochastic"
+    # LVIS-format training sets are converted once (local rank 0) into numpy arrays in
+    # $EQL_D2_CACHE_DIR that every process maps, instead of each process holding the JSON's
+    # dataset dicts (eql_d2.data.compact; docs/DATASETS.md); False: detectron2's lists
+    cfg.DATALOADER.COMPACT_DATASET = True
 
 
 _NODES.append(_add_dataloader_config)

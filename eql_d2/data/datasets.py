@@ -47,6 +47,7 @@ default ``datasets/``). Its large-vocabulary presets are registered the same way
 are all in one LVIS group (common).
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -76,7 +77,13 @@ __all__ = [
     "ensure_synthetic_preset",
     "register_synthetic_presets",
     "load_category_metadata",
+    "store_category_metadata",
+    "category_info",
     "metadata_cache_file",
+    "cache_root",
+    "cache_name",
+    "file_key",
+    "LVISFormatLoader",
 ]
 
 SYNTHETIC_LT_SPLITS = {"synthetic_lt_train": "train", "synthetic_lt_val": "val",
@@ -198,9 +205,21 @@ def _usable_annotations(json_file, data):
     (count, reasons, first ids) about the skipped ones."""
     _check_images(json_file, data["images"])
     image_sizes = {img["id"]: (img["width"], img["height"]) for img in data["images"]}
-    num_classes = len(data["categories"])
-    kept, skipped, reasons, seen = [], [], defaultdict(int), set()
-    for a in data["annotations"]:
+    return list(_checked_annotations(json_file, image_sizes, len(data["categories"]),
+                                     data["annotations"]))
+
+
+def _checked_annotations(json_file, image_sizes, num_classes, annotations):
+    """Yield the annotations of the iterable `annotations` that can be trained on, in order.
+
+    `image_sizes` maps each image id to its (width, height). Raises ValueError on structural
+    faults; once the iterable is exhausted, warns once (count, reasons, first ids) about the
+    skipped ones. Shared by the loader of dataset dicts and the streaming conversion of
+    :mod:`eql_d2.data.compact`, so both skip and refuse the same annotations.
+    """
+    skipped, reasons, seen, total = [], defaultdict(int), set(), 0
+    for a in annotations:
+        total += 1
         if a.get("image_id") not in image_sizes:
             raise ValueError(f"{json_file}: annotation {a.get('id')} refers to unknown image_id {a.get('image_id')}")
         cid = a.get("category_id")
@@ -212,17 +231,16 @@ def _usable_annotations(json_file, data):
         seen.add(ann_id)
         why = _unusable(json_file, a, image_sizes)
         if why is None:
-            kept.append(a)
+            yield a
         else:
             skipped.append(ann_id)
             reasons[why] += 1
     if skipped:
         logger.warning(
             "%s: skipped %d of %d annotations that cannot be used (%s); first ids: %s",
-            json_file, len(skipped), len(data["annotations"]),
+            json_file, len(skipped), total,
             ", ".join(f"{why}: {n}" for why, n in sorted(reasons.items())),
             skipped[:SKIPPED_IDS_SHOWN])
-    return kept
 
 
 def _read_lvis(json_file):
@@ -235,21 +253,32 @@ def _read_lvis(json_file):
 
 def _category_metadata(data):
     """thing_classes / class_image_count / class_frequency / num_train_images of checked `data`."""
-    cats = sorted(data["categories"], key=lambda c: c["id"])
-    if all("image_count" in c for c in cats):
-        counts = [int(c["image_count"]) for c in cats]
-    else:  # count images per category from the usable annotations themselves
-        per_cat = [set() for _ in cats]
+    def counted():  # images per category among the usable annotations themselves
+        per_cat = [set() for _ in data["categories"]]
         for a in data["annotations"]:
             per_cat[a["category_id"] - 1].add(a["image_id"])
-        counts = [len(s) for s in per_cat]
+        return [len(s) for s in per_cat]
+
+    return category_info(data["categories"], len(data["images"]), counted)
+
+
+def category_info(categories, num_images, counted_image_counts):
+    """Category metadata (see the module docstring) of the checked `categories` of a file
+    with `num_images` images. Each category's image count is the file's ``image_count`` when
+    every category has one, else ``counted_image_counts()[id - 1]`` (a callable, so that the
+    counting runs only when needed): the number of images with a usable annotation of it."""
+    cats = sorted(categories, key=lambda c: c["id"])
+    if all("image_count" in c for c in cats):
+        counts = [int(c["image_count"]) for c in cats]
+    else:
+        counts = [int(n) for n in counted_image_counts()]
     group = _synthetic().frequency_group
     freq = [c.get("frequency") or group(n) for c, n in zip(cats, counts)]
     return {
         "thing_classes": [c["name"] for c in cats],
         "class_image_count": [{"id": c["id"], "image_count": n} for c, n in zip(cats, counts)],
         "class_frequency": freq,
-        "num_train_images": len(data["images"]),
+        "num_train_images": num_images,
         # not metadata: only to compare names with a table registered beforehand
         "_synonyms": [c.get("synonyms") or [] for c in cats],
     }
@@ -321,9 +350,31 @@ def load_lvis_format(json_file, image_root, dataset_name=None):
     return dicts
 
 
+class LVISFormatLoader:
+    """The DatasetCatalog entry of an LVIS-format dataset: calling it returns the dataset
+    dicts of :func:`load_lvis_format`. It also tells which JSON and image root the dataset
+    is read from, so that training can map the same dataset from its compact form instead
+    (:func:`eql_d2.data.compact.compact_dataset`).
+
+    `ensure`, if given, is called first (it generates a Synthetic-LT dataset on first use).
+    """
+
+    def __init__(self, name, json_file, image_root, ensure=None):
+        self.name, self.json_file, self.image_root, self.ensure = name, json_file, image_root, ensure
+
+    def prepare(self):
+        """Make the JSON exist (generating it if this dataset is generated)."""
+        if self.ensure is not None:
+            self.ensure()
+
+    def __call__(self):
+        self.prepare()
+        return load_lvis_format(self.json_file, self.image_root, self.name)
+
+
 def register_lvis_format(name, json_file, image_root, **extra_metadata):
     """Register an LVIS-format dataset (evaluated with LVISEvaluator) under `name`."""
-    DatasetCatalog.register(name, lambda: load_lvis_format(json_file, image_root, name))
+    DatasetCatalog.register(name, LVISFormatLoader(name, json_file, image_root))
     MetadataCatalog.get(name).set(
         json_file=json_file, image_root=image_root, evaluator_type="lvis", **extra_metadata
     )
@@ -343,26 +394,37 @@ def register_builtin_lvis(names=BUILTIN_LVIS_ANNOTATED):
         if json_file is None or image_root is None:
             continue
         DatasetCatalog.remove(name)
-        DatasetCatalog.register(
-            name, lambda j=json_file, r=image_root, n=name: load_lvis_format(j, r, n))
+        DatasetCatalog.register(name, LVISFormatLoader(name, json_file, image_root))
 
 
 # ------------------------------------------------------------------ category metadata cache
 
 
-def metadata_cache_file(json_file):
-    """Where the category metadata of `json_file` is cached (see the module docstring)."""
-    root = os.environ.get("EQL_D2_CACHE_DIR") or os.path.join(
+def cache_root():
+    """Folder of eql_d2's caches: ``$EQL_D2_CACHE_DIR``, else ``$XDG_CACHE_HOME/eql_d2``, else
+    ``~/.cache/eql_d2``."""
+    return os.environ.get("EQL_D2_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "eql_d2")
+
+
+def cache_name(json_file, kind):
+    """``<kind>-<hash of the JSON's absolute path>``: the name of a cache entry of `json_file`."""
     digest = hashlib.sha1(os.path.abspath(json_file).encode()).hexdigest()[:16]
-    return os.path.join(root, f"categories-{digest}.json")
+    return f"{kind}-{digest}"
 
 
-def _file_key(json_file):
+def metadata_cache_file(json_file):
+    """Where the category metadata of `json_file` is cached (see the module docstring)."""
+    return os.path.join(cache_root(), cache_name(json_file, "categories") + ".json")
+
+
+def file_key(json_file, version=METADATA_CACHE_VERSION):
+    """What a cache entry of `json_file` is valid for: its path, size and modification time,
+    and the `version` of the cache's format."""
     st = os.stat(json_file)
     return {"json_file": os.path.abspath(json_file), "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "version": METADATA_CACHE_VERSION}
+            "mtime_ns": st.st_mtime_ns, "version": version}
 
 
 def _cached_metadata(json_file, key):
@@ -416,12 +478,22 @@ def load_category_metadata(dataset_name):
             return meta
         if not os.path.isfile(json_file) and meta.get("thing_classes") and dataset_name.startswith("lvis"):
             return meta
-        key = _file_key(json_file)
+        key = file_key(json_file)
         info = _cached_metadata(json_file, key)
         if info is not None:
             logger.info("Category metadata of %s from %s", dataset_name, metadata_cache_file(json_file))
         else:
             info = _category_metadata(_read_lvis(json_file))
+            _write_cached_metadata(json_file, key, info)
+        return _set_category_metadata(dataset_name, json_file, info)
+
+
+def store_category_metadata(dataset_name, json_file, info):
+    """Set `info` (:func:`category_info` of `json_file`, computed elsewhere) as the dataset's
+    category metadata and cache it, as :func:`load_category_metadata` does after a parse."""
+    with _category_lock:
+        key = file_key(json_file)
+        if _cached_metadata(json_file, key) is None:
             _write_cached_metadata(json_file, key, info)
         return _set_category_metadata(dataset_name, json_file, info)
 
@@ -517,14 +589,9 @@ def register_synthetic_lt():
     root = synthetic_lt_root()
     for name, split in SYNTHETIC_LT_SPLITS.items():
         json_file = os.path.join(root, f"lvis_v1_{split}.json")
-        image_root = root
-
-        def load(json_file=json_file, image_root=image_root, name=name):
-            ensure_synthetic_lt(root)
-            return load_lvis_format(json_file, image_root, name)
-
-        DatasetCatalog.register(name, load)
-        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="lvis")
+        DatasetCatalog.register(name, LVISFormatLoader(
+            name, json_file, root, ensure=functools.partial(ensure_synthetic_lt, root)))
+        MetadataCatalog.get(name).set(json_file=json_file, image_root=root, evaluator_type="lvis")
 
 
 # ----------------------------------------------------------------------------- Synthetic-LVIS
@@ -565,12 +632,8 @@ def register_synthetic_presets(presets=tuple(SYNTHETIC_PRESET_ROOT_VARS)):
             continue
         root = synthetic_preset_root(preset)
         json_file = os.path.join(root, f"lvis_v1_{split}.json")
-
-        def load(json_file=json_file, name=name, preset=preset, root=root):
-            ensure_synthetic_preset(preset, root)
-            return load_lvis_format(json_file, root, name)
-
-        DatasetCatalog.register(name, load)
+        DatasetCatalog.register(name, LVISFormatLoader(
+            name, json_file, root, ensure=functools.partial(ensure_synthetic_preset, preset, root)))
         MetadataCatalog.get(name).set(json_file=json_file, image_root=root, evaluator_type="lvis")
 
 

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import os
 import random
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ import torch.utils.data as torchdata
 from detectron2.data.build import trivial_batch_collator
 from detectron2.data.common import DatasetFromList
 from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
+
+from .compact import CompactDataset
 
 __all__ = ["ResumableTrainLoader", "CeilRepeatFactorTrainingSampler", "check_image_files",
            "derive_seed", "seeded_rngs", "SAMPLERS", "REPEAT_ROUNDINGS", "SEED_TRAIN_STEP"]
@@ -81,13 +83,18 @@ def seeded_rngs(seed: int):
         torch.set_rng_state(states[2])
 
 
-def check_image_files(dataset_dicts: Sequence[dict], dataset_names: Sequence[str]) -> None:
-    """Raise FileNotFoundError listing the first missing ``file_name``s and their count."""
-    missing = [d["file_name"] for d in dataset_dicts if not os.path.isfile(d["file_name"])]
+def check_image_files(file_names: Iterable[str], dataset_names: Sequence[str]) -> None:
+    """Raise FileNotFoundError listing the first missing of `file_names` (the dataset dicts'
+    ``file_name``) and their count."""
+    missing, total = [], 0
+    for file_name in file_names:
+        total += 1
+        if not os.path.isfile(file_name):
+            missing.append(file_name)
     if missing:
         shown = "\n  ".join(missing[:10])
         raise FileNotFoundError(
-            f"{len(missing)} of {len(dataset_dicts)} training images of {list(dataset_names)} "
+            f"{len(missing)} of {total} training images of {list(dataset_names)} "
             f"do not exist (first {min(len(missing), 10)}):\n  {shown}\n"
             "Fix the image root or the files; set DATALOADER.CHECK_IMAGE_FILES False to skip "
             "this check.")
@@ -192,7 +199,9 @@ class ResumableTrainLoader:
     """Iterable of training batches (lists of model inputs) for one rank; see module doc.
 
     Args:
-        dataset_dicts: detectron2 dataset dicts (``width`` / ``height`` used for grouping).
+        dataset_dicts: detectron2 dataset dicts (``width`` / ``height`` used for grouping),
+            a list or a :class:`~eql_d2.data.compact.CompactDataset` (whose arrays give the
+            orientations, and which data-loader workers share as it is).
         mapper: callable dict -> model input (detectron2's ``DatasetMapper``).
         total_batch_size: images per global batch, divisible by ``world_size``.
         seed: seed of the sample stream and of every derived RNG (non-negative).
@@ -239,14 +248,19 @@ class ResumableTrainLoader:
         self.rank, self.world_size = int(rank), int(world_size)
         self.seed = int(seed)
         self.landscape = None
+        compact = isinstance(dataset_dicts, CompactDataset)
         if aspect_ratio_grouping:
-            if all("width" in d and "height" in d for d in dataset_dicts):
+            if compact:
+                self.landscape = dataset_dicts.landscape()
+            elif all("width" in d and "height" in d for d in dataset_dicts):
                 self.landscape = np.array([d["width"] > d["height"] for d in dataset_dicts])
             else:
                 logger.warning("Some training dataset dicts lack width/height: batches are "
                                "not grouped by aspect ratio")
-        # serialized like detectron2's loader: workers share the dicts without copy-on-read
-        self._dataset = DatasetFromList(list(dataset_dicts), copy=False, serialize=True)
+        # a list is serialized like detectron2's loader does it, so that workers share the
+        # dicts without copy-on-read; a compact dataset is shared as it is (a file map)
+        self._dataset = (DatasetFromList(dataset_dicts, copy=False, serialize=False) if compact
+                         else DatasetFromList(list(dataset_dicts), copy=False, serialize=True))
         self._mapper = mapper
         self.start_iter = 0
         self.failed_images: List[Tuple[str, str]] = []

@@ -10,6 +10,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data import load_category_metadata
+from ..data.compact import (CompactDataset, compact_detection_dataset, compact_training_sets,
+                            prepare_compact)
 from ..evaluation import build_evaluator
 from ..data.dataset_mapper import ImageLabelDatasetMapper
 from ..data.train_loader import ResumableTrainLoader, check_image_files
@@ -69,12 +71,19 @@ def prepare_datasets(cfg, *, training=True):
     loaded, generated, or required to be registered: a trained model takes what it needs
     from its checkpoint (EQL's frequencies) and config.
 
-    On several processes per machine, local rank 0 generates and the others wait.
+    With DATALOADER.COMPACT_DATASET, training sets in the LVIS format are converted into
+    their compact form (:mod:`eql_d2.data.compact`) if it is absent or stale, and their
+    category metadata comes from it.
+
+    On several processes per machine, local rank 0 generates and converts, and the others
+    wait, then map what it wrote.
     """
     names = list(cfg.DATASETS.TEST)
     if training:
         names = list(cfg.DATASETS.TRAIN) + names
     if comm.get_local_rank() == 0:
+        for loader in (compact_training_sets(cfg) or []) if training else []:
+            prepare_compact(loader)
         for name in names:
             load_category_metadata(name)
     comm.synchronize()
@@ -125,21 +134,38 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
-    def build_train_loader(cls, cfg):
-        """The resumable loader over DATASETS.TRAIN with detectron2's DatasetMapper; image
-        files are checked to exist first (DATALOADER.CHECK_IMAGE_FILES)."""
-        dicts = get_detection_dataset_dicts(
+    def build_train_dataset(cls, cfg):
+        """The dataset dicts of DATASETS.TRAIN, filtered as detectron2 filters them: a
+        :class:`~eql_d2.data.compact.CompactDataset` over their compact form when
+        :func:`~eql_d2.data.compact.compact_training_sets` says so, else detectron2's list."""
+        if compact_training_sets(cfg) is not None:
+            return compact_detection_dataset(
+                cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        return get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             min_keypoints=(cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
                            if cfg.MODEL.KEYPOINT_ON else 0),
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """The resumable loader over :meth:`build_train_dataset` with detectron2's
+        DatasetMapper; image files are checked to exist first (DATALOADER.CHECK_IMAGE_FILES).
+        A compact dataset gives its file names and repeat factors from its arrays, without
+        building every dict."""
+        dicts = cls.build_train_dataset(cfg)
+        compact = isinstance(dicts, CompactDataset)
         if cfg.DATALOADER.CHECK_IMAGE_FILES:
-            check_image_files(dicts, cfg.DATASETS.TRAIN)
+            check_image_files(dicts.file_names() if compact else (d["file_name"] for d in dicts),
+                              cfg.DATASETS.TRAIN)
         sampler = cfg.DATALOADER.SAMPLER_TRAIN
         repeat_factors = None
         if sampler == "RepeatFactorTrainingSampler":
-            repeat_factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-                dicts, cfg.DATALOADER.REPEAT_THRESHOLD, sqrt=cfg.DATALOADER.REPEAT_SQRT)
+            thresh, sqrt = cfg.DATALOADER.REPEAT_THRESHOLD, cfg.DATALOADER.REPEAT_SQRT
+            repeat_factors = (
+                dicts.repeat_factors(thresh, sqrt=sqrt) if compact else
+                RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+                    dicts, thresh, sqrt=sqrt))
         # A seed shared by every process: the configured one, else one drawn on rank 0
         # (a resumed run then takes the checkpoint's).
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
