@@ -17,12 +17,17 @@ category in ``not_exhaustive_category_ids``. Val comes twice, on the same images
   is verified absent on a random sample of images about as large as its positive set, and
   LVISEval ignores a category's detections on the other images.
 
-Three named presets (:data:`PRESETS`, ``--preset``): ``synthetic_lt``, the default (60
+Four named presets (:data:`PRESETS`, ``--preset``): ``synthetic_lt``, the default (60
 categories, 160 px); ``synthetic_lvis``, a large-vocabulary variant (400 categories in
 (shape, colour) families whose members differ only by texture, 128 px, more objects and
-images); and ``synthetic_lvis_balanced``, the same but with every category on the same
+images); ``synthetic_lvis_balanced``, the same but with every category on the same
 number of train images (``train_images_per_category``), a balanced control of about the
-same size; see docs/synthetic_lvis.md.
+same size; see docs/synthetic_lvis.md. ``synthetic_hard_tail`` (``appearance
+"own_factors"``, :mod:`eql_d2.data.hard_tail`) gives every category a body, colour
+patterns and a mark of its own instead of a triple of shared attributes, with several
+looks per category, near neighbours, occlusion, partial views and distractors, so that
+the rare categories cannot be composed from what the frequent ones teach; see
+docs/HARD_TAIL.md.
 
 Usage::
 
@@ -30,6 +35,7 @@ Usage::
     python -m eql_d2.data.synthetic --preset synthetic_lvis --out datasets/synthetic_lvis
     python -m eql_d2.data.synthetic --preset synthetic_lvis_balanced \
         --out datasets/synthetic_lvis_balanced
+    python -m eql_d2.data.synthetic --preset synthetic_hard_tail --out datasets/synthetic_hard_tail
 
 The output folder holds ``train/*.png``, ``val/*.png``, ``lvis_v1_train.json``,
 ``lvis_v1_val.json``, ``lvis_v1_val_fed.json`` and ``generator.json`` (the arguments it was
@@ -48,6 +54,7 @@ from PIL import Image, ImageDraw
 
 from ..utils.groups import GROUP_NAMES, GROUPS
 from ..utils.io import atomic_directory, atomic_write
+from . import hard_tail
 
 __all__ = [
     "PRESETS",
@@ -87,6 +94,7 @@ TEXTURES = (
     "solid", "hstripes", "vstripes", "dstripes", "checker", "dots", "rings", "grid", "speckle",
 )
 MAX_CATEGORIES = len(SHAPES) * len(COLOURS) * len(TEXTURES)
+APPEARANCES = ("attributes", "own_factors")
 
 
 @dataclass(frozen=True)
@@ -129,10 +137,31 @@ class SyntheticLTSpec:
     # train distribution: 0 = long-tailed (train_image_counts' LVIS bands); n > 0 = every
     # category on exactly n train images, a balanced control for the long-tailed presets
     train_images_per_category: int = 0
+    # "attributes": a category is a (shape, colour, texture) triple (the vocabulary above);
+    # "own_factors": bodies, colour patterns and marks of its own (eql_d2.data.hard_tail),
+    # with the fields below
+    appearance: str = "attributes"
+    # own_factors: colour patterns per category (one drawn per instance)
+    modes_per_category: int = 3
+    # own_factors: categories of a frequency group that share body and patterns and differ
+    # only in their mark (near neighbours)
+    kin_size: int = 2
+    # own_factors: distractors (objects of no category) per image, 0 to this many
+    max_distractors: int = 3
+    # own_factors: share of an object's area that stays in view (occlusion, partial views)
+    min_visible: float = 0.5
+    # own_factors: chance that an object is placed anywhere, possibly running off the image
+    truncation_prob: float = 0.25
+    # own_factors: scale of an instance's random aspect ratio, shear and outline wobble
+    deformation: float = 0.12
 
     @property
     def balanced(self):
         return self.train_images_per_category > 0
+
+    @property
+    def own_factors(self):
+        return self.appearance == "own_factors"
 
     def validate(self):
         if self.train_images_per_category < 0:
@@ -185,6 +214,29 @@ class SyntheticLTSpec:
         if not 0 <= self.val_not_exhaustive_prob <= 1:
             raise ValueError(f"val_not_exhaustive_prob={self.val_not_exhaustive_prob}: "
                              "must be in [0, 1]")
+        if self.appearance not in APPEARANCES:
+            raise ValueError(f"appearance={self.appearance!r}: must be one of {APPEARANCES}")
+        if self.own_factors:
+            self._validate_own_factors()
+
+    def _validate_own_factors(self):
+        if any((self.shapes, self.colours, self.textures)):
+            raise ValueError("appearance 'own_factors' draws its own bodies and patterns: "
+                             "shapes, colours and textures must be 0")
+        if self.min_object_size * self.image_size < 16:
+            raise ValueError(f"min_object_size={self.min_object_size} of {self.image_size} px "
+                             "is under 16 px, too small to show a category's mark")
+        for key in ("modes_per_category", "kin_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)}: must be at least 1")
+        if self.max_distractors < 0:
+            raise ValueError(f"max_distractors={self.max_distractors}: must be >= 0")
+        if not 0.2 <= self.min_visible <= 1:
+            raise ValueError(f"min_visible={self.min_visible}: must be in [0.2, 1]")
+        if not 0 <= self.truncation_prob <= 1:
+            raise ValueError(f"truncation_prob={self.truncation_prob}: must be in [0, 1]")
+        if not 0 <= self.deformation <= 0.3:
+            raise ValueError(f"deformation={self.deformation}: must be in [0, 0.3]")
 
 
 # The large-vocabulary presets (docs/synthetic_lvis.md gives the reasons for each number).
@@ -200,6 +252,14 @@ PRESETS = {
     # 400 x 90 = 36,000 (category, image) pairs against synthetic_lvis's 35,983: 8000
     # train images against 7997, each with 4 or 5 categories in both, so as many objects
     "synthetic_lvis_balanced": replace(_SYNTHETIC_LVIS, train_images_per_category=90),
+    # categories that own their appearance (eql_d2.data.hard_tail), so that the tail stays
+    # hard once the model has converged; sized for a converged R18-FPN run in about an hour
+    # of one core (docs/HARD_TAIL.md gives the reasons for each number)
+    "synthetic_hard_tail": SyntheticLTSpec(
+        appearance="own_factors", num_categories=60, image_size=128, max_frequent_images=250,
+        val_instances=8, max_objects=6, max_categories_per_image=4,
+        mean_categories_per_image=3.0, val_categories_per_image=3, min_object_size=0.16,
+        max_object_size=0.42),
 }
 
 
@@ -254,10 +314,24 @@ def family_table(spec):
 
 
 def vocabulary(spec):
-    """The category table of `spec`: :func:`family_table` or :func:`category_table`."""
+    """The category table of `spec`: :func:`family_table` or :func:`category_table` of
+    (shape, colour, texture) triples, or with appearance "own_factors" the
+    :class:`~eql_d2.data.hard_tail.CategoryLook` of each category (:func:`category_looks`)."""
+    if spec.own_factors:
+        return category_looks(spec)
     if spec.shapes:
         return family_table(spec)
     return category_table(spec.num_categories)
+
+
+def category_looks(spec):
+    """The :class:`~eql_d2.data.hard_tail.CategoryLook` of each category of an
+    "own_factors" spec: kins formed within the LVIS groups of :func:`train_image_counts`,
+    drawn from a stream of their own (seed, 3), so that the layout and pixels drawn from
+    the main one do not depend on them."""
+    groups = [frequency_group(n) for n in train_image_counts(spec)]
+    return hard_tail.category_looks(groups, spec.modes_per_category, spec.kin_size,
+                                    np.random.default_rng([spec.seed, 3]))
 
 
 def group_sizes(num_categories):
@@ -332,13 +406,18 @@ def frequency_group(image_count):
 # Spec fields added after GENERATOR_VERSION 1 without changing the output of specs that
 # leave them at their defaults: generator.json records them only when set, so the files of
 # those specs stay byte for byte as before (spec_of gives an absent field its default).
-_RECORDED_WHEN_SET = ("train_images_per_category",)
+_RECORDED_WHEN_SET = ("train_images_per_category", "appearance")
+# Fields of appearance "own_factors" only: recorded, all of them, when it is used, so that
+# a folder keeps the values it was made with even if their defaults change.
+_OWN_FACTOR_FIELDS = ("modes_per_category", "kin_size", "max_distractors", "min_visible",
+                      "truncation_prob", "deformation")
 
 
 def _recorded_args(spec):
     default = SyntheticLTSpec()
     return {k: v for k, v in asdict(spec).items()
-            if k not in _RECORDED_WHEN_SET or v != getattr(default, k)}
+            if (k in _OWN_FACTOR_FIELDS and spec.own_factors)
+            or (k not in _RECORDED_WHEN_SET + _OWN_FACTOR_FIELDS or v != getattr(default, k))}
 
 
 # ----------------------------------------------------------------------------- layout
@@ -467,7 +546,7 @@ def _render_image(categories_of_objects, table, size, object_size, rng):
 
     `object_size`: (low, high) side of an object as a fraction of `size`.
 
-    Each object: dict(category=k, polygon=[x0, y0, ...], bbox=[x, y, w, h], area).
+    Each object: dict(category=k, segmentation=[[x0, y0, ...]], bbox=[x, y, w, h], area).
     Objects that cannot be placed after a few tries are dropped (the caller checks).
     """
     img = _background(size, rng)
@@ -508,7 +587,7 @@ def _render_image(categories_of_objects, table, size, object_size, rng):
         flat = [round(float(v), 2) for xy in p["poly"] for v in xy]
         objects.append({
             "category": p["category"],
-            "polygon": flat,
+            "segmentation": [flat],
             "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
             "area": float(mask.sum()),
         })
@@ -518,16 +597,25 @@ def _render_image(categories_of_objects, table, size, object_size, rng):
 # ----------------------------------------------------------------------------- assembly
 
 
+def _describe(entry):
+    """(name, synonyms, definition) of a vocabulary entry (a triple or a CategoryLook)."""
+    if isinstance(entry, hard_tail.CategoryLook):
+        return hard_tail.describe(entry)
+    shape, colour, texture = entry
+    name = f"{colour}_{texture}_{shape}"
+    return name, [name, f"{colour} {shape} ({texture})"], f"a {colour} {shape} with a {texture} texture"
+
+
 def _category_entries(table, image_counts, instance_counts):
     cats = []
-    for k, (shape, colour, texture) in enumerate(table):
-        name = f"{colour}_{texture}_{shape}"
+    for k, entry in enumerate(table):
+        name, synonyms, definition = _describe(entry)
         cats.append({
             "id": k + 1,
             "name": name,
             "synset": f"{name}.n.01",
-            "synonyms": [name, f"{colour} {shape} ({texture})"],
-            "def": f"a {colour} {shape} with a {texture} texture",
+            "synonyms": synonyms,
+            "def": definition,
             "frequency": frequency_group(image_counts[k]),
             "image_count": int(image_counts[k]),
             "instance_count": int(instance_counts[k]),
@@ -562,8 +650,11 @@ def _build_split(split, layout, table, spec, rng, out_dir, drop_prob, exhaustive
         for attempt in range(60):
             if attempt == 30:
                 objects = list(cats)  # crowded: drop the extra instances
-            img, drawn = _render_image(objects, table, spec.image_size,
-                                       (spec.min_object_size, spec.max_object_size), rng)
+            if spec.own_factors:
+                img, drawn = hard_tail.render_image(objects, table, spec, rng)
+            else:
+                img, drawn = _render_image(objects, table, spec.image_size,
+                                           (spec.min_object_size, spec.max_object_size), rng)
             drawn_cats = {o["category"] for o in drawn}
             if drawn_cats == set(cats):
                 break
@@ -609,7 +700,7 @@ def _build_split(split, layout, table, spec, rng, out_dir, drop_prob, exhaustive
                 "category_id": o["category"] + 1,
                 "bbox": o["bbox"],
                 "area": o["area"],
-                "segmentation": [o["polygon"]],
+                "segmentation": o["segmentation"],
             })
     return images, annotations
 
