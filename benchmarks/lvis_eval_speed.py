@@ -81,8 +81,6 @@ def _case_parts(num_images, num_categories, objects_per_image, dets_per_image, m
                 score_decimals, seed, full_images):
     """(categories, iterator of (image, its annotations, its results)) of
     :func:`make_lvis_case`, one image at a time."""
-    import pycocotools.mask as mask_utils
-
     rng = np.random.default_rng(seed)
     cat_ids = np.arange(1, num_categories + 1)
     freq = rng.choice(np.array(["r", "c", "f"]), size=num_categories, p=[0.28, 0.38, 0.34])

@@ -68,6 +68,21 @@ def register_small(small_synthetic, prefix):
     return names
 
 
+def load_script(path, name=None, register=False):
+    """A script of the repository (`path` relative to its root, e.g. "tools/ensemble.py") as
+    a module named `name` (default: the file's stem); `register` also puts it in
+    sys.modules under that name, for scripts whose siblings import it by name."""
+    import importlib.util
+
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port():
     """A TCP port on the loopback interface that is free now."""
     import socket

@@ -39,7 +39,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
-from ..utils.io import atomic_write, write_json_atomic
+from ..utils.io import atomic_write
 from .detections import DetectionArrays, load_shards, save_shard, shard_path
 from .plots import plot_ap_by_frequency, plot_ap_vs_train_images
 from .results_io import top_k_per

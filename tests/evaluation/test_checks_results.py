@@ -38,15 +38,25 @@ def test_non_finite_or_negative_detections_are_refused(tmp_path, bad, message):
         read_lvis_results(path, [1, 2], [1, 2])
 
 
-def test_empty_member_is_warned_about_and_listed(tmp_path, caplog):
-    # the tool's logger does not propagate to the root logger (detectron2's setup_logger)
-    logger = logging.getLogger("eql_d2.ensemble")
-    logger.addHandler(caplog.handler)
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_empty_member_is_warned_about_and_listed(tmp_path):
+    # the tool's own logger, whether or not it propagates (detectron2's setup_logger turns
+    # propagation off once some test has set it up)
+    logger, records = logging.getLogger("eql_d2.ensemble"), _Records()
+    logger.addHandler(records)
     try:
         merged, out, _ = run(tmp_path, [MEMBER_A, []], "--method", "nms")
     finally:
-        logger.removeHandler(caplog.handler)
-    warned = [r.getMessage() for r in caplog.records if "has no detections" in r.getMessage()]
+        logger.removeHandler(records)
+    warned = [r.getMessage() for r in records.records if "has no detections" in r.getMessage()]
     assert len(warned) == 1 and "'m1_member1'" in warned[0] and "member1.json" in warned[0]
     with open(out / "metrics.json") as f:
         metrics = json.load(f)

@@ -1,6 +1,5 @@
 """tools/ensemble.py on hand-built results files: NMS, WBF, masks, caps, bad input."""
 
-import importlib.util
 import json
 import os
 
@@ -11,16 +10,12 @@ from detectron2.data import MetadataCatalog
 
 from eql_d2.evaluation.ensemble import merge_image
 from lvis_cases import box_ann, category, det, image, write_json
-from helpers import ROOT
+from helpers import ROOT, load_script
 
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "ensemble_tool", os.path.join(ROOT, "tools", "ensemble.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/ensemble.py", "ensemble_tool")
 
 
 ensemble = load_tool()

@@ -10,7 +10,6 @@ time with the "lvis" backend (their own files run with the default, "fast").
 
 import contextlib
 import copy
-import importlib.util
 import io
 import logging
 import os
@@ -26,15 +25,12 @@ from eql_d2.evaluation import lvis_evaluation
 from eql_d2.evaluation.detections import DetectionArrays
 from eql_d2.evaluation.fast_lvis import FastLVISEval
 from eql_d2.evaluation.lvis_evaluation import per_category_ap
-from helpers import ROOT
+from helpers import load_script
 from lvis_cases import box_ann, category, det, image, per_category_case, write_json
 
 pytest.importorskip("faster_coco_eval")
 
-_spec = importlib.util.spec_from_file_location(
-    "lvis_eval_speed", os.path.join(ROOT, "benchmarks", "lvis_eval_speed.py"))
-lvis_eval_speed = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(lvis_eval_speed)
+lvis_eval_speed = load_script("benchmarks/lvis_eval_speed.py")
 
 
 def lvis_from_dict(dataset):

@@ -1,17 +1,12 @@
 """benchmarks/cascade_diagnosis.py: per-stage training statistics from a metrics.json."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-from helpers import ROOT
+from helpers import load_script
 
-_spec = importlib.util.spec_from_file_location(
-    "cascade_diagnosis", os.path.join(ROOT, "benchmarks", "cascade_diagnosis.py"))
-cascade_diagnosis = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cascade_diagnosis)
+cascade_diagnosis = load_script("benchmarks/cascade_diagnosis.py")
 
 
 def test_training_statistics_average_the_last_rows_per_stage(tmp_path):

@@ -1,7 +1,6 @@
 """demo.py: outputs keep the input's whole file name, unreadable inputs are skipped and
 reported at the end, weights that do not fit the model are refused."""
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -9,14 +8,11 @@ import shutil
 import pytest
 from PIL import Image
 
-from helpers import ROOT
+from helpers import ROOT, load_script
 
 
 def load_demo():
-    spec = importlib.util.spec_from_file_location("demo_checks", os.path.join(ROOT, "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo.py", "demo_checks")
 
 
 demo = load_demo()

@@ -12,7 +12,6 @@ layers compute.
 """
 
 import collections
-import importlib.util
 import os
 
 import pytest
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import yaml
-from helpers import ROOT
+from helpers import ROOT, load_script
 
 from eql_d2.checkpoint import (ConversionError, convert_state_dict, detect_format,
                                input_settings, source_state_dict)
@@ -46,11 +45,7 @@ class MetaObject:
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", os.path.join(ROOT, "tools", "convert_checkpoint.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/convert_checkpoint.py")
 
 
 tool = _load_tool()

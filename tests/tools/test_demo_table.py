@@ -1,20 +1,15 @@
 """tools/demo_table.py: the demo's table comes from the runs' own files and the reference."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-from helpers import ROOT
+from helpers import load_script
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "demo_table", os.path.join(ROOT, "tools", "demo_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/demo_table.py")
 
 
 demo_table = load_tool()

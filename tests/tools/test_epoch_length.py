@@ -1,21 +1,15 @@
 """tools/epoch_length.py: iterations per epoch of an LVIS-format file, checked by hand."""
 
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 
-from helpers import ROOT
+from helpers import load_script
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "epoch_length", os.path.join(ROOT, "tools", "epoch_length.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/epoch_length.py")
 
 
 epoch_length = load_tool()

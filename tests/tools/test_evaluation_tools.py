@@ -1,7 +1,6 @@
 """tools/plot_gradients.py and demo.py."""
 
 import csv
-import importlib.util
 import json
 import os
 
@@ -12,15 +11,12 @@ from detectron2.data import MetadataCatalog
 from eql_d2.config import get_eql_cfg
 from eql_d2.utils.groups import GROUPS
 from lvis_cases import per_category_case, write_json
-from helpers import ROOT
+from helpers import ROOT, load_script
 
 
 
 def load(path, name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path, name)
 
 
 plot_gradients = load("tools/plot_gradients.py", "plot_gradients_tool")

@@ -1,30 +1,17 @@
 """benchmarks/gpu_check.py keeps working: its reduced CPU run, its inputs, its report."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import load_script
 
 
 
-def _load_benchmark(name):
-    """benchmarks/<name>.py as module `name`. benchmarks/ is a folder of scripts: gpu_check
-    imports its sibling bench_losses by name, as running it as a script allows, so the
-    sibling is loaded first."""
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_load_benchmark("bench_losses")
-gpu_check = _load_benchmark("gpu_check")
+# benchmarks/ is a folder of scripts: gpu_check imports its sibling bench_losses by name, as
+# running it as a script allows, so the sibling is loaded (and registered) first
+load_script("benchmarks/bench_losses.py", register=True)
+gpu_check = load_script("benchmarks/gpu_check.py", register=True)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,17 +1,12 @@
 """benchmarks/rare_diagnostics.py on a hand-built ground truth and result list."""
 
-import importlib.util
 import math
-import os
 
 import pytest
 
-from helpers import ROOT
+from helpers import load_script
 
-_PATH = os.path.join(ROOT, "benchmarks", "rare_diagnostics.py")
-_spec = importlib.util.spec_from_file_location("rare_diagnostics", _PATH)
-rare_diagnostics = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rare_diagnostics)
+rare_diagnostics = load_script("benchmarks/rare_diagnostics.py")
 
 
 def test_group_statistics_by_hand():

@@ -2,7 +2,6 @@
 differences of its table."""
 
 import gzip
-import importlib.util
 import json
 import os
 import statistics
@@ -11,12 +10,9 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, load_script
 
-_spec = importlib.util.spec_from_file_location(
-    "synthetic_lvis_study", os.path.join(ROOT, "benchmarks", "synthetic_lvis_study.py"))
-study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(study)
+study = load_script("benchmarks/synthetic_lvis_study.py")
 
 
 def test_a_run_is_claimed_once_and_a_dead_drivers_lock_is_taken_over(tmp_path):
