@@ -94,7 +94,8 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
     if rfs:  # LVIS's t = 0.001 is 100 of ~100k train images; the generated sets keep that boundary
         expected = (0.001 if lvis else
                     rfs_threshold(PRESETS["synthetic_lvis"]) if rel.startswith("Synthetic-LVIS/")
-                    else 0.046)
+                    else rfs_threshold(PRESETS["synthetic_hard_tail"])
+                    if rel.startswith("Synthetic-HardTail/") else 0.046)
         assert cfg.DATALOADER.REPEAT_THRESHOLD == expected
     if "_rfs" in name:
         assert rfs

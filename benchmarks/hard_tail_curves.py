@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""Convergence curves and the calibration table of the hard-tail preset's baselines.
+
+    benchmarks/hard_tail_curves.py output/hard_tail_calibration --png docs/hard_tail_convergence.png
+
+Reads ``<runs>/<arm>/seed<s>/`` as ``benchmarks/hard_tail_calibration.sh`` leaves them:
+
+- ``metrics.json`` (detectron2's JSON lines): the periodic evaluations on the federated val
+  (``bbox/AP``, ``APr``, ``APc``, ``APf`` at ``TEST.EVAL_PERIOD``) and the training loss;
+- ``final_metrics.json``: the evaluation of the final model;
+- ``regime_indicators.jsonl`` (optional): the per-category gradient statistics.
+
+The PNG has one panel per metric (AP, APr, APc, APf on the federated val, and the training
+loss, a running median over 100 iterations) against the iteration; a line per run, one
+colour per arm. The Markdown table (stdout) gives per arm the final AP, APr, APc, APf and
+APr / APf as mean ± sample standard deviation over seeds, the change of AP and APr over the
+last evaluation interval (a converged run changes little there), and the median gradient
+ratio g_j = pos_grad / neg_grad of each LVIS group over the last interval of the regime
+indicators.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+KEYS = ("AP", "APr", "APc", "APf")
+LOSS_WINDOW = 100
+
+
+def read_json_lines(path):
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+def _bbox_prefix(row):
+    """The key prefix of the federated val's bbox metrics in a metrics.json row, or None.
+
+    With one test set detectron2 writes ``bbox/AP``; with several, ``<dataset>/bbox/AP``,
+    of which the federated val (``*_val_fed``) is taken."""
+    if "bbox/AP" in row:
+        return "bbox/"
+    for key in row:
+        if key.endswith("_val_fed/bbox/AP"):
+            return key[: -len("AP")]
+    return None
+
+
+def eval_curve(rows):
+    """[(iteration, {AP, APr, APc, APf})] of the periodic evaluations, by iteration."""
+    curve = {}
+    for row in rows:
+        prefix = _bbox_prefix(row)
+        if prefix is not None:
+            curve[row["iteration"]] = {k: row[prefix + k] for k in KEYS}
+    return sorted(curve.items())
+
+
+def loss_curve(rows, window=LOSS_WINDOW):
+    """[(iteration, running median of total_loss over `window` iterations)]."""
+    points = sorted((r["iteration"], r["total_loss"]) for r in rows if "total_loss" in r)
+    out = []
+    for i, (it, _) in enumerate(points):
+        recent = [v for j, v in points[: i + 1] if j > it - window]
+        out.append((it, statistics.median(recent)))
+    return out
+
+
+def final_bbox(run_dir):
+    """The federated val's bbox metrics of final_metrics.json, or None if absent."""
+    path = os.path.join(run_dir, "final_metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    fed = [name for name in results if name.endswith("_val_fed")]
+    return results[fed[0] if fed else next(iter(results))]["bbox"]
+
+
+def find_runs(root, arms=None, seeds=None):
+    """{arm: {seed: run folder}} of the runs under `root` that have a metrics.json."""
+    runs = {}
+    for arm in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if arms and arm not in arms:
+            continue
+        arm_dir = os.path.join(root, arm)
+        if not os.path.isdir(arm_dir):
+            continue
+        for name in sorted(os.listdir(arm_dir)):
+            if not name.startswith("seed") or not name[4:].isdigit():
+                continue
+            seed = int(name[4:])
+            run_dir = os.path.join(arm_dir, name)
+            if (seeds is None or seed in seeds) and os.path.isfile(
+                    os.path.join(run_dir, "metrics.json")):
+                runs.setdefault(arm, {})[seed] = run_dir
+    return runs
+
+
+def mean_std(values):
+    """"mean ± std" (sample standard deviation) of the values; one value as itself."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def ratio(apr, apf):
+    return apr / apf if apf > 0 else math.nan
+
+
+def last_interval_change(curve, key):
+    """Change of `key` between the last two evaluations (None with fewer than two)."""
+    if len(curve) < 2:
+        return None
+    return curve[-1][1][key] - curve[-2][1][key]
+
+
+def regime_last_interval(run_dir):
+    """{group: median g_j} over the last interval of the run's regime indicators, or {}."""
+    from eql_d2.evaluation.regime import difference, group_summary, read_regime_indicators
+
+    try:
+        snaps = read_regime_indicators(run_dir)
+    except FileNotFoundError:
+        return {}
+    if len(snaps) < 2:
+        return {}
+    summary = group_summary(difference(snaps[-1], snaps[-2]))
+    return {g: s["median_g"] for g, s in summary.items() if s["seen"]}
+
+
+def table(runs):
+    """The Markdown calibration table of `runs` ({arm: {seed: folder}}), finished runs only."""
+    lines = ["| arm | seeds | AP | APr | APc | APf | APr / APf | ΔAP last interval | "
+             "ΔAPr last interval | median g, last interval (r / c / f) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, by_seed in sorted(runs.items()):
+        finals = {s: final_bbox(d) for s, d in sorted(by_seed.items())}
+        done = [s for s, m in finals.items() if m is not None]
+        if not done:
+            continue
+        cells = [mean_std([finals[s][k] for s in done]) for k in KEYS]
+        cells.append(mean_std([ratio(finals[s]["APr"], finals[s]["APf"]) for s in done]))
+        curves = {s: eval_curve(read_json_lines(os.path.join(by_seed[s], "metrics.json")))
+                  for s in done}
+        for key in ("AP", "APr"):
+            cells.append(mean_std([last_interval_change(curves[s], key) for s in done]))
+        g = [regime_last_interval(by_seed[s]) for s in done]
+        cells.append(" / ".join(mean_std([r.get(grp, math.nan) for r in g])
+                                for grp in ("r", "c", "f")))
+        lines.append(f"| {arm} | {','.join(map(str, done))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs, png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = KEYS + ("training loss",)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for a, (arm, by_seed) in enumerate(sorted(runs.items())):
+        colour = colours[a % len(colours)]
+        for i, (seed, run_dir) in enumerate(sorted(by_seed.items())):
+            rows = read_json_lines(os.path.join(run_dir, "metrics.json"))
+            curve = eval_curve(rows)
+            label = arm if i == 0 else None
+            for ax, key in zip(axes, KEYS):
+                if curve:
+                    ax.plot([it for it, _ in curve], [m[key] for _, m in curve], "o-",
+                            color=colour, alpha=0.8, markersize=3, label=label)
+            loss = loss_curve(rows)
+            if loss:
+                axes[-1].plot([it for it, _ in loss], [v for _, v in loss], color=colour,
+                              alpha=0.8, label=label)
+    for ax, title in zip(axes, panels):
+        ax.set_title(title if title == "training loss" else f"bbox {title}, federated val")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="?", default="output/hard_tail_calibration",
+                   help="folder of <arm>/seed<s>/ runs")
+    p.add_argument("--png", help="write the convergence curves here")
+    p.add_argument("--arms", nargs="+")
+    p.add_argument("--seeds", nargs="+", type=int)
+    args = p.parse_args(argv)
+    runs = find_runs(args.runs, args.arms, args.seeds)
+    if not runs:
+        sys.exit(f"no runs with a metrics.json under {args.runs}")
+    if args.png:
+        plot(runs, args.png)
+        print(f"curves: {args.png}", file=sys.stderr)
+    print(table(runs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""benchmarks/hard_tail_curves.py: the curves from metrics.json and the calibration table
+(mean ± std over seeds, APr / APf, the last interval) of fabricated runs."""
+
+import importlib.util
+import json
+import os
+
+from helpers import ROOT
+
+_spec = importlib.util.spec_from_file_location(
+    "hard_tail_curves", os.path.join(ROOT, "benchmarks", "hard_tail_curves.py"))
+curves = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(curves)
+
+
+def _run(root, arm, seed, evals, final, prefix="bbox/", regime=None):
+    """A run folder: training rows every 20 iterations, evaluation rows at `evals`
+    ({iteration: (AP, APr, APc, APf)}), final_metrics.json from `final`."""
+    path = os.path.join(root, arm, f"seed{seed}")
+    os.makedirs(path)
+    rows = [{"iteration": it, "total_loss": 3.0 - it / 1000} for it in range(19, 1000, 20)]
+    for it, values in evals.items():
+        rows.append({"iteration": it, **{prefix + k: v for k, v in zip(curves.KEYS, values)}})
+    with open(os.path.join(path, "metrics.json"), "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    if final is not None:
+        with open(os.path.join(path, "final_metrics.json"), "w") as f:
+            json.dump({"synthetic_hard_tail_val_fed": {"bbox": dict(zip(curves.KEYS, final))}}, f)
+    if regime is not None:
+        with open(os.path.join(path, "regime_indicators.jsonl"), "w") as f:
+            for snap in regime:
+                f.write(json.dumps(snap) + "\n")
+    return path
+
+
+def _snapshot(iteration, pos_grad, neg_grad, seen):
+    return {"iteration": iteration, "class_frequency": ["r", "c", "f"],
+            "heads": {"head": {"pos_grad": pos_grad, "neg_grad": neg_grad,
+                               "pos_count": [seen] * 3, "neg_count": [10 * seen] * 3}}}
+
+
+def test_eval_curve_takes_the_federated_val_and_sorts_by_iteration(tmp_path):
+    path = _run(str(tmp_path), "a", 0, {539: (2, 1, 2, 3), 269: (1, 0, 1, 2)}, None,
+                prefix="synthetic_hard_tail_val_fed/bbox/")
+    rows = curves.read_json_lines(os.path.join(path, "metrics.json"))
+    rows.append({"iteration": 539, "synthetic_hard_tail_val/bbox/AP": 99.0})
+    assert curves.eval_curve(rows) == [(269, dict(zip(curves.KEYS, (1, 0, 1, 2)))),
+                                       (539, dict(zip(curves.KEYS, (2, 1, 2, 3))))]
+    loss = curves.loss_curve(rows)
+    assert loss[0] == (19, 3.0 - 0.019) and len(loss) == 50
+    # a running median over the last 100 iterations: 5 rows at 919..999
+    assert loss[-1][1] == 3.0 - 0.959
+
+
+def test_table_mean_std_ratio_last_interval_and_regime(tmp_path, capsys):
+    root = str(tmp_path)
+    _run(root, "atss_focal", 0, {100: (10, 2, 8, 20), 200: (12, 4, 10, 24)}, (12, 4, 10, 24),
+         regime=[_snapshot(100, [1, 1, 1], [1, 1, 1], 5),
+                 _snapshot(200, [2, 3, 5], [5, 3, 3], 9)])  # last interval: g = 0.25, 1, 2
+    _run(root, "atss_focal", 1, {100: (11, 3, 9, 18), 200: (14, 6, 12, 20)}, (14, 6, 12, 20))
+    _run(root, "atss_focal", 2, {100: (1, 1, 1, 1)}, None)  # unfinished: left out of the table
+    runs = curves.find_runs(root)
+    assert sorted(runs["atss_focal"]) == [0, 1, 2]
+    text = curves.table(runs)
+    row = next(line for line in text.splitlines() if line.startswith("| atss_focal"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:6] == ["atss_focal", "0,1", "13.00 ± 1.41", "5.00 ± 1.41", "11.00 ± 1.41",
+                         "22.00 ± 2.83"]
+    # APr / APf: 4 / 24 and 6 / 20
+    assert cells[6] == "0.23 ± 0.09"
+    assert cells[7] == "2.50 ± 0.71" and cells[8] == "2.50 ± 0.71"
+    # regime indicators of seed 0 only: rare 1/4, common 2/2, frequent 4/2
+    assert cells[9] == "0.25 / 1.00 / 2.00"
+    png = str(tmp_path / "curves.png")
+    curves.main([root, "--png", png, "--seeds", "0", "1"])
+    assert os.path.getsize(png) > 10000
+    assert "| atss_focal | 0,1 |" in capsys.readouterr().out
