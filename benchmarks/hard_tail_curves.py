@@ -187,6 +187,7 @@ def plot(runs, png):
                               alpha=0.8, label=label)
     for ax, title in zip(axes, panels):
         ax.set_title(title if title == "training loss" else f"bbox {title}, federated val")
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -1,16 +1,12 @@
 """benchmarks/hard_tail_curves.py: the curves from metrics.json and the calibration table
 (mean ± std over seeds, APr / APf, the last interval) of fabricated runs."""
 
-import importlib.util
 import json
 import os
 
-from helpers import ROOT
+from helpers import load_script
 
-_spec = importlib.util.spec_from_file_location(
-    "hard_tail_curves", os.path.join(ROOT, "benchmarks", "hard_tail_curves.py"))
-curves = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(curves)
+curves = load_script("benchmarks/hard_tail_curves.py")
 
 
 def _run(root, arm, seed, evals, final, prefix="bbox/", regime=None):
