@@ -296,19 +296,19 @@ def _polygon_area(pts):
 
 @dataclass
 class _Item:
-    category: int  # -1: a distractor
-    harmonics: tuple
+    """A placed object (``category`` >= 0) or distractor (``category`` -1)."""
+
+    category: int
     pattern: Pattern
     mark: object  # Mark or None
     matrix: np.ndarray  # body frame -> pixels, [2, 2]
-    centre: np.ndarray
-    polygon: np.ndarray  # [V, 2] pixels
+    centre: np.ndarray  # [2] pixels
     mask: np.ndarray  # [H, W] bool, the whole item in the image
-    area: float  # of the whole polygon, in and out of the image
+    area: float  # of the whole outline, in and out of the image
 
 
 def _place(harmonics, size, object_size, spec, rng):
-    """An item's geometry: (matrix, centre, polygon, mask, area) of one random draw."""
+    """An item's geometry: (matrix, centre, mask, area) of one random draw."""
     d = spec.deformation
     side = math.exp(rng.uniform(math.log(object_size[0]), math.log(object_size[1]))) * size
     aspect = math.exp(float(rng.normal(0, d)))
@@ -328,10 +328,9 @@ def _place(harmonics, size, object_size, spec, rng):
     else:
         centre = rng.uniform(extent + 1, size - 2 - extent, 2) if extent < size / 2 - 2 \
             else np.array([size / 2, size / 2])
-    polygon = body + centre
     mask_img = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(mask_img).polygon([tuple(p) for p in polygon.tolist()], fill=1)
-    return matrix, centre, polygon, np.asarray(mask_img).astype(bool), _polygon_area(body)
+    ImageDraw.Draw(mask_img).polygon([tuple(p) for p in (body + centre).tolist()], fill=1)
+    return matrix, centre, np.asarray(mask_img).astype(bool), _polygon_area(body)
 
 
 def _visible_polygons(mask):
@@ -374,14 +373,14 @@ def render_image(categories_of_objects, looks, spec, rng):
     size = spec.image_size
     object_size = (spec.min_object_size, spec.max_object_size)
     canvas = _background(size, rng)
-    kinds = [("object", k) for k in categories_of_objects]
-    kinds += [("distractor", -1)] * int(rng.integers(0, spec.max_distractors + 1))
-    order = rng.permutation(len(kinds))
+    entries = list(categories_of_objects)
+    entries += [-1] * int(rng.integers(0, spec.max_distractors + 1))  # -1: a distractor
+    order = rng.permutation(len(entries))
     items: List[_Item] = []
     covered: List[np.ndarray] = []  # per item: pixels of later items over it
     for index in order:
-        kind, k = kinds[int(index)]
-        if kind == "object":
+        k = entries[int(index)]
+        if k >= 0:
             look = looks[k]
             harmonics = look.harmonics
             pattern = look.modes[int(rng.integers(len(look.modes)))]
@@ -396,9 +395,9 @@ def render_image(categories_of_objects, looks, spec, rng):
                 mark = Mark(MARK_KINDS[int(rng.integers(len(MARK_KINDS)))],
                             (r * math.cos(a), r * math.sin(a)), float(rng.uniform(0.24, 0.3)))
         for _ in range(_PLACEMENT_TRIES):
-            matrix, centre, polygon, mask, area = _place(harmonics, size, object_size, spec, rng)
+            matrix, centre, mask, area = _place(harmonics, size, object_size, spec, rng)
             need = spec.min_visible
-            if kind == "object" and mask.sum() < max(need * area, _MIN_VISIBLE_PIXELS):
+            if k >= 0 and mask.sum() < max(need * area, _MIN_VISIBLE_PIXELS):
                 continue
             if any(it.category >= 0 and
                    (it.mask & ~cov & ~mask).sum() < max(need * it.area, _MIN_VISIBLE_PIXELS)
@@ -406,7 +405,7 @@ def render_image(categories_of_objects, looks, spec, rng):
                 continue
             for cov in covered:
                 cov |= mask
-            items.append(_Item(k, harmonics, pattern, mark, matrix, centre, polygon, mask, area))
+            items.append(_Item(k, pattern, mark, matrix, centre, mask, area))
             covered.append(np.zeros((size, size), bool))
             break
 
