@@ -1,19 +1,29 @@
-"""Start-up cost of the training annotations: peak memory and time per process.
+"""Start-up cost of the training annotations: peak memory and time per process and together.
 
 Generates an annotation file the size of LVIS v1 train (100k images, 1.27M annotations with
 one ~50-point polygon each, 1203 long-tailed categories: about 1.1 GB; no image files), then
-measures what every ``train_net.py`` process does at start-up up to having the dataset
-dicts: register the dataset, ``prepare_datasets(cfg)`` (category metadata, local rank 0
-first), ``get_detection_dataset_dicts`` (as the training loader calls it). It runs as
-``--num-procs`` processes started by detectron2's ``launch`` (gloo without a GPU), each
-reporting its peak resident set (``ru_maxrss``), its resident set after the imports, and
-the wall and CPU time of both steps. ``--repo`` measures another checkout of eql_d2 (e.g. a ``git worktree`` of an
-older commit), put first on ``PYTHONPATH``; the category metadata cache starts empty
-(``--runs 2`` measures a second start with the cache written by the first).
+measures what every ``train_net.py`` process does at start-up up to having its training
+data: register the dataset, ``prepare_datasets(cfg)`` (category metadata and, with
+``DATALOADER.COMPACT_DATASET``, the conversion into the compact form, local rank 0 first),
+then ``Trainer.build_train_loader(cfg)`` (``--stop-at loader``, the default: the dataset,
+repeat factors and the loader's own copy of the dicts) or only the dataset the loader gets
+(``--stop-at dicts``: ``Trainer.build_train_dataset``, or detectron2's
+``get_detection_dataset_dicts`` in checkouts without it), then one pass over every dataset
+dict (as an epoch reads them, so that every mapped page is resident).
+
+It runs as ``--num-procs`` processes started by detectron2's ``launch`` (gloo without a
+GPU), each reporting its peak resident set (``ru_maxrss``), its resident set after the
+imports, and the wall and CPU time of each step. Mapped files count in the resident set of
+every process that maps them, so the launcher also samples ``/proc/<pid>/smaps_rollup`` of
+every rank every 0.5 s: each process's peak proportional set size (PSS: a page shared by n
+processes counts 1/n in each), and the peak over time of the ranks' summed PSS and RSS, what
+they hold together. ``--repo`` measures another checkout of eql_d2 (e.g. a ``git worktree``
+of an older commit), put first on ``PYTHONPATH``; the cache folder ($EQL_D2_CACHE_DIR)
+starts empty (``--runs 2`` measures a second start with the caches written by the first).
 
     python benchmarks/startup_memory.py generate --out /tmp/lvis_like/lvis_v1_train.json
     python benchmarks/startup_memory.py measure --json /tmp/lvis_like/lvis_v1_train.json \\
-        [--repo /tmp/before] [--num-procs 2] [--runs 2] [--results out.json]
+        [--repo /tmp/before] [--num-procs 2] [--runs 2] [--stop-at dicts] [--results out.json]
 """
 
 import argparse
@@ -115,8 +125,8 @@ def _rss_kb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _rank_main(json_file, repo, out_dir):
-    """One train_net process from its first eql_d2 import to the dataset dicts."""
+def _rank_main(json_file, repo, out_dir, stop_at):
+    """One train_net process from its first eql_d2 import to its training data."""
     t0 = time.perf_counter()
     from detectron2.data import get_detection_dataset_dicts
     from detectron2.utils import comm
@@ -125,45 +135,114 @@ def _rank_main(json_file, repo, out_dir):
     import eql_d2.modeling  # noqa: F401
     from eql_d2.config import get_eql_cfg
     from eql_d2.data import register_lvis_format
-    from eql_d2.engine import prepare_datasets
+    from eql_d2.engine import Trainer, prepare_datasets
 
     rss_imports = _rss_kb()
     register_lvis_format(DATASET, json_file, os.path.dirname(json_file))
     cfg = get_eql_cfg(os.path.join(repo, CONFIG), [
         "DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()",
-        "MODEL.ROI_HEADS.NUM_CLASSES", "1203"])
+        "MODEL.ROI_HEADS.NUM_CLASSES", "1203",
+        # the generated file has no images; the data-loader workers are not started here
+        "DATALOADER.CHECK_IMAGE_FILES", "False", "DATALOADER.NUM_WORKERS", "0"])
     t1, c1 = time.perf_counter(), time.process_time()
     prepare_datasets(cfg)
     t2, c2 = time.perf_counter(), time.process_time()
-    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN,
-                                        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+    if stop_at == "loader":
+        data = Trainer.build_train_loader(cfg)._dataset
+    elif hasattr(Trainer, "build_train_dataset"):
+        data = Trainer.build_train_dataset(cfg)
+    else:
+        data = get_detection_dataset_dicts(cfg.DATASETS.TRAIN,
+                                           filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
     t3, c3 = time.perf_counter(), time.process_time()
+    annotations = sum(len(data[i]["annotations"]) for i in range(len(data)))
+    t4, c4 = time.perf_counter(), time.process_time()
     result = {
         "rank": comm.get_rank(),
+        "pid": os.getpid(),
         "eql_d2": os.path.dirname(eql_d2.__file__),
-        "images": len(dicts),
-        "annotations": sum(len(d["annotations"]) for d in dicts),
+        "data": type(data).__name__,
+        "images": len(data),
+        "annotations": annotations,
         "rss_after_imports_mib": rss_imports / 1024,
+        "rss_end_mib": _rss_kb() / 1024,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "imports_s": t1 - t0,
         "prepare_datasets_s": t2 - t1,
-        "dataset_dicts_s": t3 - t2,
+        "training_data_s": t3 - t2,
+        "pass_over_dicts_s": t4 - t3,
         # CPU time of the process: on a shared machine, steadier than wall time
         "prepare_datasets_cpu_s": c2 - c1,
-        "dataset_dicts_cpu_s": c3 - c2,
+        "training_data_cpu_s": c3 - c2,
+        "pass_over_dicts_cpu_s": c4 - c3,
     }
     with open(os.path.join(out_dir, f"rank{result['rank']}.json"), "w") as f:
         json.dump(result, f)
 
 
-def _launch_ranks(json_file, repo, out_dir, num_procs):
+def _launch_ranks(json_file, repo, out_dir, num_procs, stop_at):
     from detectron2.engine import launch
 
-    launch(_rank_main, num_procs, dist_url="auto", args=(json_file, repo, out_dir))
+    launch(_rank_main, num_procs, dist_url="auto", args=(json_file, repo, out_dir, stop_at))
 
 
-def measure(json_file, repo=ROOT, num_procs=2, runs=1):
-    """[[per-rank result dict, ...] per run]; runs share one (initially empty) cache folder."""
+def _processes(launcher):
+    """The launcher and the processes its launch() started (not multiprocessing's resource
+    tracker); with one process, launch() runs the rank in the launcher itself."""
+    try:
+        with open(f"/proc/{launcher}/task/{launcher}/children") as f:
+            children = [int(p) for p in f.read().split()]
+    except OSError:
+        return [launcher]
+    pids = [launcher]
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def _rollup_kib(pid):
+    """{"Rss": KiB, "Pss": KiB} of process `pid`, or None once it has exited."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss"):
+                    out[key] = int(rest.split()[0])
+    except (OSError, ValueError):
+        return None
+    return out if len(out) == 2 else None
+
+
+def _sample(proc, period=0.5):
+    """[{pid: {"Rss": KiB, "Pss": KiB}} every `period` s] of the launcher `proc` and its
+    ranks, until it exits."""
+    samples = []
+    while proc.poll() is None:
+        now = {pid: _rollup_kib(pid) for pid in _processes(proc.pid)}
+        samples.append({pid: v for pid, v in now.items() if v is not None})
+        time.sleep(period)
+    return samples
+
+
+def _peaks(samples, pids):
+    """Per pid of `pids` its sampled peak RSS and PSS, and the peak over time of their sums
+    (MiB)."""
+    per_pid = {pid: {k: max((s[pid][k] for s in samples if pid in s), default=0) / 1024
+                     for k in ("Rss", "Pss")} for pid in pids}
+    together = {f"{k.lower()}_mib": max((sum(s[p][k] for p in pids if p in s) for s in samples),
+                                        default=0) / 1024 for k in ("Rss", "Pss")}
+    return per_pid, together
+
+
+def measure(json_file, repo=ROOT, num_procs=2, runs=1, stop_at="loader"):
+    """[{"ranks": [per-rank result dict, ...], "together": {...}} per run]; runs share one
+    (initially empty) cache folder."""
     json_file, repo = os.path.abspath(json_file), os.path.abspath(repo)
     results = []
     with tempfile.TemporaryDirectory() as cache:
@@ -171,13 +250,21 @@ def measure(json_file, repo=ROOT, num_procs=2, runs=1):
             with tempfile.TemporaryDirectory() as out_dir:
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
                            EQL_D2_CACHE_DIR=cache, OMP_NUM_THREADS="1")
-                subprocess.run([sys.executable, os.path.abspath(__file__), "_ranks", json_file, repo,
-                                out_dir, str(num_procs)], env=env, cwd=repo, check=True)
-                run = []
+                proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_ranks", json_file,
+                                         repo, out_dir, str(num_procs), stop_at], env=env, cwd=repo)
+                samples = _sample(proc)
+                if proc.returncode:
+                    raise subprocess.CalledProcessError(proc.returncode, proc.args)
+                ranks = []
                 for r in range(num_procs):
                     with open(os.path.join(out_dir, f"rank{r}.json")) as f:
-                        run.append(json.load(f))
-                results.append(run)
+                        ranks.append(json.load(f))
+                per_pid, together = _peaks(samples, [res["pid"] for res in ranks])
+                for res in ranks:
+                    res["sampled_peak_rss_mib"] = per_pid[res["pid"]]["Rss"]
+                    res["sampled_peak_pss_mib"] = per_pid[res["pid"]]["Pss"]
+                together["sum_of_peak_rss_mib"] = sum(r["peak_rss_mib"] for r in ranks)
+                results.append({"ranks": ranks, "together": together})
     return results
 
 
@@ -193,9 +280,11 @@ def main():
     m.add_argument("--repo", default=ROOT, help="eql_d2 checkout to measure (default: this one)")
     m.add_argument("--num-procs", type=int, default=2)
     m.add_argument("--runs", type=int, default=1)
+    m.add_argument("--stop-at", choices=("loader", "dicts"), default="loader",
+                   help="build the training loader, or only the dataset it gets")
     m.add_argument("--results", help="also write the results to this JSON file")
     r = sub.add_parser("_ranks")
-    for a in ("json_file", "repo", "out_dir", "num_procs"):
+    for a in ("json_file", "repo", "out_dir", "num_procs", "stop_at"):
         r.add_argument(a)
     args = ap.parse_args()
 
@@ -205,20 +294,26 @@ def main():
                         num_annotations=int(1_270_000 * args.scale), seed=args.seed)
         print(f"{args.out}: {size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
     elif args.cmd == "_ranks":
-        _launch_ranks(args.json_file, args.repo, args.out_dir, int(args.num_procs))
+        _launch_ranks(args.json_file, args.repo, args.out_dir, int(args.num_procs), args.stop_at)
     else:
-        results = measure(args.json, args.repo, args.num_procs, args.runs)
+        results = measure(args.json, args.repo, args.num_procs, args.runs, args.stop_at)
         for i, run in enumerate(results):
-            for res in run:
+            for res in run["ranks"]:
                 print(f"run {i + 1} rank {res['rank']}: peak RSS {res['peak_rss_mib']:.0f} MiB "
-                      f"(after imports {res['rss_after_imports_mib']:.0f}), prepare_datasets "
-                      f"{res['prepare_datasets_s']:.1f} s (CPU {res['prepare_datasets_cpu_s']:.1f} s), "
-                      f"dataset dicts {res['dataset_dicts_s']:.1f} s (CPU {res['dataset_dicts_cpu_s']:.1f} s), "
+                      f"(after imports {res['rss_after_imports_mib']:.0f}, at the end "
+                      f"{res['rss_end_mib']:.0f}), sampled peak PSS {res['sampled_peak_pss_mib']:.0f} MiB; "
+                      f"prepare_datasets {res['prepare_datasets_s']:.1f} s (CPU {res['prepare_datasets_cpu_s']:.1f} s), "
+                      f"training data {res['training_data_s']:.1f} s (CPU {res['training_data_cpu_s']:.1f} s), "
+                      f"pass over the dicts {res['pass_over_dicts_s']:.1f} s; {res['data']} of "
                       f"{res['images']} images / {res['annotations']} annotations ({res['eql_d2']})")
+            t = run["together"]
+            print(f"run {i + 1}, {len(run['ranks'])} processes together: peak PSS {t['pss_mib']:.0f} MiB, "
+                  f"peak RSS {t['rss_mib']:.0f} MiB (sampled), sum of peak RSS {t['sum_of_peak_rss_mib']:.0f} MiB")
         if args.results:
             with open(args.results, "w") as f:
                 json.dump({"json": os.path.abspath(args.json), "repo": os.path.abspath(args.repo),
-                           "runs": results}, f, indent=1)
+                           "num_procs": args.num_procs, "stop_at": args.stop_at, "runs": results},
+                          f, indent=1)
 
 
 if __name__ == "__main__":

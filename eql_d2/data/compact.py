@@ -1,8 +1,7 @@
 """Compact form of an LVIS-format training set: converted once, mapped by every process.
 
 Loading an LVIS-format JSON into dataset dicts costs every training process the whole file
-as Python objects (LVIS v1 train: 7.7 GB per process, see docs/PERFORMANCE.md, "Start-up").
-Here the JSON is converted once, by a streaming parse that never holds its annotations, into
+as Python objects (docs/PERFORMANCE.md, "Start-up"). Here the JSON is converted once, by a streaming parse that never holds its annotations, into
 flat numpy arrays in ``$EQL_D2_CACHE_DIR/compact-<hash of the JSON's path>/`` (valid while
 the JSON's path, size and modification time are unchanged, as the category metadata cache;
 the dataset folder is never written to). Every process maps those files read-only, so the
@@ -23,9 +22,9 @@ shape of every array) and one raw ``<array>.bin`` per array:
 
 - per image, by increasing image id: ``image_id``, ``height``, ``width``; ``file``
   (``<folder>/<file>`` of ``coco_url``, UTF-8, ``file_offsets`` [images + 1] into
-  ``file_bytes``); ``neg_category_ids`` and ``not_exhaustive_category_ids`` (LVIS ids,
-  ``*_offsets`` [images + 1] into ``*_ids``); ``ann_offsets`` [images + 1] into the
-  annotations;
+  ``file_bytes``); ``neg_category_ids`` and ``not_exhaustive_category_ids`` (LVIS ids of
+  all images, ``<name>_offsets`` [images + 1] into them); ``ann_offsets`` [images + 1] into
+  the annotations;
 - per usable annotation, grouped by image in file order: ``category`` (0-based), ``bbox``
   [annotations, 4] (XYWH, float64), ``poly_start`` and ``poly_count`` (its polygons);
 - per polygon, in file order: ``coord_offsets`` [polygons + 1] into ``coords`` (float64).
@@ -69,8 +68,8 @@ COMPACT_VERSION = 1
 ARRAYS = {
     "image_id": np.int64, "height": np.int64, "width": np.int64,
     "file_offsets": np.int64, "file_bytes": np.uint8,
-    "neg_category_ids_offsets": np.int64, "neg_category_ids_ids": np.int64,
-    "not_exhaustive_category_ids_offsets": np.int64, "not_exhaustive_category_ids_ids": np.int64,
+    "neg_category_ids_offsets": np.int64, "neg_category_ids": np.int64,
+    "not_exhaustive_category_ids_offsets": np.int64, "not_exhaustive_category_ids": np.int64,
     "ann_offsets": np.int64, "category": np.int32, "bbox": np.float64,
     "poly_start": np.int64, "poly_count": np.int64,
     "coord_offsets": np.int64, "coords": np.float64,
@@ -115,7 +114,7 @@ class CompactLVIS:
         self.num_annotations = len(self.category)
         for offsets, target in (("file_offsets", "file_bytes"), ("ann_offsets", "category"),
                                 ("coord_offsets", "coords"),
-                                *((f"{k}_offsets", f"{k}_ids") for k in IMAGE_LABELS)):
+                                *((f"{k}_offsets", k) for k in IMAGE_LABELS)):
             offs = getattr(self, offsets)
             if len(offs) < 1 or offs[-1] != len(getattr(self, target)):
                 raise ValueError(f"{folder}: {offsets} does not end at the length of {target}")
@@ -156,7 +155,7 @@ class CompactLVIS:
 
     def _image_labels(self, key, index):
         offs = getattr(self, f"{key}_offsets")
-        return getattr(self, f"{key}_ids")[offs[index]:offs[index + 1]].tolist()
+        return getattr(self, key)[offs[index]:offs[index + 1]].tolist()
 
     def file_names(self, indices, image_root):
         """The ``file_name`` of each image of `indices`, one at a time."""
@@ -444,7 +443,7 @@ class _Writer:
         save("file_bytes", np.frombuffer(b"".join(files), dtype=np.uint8))
         for k in IMAGE_LABELS:
             save(f"{k}_offsets", _offsets([len(ids) for ids in labels[k]]))
-            save(f"{k}_ids", list(itertools.chain.from_iterable(labels[k])))
+            save(k, list(itertools.chain.from_iterable(labels[k])))
 
 
 def _offsets(lengths):

@@ -24,6 +24,10 @@ Metadata of a dataset carries what long-tailed training needs:
 - ``class_frequency``: LVIS group of each category, ``"r"``, ``"c"`` or ``"f"``;
 - ``num_train_images``: number of images of the split the counts come from.
 
+Training reads these datasets from a compact form converted once per machine
+(:mod:`eql_d2.data.compact`, which reaches them through their :class:`LVISFormatLoader`
+entry of the DatasetCatalog and applies the same checks with the same functions).
+
 The model needs this metadata before the training dicts are loaded (``train_net.py`` runs
 :func:`load_category_metadata` first). So that a process parses the JSON only once,
 the process that computes it (local rank 0 in ``prepare_datasets``) stores it in a small

@@ -81,14 +81,20 @@ def prepare_datasets(cfg, *, training=True):
     names = list(cfg.DATASETS.TEST)
     if training:
         names = list(cfg.DATASETS.TRAIN) + names
-    if comm.get_local_rank() == 0:
-        for loader in (compact_training_sets(cfg) or []) if training else []:
+    compact = (compact_training_sets(cfg) if training else None) or []
+
+    def prepare():
+        # the other ranks map what local rank 0 converted (their metadata comes from it
+        # even when the metadata cache could not be written)
+        for loader in compact:
             prepare_compact(loader)
         for name in names:
             load_category_metadata(name)
+
+    if comm.get_local_rank() == 0:
+        prepare()
     comm.synchronize()
-    for name in names:
-        load_category_metadata(name)
+    prepare()
     check_num_classes(cfg)
 
 
