@@ -132,3 +132,20 @@ def test_eqlv2_objectness_prior_sets_the_column_bias():
         assert float(bias[5]) == pytest.approx(want)
     with pytest.raises(ValueError, match="OBJECTNESS_PRIOR must be in"):
         EQLv2(5, objectness_prior=1.0)
+
+
+def test_eqlv2_scores_with_and_without_the_objectness_factor():
+    from eql_d2.config import get_eql_cfg
+    from eql_d2.modeling.cls_losses.base import build_cls_loss
+    from eql_d2.modeling.cls_losses.eql import EQLv2
+
+    logits = torch.randn(7, 6)
+    with_obj = EQLv2(5).scores(logits)
+    alone = EQLv2(5, test_objectness=False).scores(logits)
+    assert torch.allclose(with_obj, torch.sigmoid(logits[:, :5]) * (1 - torch.sigmoid(logits[:, 5:])))
+    assert torch.equal(alone, torch.sigmoid(logits[:, :5]))
+    cfg = get_eql_cfg()
+    assert cfg.MODEL.CLS_LOSS.EQLV2.TEST_OBJECTNESS is True  # the authors' scores
+    cfg.MODEL.CLS_LOSS.NAME = "EQLv2"
+    cfg.MODEL.CLS_LOSS.EQLV2.TEST_OBJECTNESS = False
+    assert build_cls_loss(cfg, 5, "two_stage").test_objectness is False

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ...losses import EQLLoss, EQLv2Loss
+from ...losses._checks import check_logits
 from ..category_frequency import category_frequencies
 from .base import CLS_LOSS_REGISTRY, ClassificationLoss
 
@@ -135,12 +136,13 @@ class EQLv2(EQLv2Loss, ClassificationLoss):
     statistics_name = "eqlv2"
 
     def __init__(self, num_classes: int, gamma: float = 12.0, mu: float = 0.8,
-                 alpha: float = 4.0, objectness_prior: float = 0.0):
+                 alpha: float = 4.0, objectness_prior: float = 0.0, test_objectness: bool = True):
         super().__init__(num_classes, gamma, mu, alpha)
         if not 0.0 <= objectness_prior < 1.0:
             raise ValueError("MODEL.CLS_LOSS.EQLV2.OBJECTNESS_PRIOR must be in [0, 1), got "
                              f"{objectness_prior}")
         self.objectness_prior = float(objectness_prior)
+        self.test_objectness = bool(test_objectness)
         logger.info("EQLv2: gamma = %g, mu = %g, alpha = %g, %d categories", gamma, mu, alpha,
                     num_classes)
 
@@ -153,7 +155,16 @@ class EQLv2(EQLv2Loss, ClassificationLoss):
                              "initial probability of the objectness (background) column; 0: "
                              "the expected share of background proposals, 1 - "
                              "ROI_HEADS.POSITIVE_FRACTION (the authors' code: the class prior)"),
+        "TEST_OBJECTNESS": (True, "test_objectness",
+                            "detection scores sigmoid(z_j) (1 - sigmoid(z_C)), as the authors; "
+                            "False: sigmoid(z_j) alone (to see what the objectness factor does)"),
     }
+
+    def scores(self, logits):
+        if self.test_objectness:
+            return super().scores(logits)
+        check_logits(logits, self.num_classes + 1, "C+1")
+        return torch.sigmoid(logits[:, :-1])
 
     def init_bias(self, bias, prior_prob, background_fraction):
         super().init_bias(bias, prior_prob, background_fraction)
