@@ -3,7 +3,8 @@
 
 Importing this package registers nothing; call :func:`register_all` for the built-in names
 (``synthetic_lt_*``, ``synthetic_lvis*_*`` and detectron2's LVIS splits with the checked
-loader), or :func:`register_lvis_format` for a dataset of your own.
+loader), or :func:`register_lvis_format` for a dataset of your own. Training reads these
+datasets from a compact form converted once per machine (:mod:`eql_d2.data.compact`).
 """
 
 from .datasets import (  # noqa: F401

@@ -265,6 +265,8 @@ def convert(json_file):
 
 
 def _convert_into(json_file, key, folder):
+    """Write the arrays and ``meta.json`` of `json_file` into `folder`; returns (images,
+    usable annotations)."""
     structure = _read_structure(json_file)
     if structure is None:
         # the full parser raises load_lvis_format's error for what the stream could not take
@@ -278,9 +280,12 @@ def _convert_into(json_file, key, folder):
         annotations = datasets._checked_annotations(
             json_file, image_sizes, len(categories), _stream_annotations(json_file))
     writer = _Writer(json_file, folder, images)
-    for a in annotations:
-        writer.add(a)
-    shapes = writer.finish()
+    try:
+        for a in annotations:
+            writer.add(a)
+        shapes = writer.finish()
+    finally:
+        writer.coords_file.close()
     write_json_atomic(os.path.join(folder, "meta.json"), {
         "key": key, "categories": categories,
         "arrays": {name: {"dtype": np.dtype(ARRAYS[name]).str, "shape": list(shape)}
