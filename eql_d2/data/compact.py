@@ -247,6 +247,8 @@ def convert(json_file):
                        "the space): %s", json_file, ", ".join(left))
     start = time.perf_counter()
     key = _key(json_file)
+    logger.info("Converting %s into its compact form in %s (once per version of the file)",
+                json_file, folder)
     try:
         with atomic_directory(folder) as tmp:
             num_images, num_annotations = _convert_into(json_file, key, tmp)
