@@ -291,9 +291,10 @@ class LVISPerCategoryEvaluator(LVISEvaluator):
     Each process keeps its detections as :class:`~eql_d2.evaluation.detections.DetectionArrays`
     (not one dict per detection). In a distributed evaluation with an ``output_dir`` every
     process writes them to a shard, ``<output_dir>/detection_shards/``, and the main process
-    reads the shards (removed afterwards; a missing, cut-short or foreign shard is an error
-    that names it) instead of gathering everyone's predictions through its memory; without an
-    ``output_dir`` the compact arrays are gathered. ``lvis_instances_results.json`` is
+    reads the shards (removed afterwards; a cut-short or foreign shard is an error that names
+    it) instead of gathering everyone's predictions through its memory. Without an
+    ``output_dir``, or when some process does not see every shard (an output folder per
+    machine), the compact arrays are gathered instead. ``lvis_instances_results.json`` is
     written from them chunk by chunk.
 
     Args (besides LVISEvaluator's):
@@ -346,15 +347,27 @@ class LVISPerCategoryEvaluator(LVISEvaluator):
         comm.synchronize()
         flags = comm.gather(with_instances, dst=0)
         proposals = comm.gather(self._proposals, dst=0)
+        shared = False
         if self._output_dir:
             folder = os.path.join(self._output_dir, "detection_shards")
             save_shard(local, folder, rank, world, token, self._image_ids)
             comm.synchronize()
+            # every process must see every shard: not so with an output folder per machine
+            paths = [shard_path(folder, r, world) for r in range(world)]
+            shared = all(comm.all_gather(all(os.path.isfile(p) for p in paths)))
+            if not shared:
+                os.remove(paths[rank])
+                if comm.is_main_process():
+                    self._logger.warning(
+                        "Some processes do not see the detection shards of the others in %s "
+                        "(an output folder per machine?): gathering the detections through "
+                        "process 0 instead", folder)
+        if shared:
             if not comm.is_main_process():
                 return None, None, None, None
             detections, image_ids = load_shards(folder, world, token)
-            for r in range(world):
-                os.remove(shard_path(folder, r, world))
+            for p in paths:
+                os.remove(p)
         else:
             parts = comm.gather((local, np.asarray(self._image_ids, np.int64)), dst=0)
             if not comm.is_main_process():

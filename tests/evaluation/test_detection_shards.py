@@ -146,7 +146,7 @@ def _instances_per_image(gt_dict, results):
     return out
 
 
-def _evaluate_share(rows, gt_path, name, out_dir, shards):
+def _evaluate_share(rows, gt_path, name, out_dir, shards, own_folders=False):
     gt_dict = json.load(open(gt_path))
     _, results = case(images=len(gt_dict["images"]))
     if name not in MetadataCatalog.list() or MetadataCatalog.get(name).get("json_file") is None:
@@ -155,6 +155,8 @@ def _evaluate_share(rows, gt_path, name, out_dir, shards):
     logging.disable(logging.WARNING)
     per_image = _instances_per_image(gt_dict, results)
     image_ids = sorted(per_image)
+    if own_folders:  # as machines that do not share the output folder
+        out_dir = os.path.join(out_dir, f"rank{torch.distributed.get_rank()}")
     evaluator = LVISPerCategoryEvaluator(name, distributed=True, output_dir=out_dir if shards else None)
     evaluator.reset()
     for image_id in image_ids[rows]:
@@ -170,18 +172,24 @@ def _evaluate_share(rows, gt_path, name, out_dir, shards):
     return distributed, single
 
 
-@pytest.mark.parametrize("shards", [True, False])
-def test_two_processes_give_the_single_process_numbers(tmp_path, shards):
+@pytest.mark.parametrize("shards,own_folders", [(True, False), (False, False), (True, True)])
+def test_two_processes_give_the_single_process_numbers(tmp_path, shards, own_folders):
+    """Shards in a shared folder, a gather without an output folder, and a gather when each
+    process has its own folder (machines without a shared file system)."""
     gt_dict, _ = case()
     gt_path = write_json(tmp_path / "gt.json", gt_dict)
     out_dir = str(tmp_path / "out")
     rank0, rank1 = run_on_gloo_workers(
         _evaluate_share, len(gt_dict["images"]), gt_path=gt_path,
-        name=f"eqltest_shards_{os.getpid()}_{shards}", out_dir=out_dir, shards=shards)
+        name=f"eqltest_shards_{os.getpid()}_{shards}_{own_folders}", out_dir=out_dir,
+        shards=shards, own_folders=own_folders)
     (distributed, single), (other, _) = rank0, rank1
     assert other is None
     assert set(distributed) == {"bbox", "segm"} and distributed == single
     assert distributed["bbox"]["AP"] > 0
+    if own_folders:
+        out_dir = os.path.join(out_dir, "rank0")
+        assert os.listdir(os.path.join(out_dir, "..", "rank1", "detection_shards")) == []
     if shards:  # read and removed; the results file holds every detection
         assert os.listdir(os.path.join(out_dir, "detection_shards")) == []
         with open(os.path.join(out_dir, "lvis_instances_results.json")) as f:
