@@ -68,6 +68,29 @@ def register_small(small_synthetic, prefix):
     return names
 
 
+def tree_digest(root):
+    """sha256 over every file of the folder `root` (relative paths and bytes, in sorted order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def load_split(root, split):
+    """The parsed ``lvis_v1_<split>.json`` of a generated dataset folder."""
+    import json
+
+    with open(os.path.join(root, f"lvis_v1_{split}.json")) as f:
+        return json.load(f)
+
+
 def load_script(path, name=None, register=False):
     """A script of the repository (`path` relative to its root, e.g. "tools/ensemble.py") as
     a module named `name` (default: the file's stem); `register` also puts it in

@@ -1,4 +1,3 @@
-import hashlib
 import json
 import os
 import shutil
@@ -11,31 +10,14 @@ from lvis import LVIS
 from eql_d2.data import synthetic
 from eql_d2.data.synthetic import SyntheticLTSpec, frequency_group
 
-from helpers import SMALL_SPEC
-
-
-def _tree_digest(root):
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            h.update(os.path.relpath(path, root).encode())
-            with open(path, "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()
-
-
-def _load(root, split):
-    with open(os.path.join(root, f"lvis_v1_{split}.json")) as f:
-        return json.load(f)
+from helpers import SMALL_SPEC, load_split, tree_digest
 
 
 def test_same_seed_same_bytes_other_seed_differs(small_synthetic, tmp_path):
     again = synthetic.generate(str(tmp_path / "again"), SyntheticLTSpec(**SMALL_SPEC))
-    assert _tree_digest(again) == _tree_digest(small_synthetic)
+    assert tree_digest(again) == tree_digest(small_synthetic)
     other = synthetic.generate(str(tmp_path / "other"), SyntheticLTSpec(**{**SMALL_SPEC, "seed": 4}))
-    assert _tree_digest(other) != _tree_digest(small_synthetic)
+    assert tree_digest(other) != tree_digest(small_synthetic)
 
 
 def test_json_loads_in_lvis_api(small_synthetic):
@@ -50,7 +32,7 @@ def test_json_loads_in_lvis_api(small_synthetic):
 
 
 def test_frequency_groups_follow_lvis_thresholds(small_synthetic):
-    data = _load(small_synthetic, "train")
+    data = load_split(small_synthetic, "train")
     images_of = {}
     instances = {}
     for a in data["annotations"]:
@@ -83,7 +65,7 @@ def test_default_spec_has_lvis_proportions():
 
 
 def test_federated_fields_and_val_coverage(small_synthetic):
-    train = _load(small_synthetic, "train")
+    train = load_split(small_synthetic, "train")
     present = {}
     for a in train["annotations"]:
         present.setdefault(a["image_id"], set()).add(a["category_id"])
@@ -95,7 +77,7 @@ def test_federated_fields_and_val_coverage(small_synthetic):
         n_not_exhaustive += bool(img["not_exhaustive_category_ids"])
     assert n_neg > 0 and n_not_exhaustive > 0
 
-    val = _load(small_synthetic, "val")
+    val = load_split(small_synthetic, "val")
     per_cat = {}
     for a in val["annotations"]:
         per_cat[a["category_id"]] = per_cat.get(a["category_id"], 0) + 1
@@ -105,7 +87,7 @@ def test_federated_fields_and_val_coverage(small_synthetic):
 
 def test_annotations_match_pixels(small_synthetic):
     """Boxes and areas describe the drawn polygons."""
-    data = _load(small_synthetic, "train")
+    data = load_split(small_synthetic, "train")
     for a in data["annotations"][:200]:
         xs = a["segmentation"][0][0::2]
         ys = a["segmentation"][0][1::2]
@@ -169,8 +151,8 @@ def _check_federated(val, fed, negatives_per_positive):
 
 
 def test_federated_val_follows_its_rule(small_synthetic):
-    val = _load(small_synthetic, "val")
-    fed = _load(small_synthetic, "val_fed")
+    val = load_split(small_synthetic, "val")
+    fed = load_split(small_synthetic, "val_fed")
     # the exhaustive split verifies every absent category and flags nothing
     present = _present(val)
     for img in val["images"]:
@@ -233,14 +215,14 @@ def small_lvis(tmp_path_factory):
 
 def test_synthetic_lvis_same_seed_same_bytes(small_lvis, tmp_path):
     again = synthetic.generate(str(tmp_path / "again"), _small_lvis_spec())
-    assert _tree_digest(again) == _tree_digest(small_lvis)
+    assert tree_digest(again) == tree_digest(small_lvis)
     # the vocabulary's family order depends on the seed too
     assert synthetic.family_table(_small_lvis_spec()) != synthetic.family_table(_small_lvis_spec(seed=1))
 
 
 def test_synthetic_lvis_groups_sizes_and_federated_val(small_lvis):
     spec = _small_lvis_spec()
-    train = _load(small_lvis, "train")
+    train = load_split(small_lvis, "train")
     assert len(train["images"]) == synthetic.num_train_images(spec)
     images_of = {}
     for a in train["annotations"]:
@@ -251,12 +233,12 @@ def test_synthetic_lvis_groups_sizes_and_federated_val(small_lvis):
         assert c["frequency"] == ("r" if n <= 10 else "c" if n <= 100 else "f")
     groups = [c["frequency"] for c in sorted(train["categories"], key=lambda c: c["id"])]
     assert [groups.count(g) for g in "rcf"] == list(synthetic.group_sizes(24)) == [7, 9, 8]
-    val = _load(small_lvis, "val")
+    val = load_split(small_lvis, "val")
     per_cat = {}
     for a in val["annotations"]:
         per_cat[a["category_id"]] = per_cat.get(a["category_id"], 0) + 1
     assert min(per_cat.values()) >= spec.val_instances and len(per_cat) == 24
-    _check_federated(val, _load(small_lvis, "val_fed"), spec.val_negatives_per_positive)
+    _check_federated(val, load_split(small_lvis, "val_fed"), spec.val_negatives_per_positive)
     # the category names carry the family vocabulary
     table = synthetic.family_table(spec)
     names = [c["name"] for c in sorted(train["categories"], key=lambda c: c["id"])]
@@ -319,7 +301,7 @@ def small_balanced(tmp_path_factory):
 
 def test_balanced_every_category_on_the_same_train_images(small_balanced, small_lvis):
     spec = _small_balanced_spec()
-    train = _load(small_balanced, "train")
+    train = load_split(small_balanced, "train")
     images_of = {c["id"]: set() for c in train["categories"]}
     for a in train["annotations"]:
         images_of[a["category_id"]].add(a["image_id"])
@@ -328,7 +310,7 @@ def test_balanced_every_category_on_the_same_train_images(small_balanced, small_
     # 52 is in LVIS's common band, so the rare and frequent groups are empty
     assert {c["frequency"] for c in train["categories"]} == {"c"}
     # about the size of the long-tailed variant at the same scale
-    long_tailed = _load(small_lvis, "train")
+    long_tailed = load_split(small_lvis, "train")
     assert len(train["images"]) == synthetic.num_train_images(spec) == 250
     assert abs(len(train["images"]) - len(long_tailed["images"])) <= 0.01 * len(long_tailed["images"])
     assert (abs(len(train["annotations"]) - len(long_tailed["annotations"]))
@@ -336,19 +318,19 @@ def test_balanced_every_category_on_the_same_train_images(small_balanced, small_
     # the same vocabulary and val protocol as the long-tailed variant
     names = [c["name"] for c in sorted(train["categories"], key=lambda c: c["id"])]
     assert names == [c["name"] for c in sorted(long_tailed["categories"], key=lambda c: c["id"])]
-    val = _load(small_balanced, "val")
+    val = load_split(small_balanced, "val")
     per_cat = {}
     for a in val["annotations"]:
         per_cat[a["category_id"]] = per_cat.get(a["category_id"], 0) + 1
     assert len(per_cat) == 24 and min(per_cat.values()) >= spec.val_instances
-    _check_federated(val, _load(small_balanced, "val_fed"), spec.val_negatives_per_positive)
+    _check_federated(val, load_split(small_balanced, "val_fed"), spec.val_negatives_per_positive)
 
 
 def test_balanced_same_seed_same_bytes_and_recorded_spec(small_balanced, tmp_path):
     again = synthetic.generate(str(tmp_path / "again"), _small_balanced_spec())
-    assert _tree_digest(again) == _tree_digest(small_balanced)
+    assert tree_digest(again) == tree_digest(small_balanced)
     other = synthetic.generate(str(tmp_path / "other"), _small_balanced_spec(seed=1))
-    assert _tree_digest(other) != _tree_digest(small_balanced)
+    assert tree_digest(other) != tree_digest(small_balanced)
     assert synthetic.spec_of(small_balanced) == _small_balanced_spec()
 
 
@@ -394,7 +376,7 @@ def test_cli_balanced_preset(tmp_path, capsys):
     spec = synthetic.spec_of(str(out))
     assert spec == replace(synthetic.PRESETS["synthetic_lvis_balanced"], num_categories=6,
                            image_size=64, val_instances=1, train_images_per_category=12)
-    assert {c["image_count"] for c in _load(str(out), "train")["categories"]} == {12}
+    assert {c["image_count"] for c in load_split(str(out), "train")["categories"]} == {12}
     err = capsys.readouterr().err
     assert "(rare 0, common 6, frequent 0)" in err
     assert "balanced: every category on 12 train images, so all are common" in err

@@ -1,7 +1,6 @@
 """The hard-tail preset (appearance "own_factors", eql_d2.data.hard_tail): determinism,
 LVIS groups, the federated labels, and categories of the tail that own their appearance."""
 
-import hashlib
 import json
 import math
 import os
@@ -14,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from eql_d2.data import datasets, hard_tail, register_all, synthetic
 from eql_d2.data.synthetic import PRESETS, SyntheticLTSpec, frequency_group
+from helpers import load_split, tree_digest
 
 PRESET = PRESETS["synthetic_hard_tail"]
 
@@ -24,23 +24,6 @@ def _small_spec(**kw):
     small = dict(num_categories=14, image_size=64, max_frequent_images=110, val_instances=3,
                  min_object_size=0.26, max_object_size=0.45)
     return replace(PRESET, **{**small, **kw})
-
-
-def _digest(root):
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            h.update(os.path.relpath(path, root).encode())
-            with open(path, "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()
-
-
-def _load(root, split):
-    with open(os.path.join(root, f"lvis_v1_{split}.json")) as f:
-        return json.load(f)
 
 
 def _present(data):
@@ -57,9 +40,9 @@ def small(tmp_path_factory):
 
 def test_same_seed_same_bytes_other_seed_differs(small, tmp_path):
     again = synthetic.generate(str(tmp_path / "again"), _small_spec())
-    assert _digest(again) == _digest(small)
+    assert tree_digest(again) == tree_digest(small)
     other = synthetic.generate(str(tmp_path / "other"), _small_spec(seed=1))
-    assert _digest(other) != _digest(small)
+    assert tree_digest(other) != tree_digest(small)
     # the looks depend on the seed too, and only on it
     assert synthetic.vocabulary(_small_spec()) == synthetic.vocabulary(_small_spec())
     assert synthetic.vocabulary(_small_spec(seed=1)) != synthetic.vocabulary(_small_spec())
@@ -69,7 +52,7 @@ def test_groups_follow_the_train_image_counts(small):
     """r / c / f from each category's train images with LVIS's thresholds (1-10, 11-100,
     > 100), the counts the spec asks for, LVIS's proportions of groups."""
     spec = _small_spec()
-    train = _load(small, "train")
+    train = load_split(small, "train")
     images_of = {}
     for a in train["annotations"]:
         images_of.setdefault(a["category_id"], set()).add(a["image_id"])
@@ -103,7 +86,7 @@ def test_preset_groups_and_size():
 def test_federated_labels(small):
     """Train: negatives absent, not-exhaustive categories present. Val: exhaustive labels,
     and the federated val follows federated_labels' rule against them."""
-    train = _load(small, "train")
+    train = load_split(small, "train")
     present = _present(train)
     for img in train["images"]:
         assert not set(img["neg_category_ids"]) & present[img["id"]]
@@ -111,7 +94,7 @@ def test_federated_labels(small):
     assert any(img["neg_category_ids"] for img in train["images"])
     assert any(img["not_exhaustive_category_ids"] for img in train["images"])
 
-    val, fed = _load(small, "val"), _load(small, "val_fed")
+    val, fed = load_split(small, "val"), load_split(small, "val_fed")
     num = len(val["categories"])
     truth = _present(val)
     for img in val["images"]:
@@ -191,7 +174,7 @@ def test_check_own_factors_refuses_a_tail_category_with_a_frequent_factor():
 def test_annotations_describe_the_visible_parts(small):
     """Every annotation: polygons of >= 3 points inside the image, the box around them, an
     area that fits in the box; some objects run off the image (partial views)."""
-    train = _load(small, "train")
+    train = load_split(small, "train")
     size = _small_spec().image_size
     at_border = 0
     for a in train["annotations"]:
