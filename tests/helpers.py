@@ -106,6 +106,22 @@ def load_script(path, name=None, register=False):
     return module
 
 
+def assert_same_final_model(run_a, run_b):
+    """The model_final.pth of two runs hold equal tensors, EQL / EQLv2 statistics (which must
+    have accumulated) included, and equal optimizer state; returns both checkpoints."""
+    a, b = (torch.load(os.path.join(d, "model_final.pth"), map_location="cpu",
+                       weights_only=False) for d in (run_a, run_b))
+    assert set(a["model"]) == set(b["model"])
+    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differ, differ[:10]
+    stats = [k for k in a["model"] if k.endswith(("pos_grad", "neg_grad"))]
+    assert stats and all(a["model"][k].sum() > 0 for k in stats)
+    opt_a, opt_b = (c["trainer"]["_trainer"]["optimizer"]["state"] for c in (a, b))
+    assert opt_a.keys() == opt_b.keys()
+    assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
+    return a, b
+
+
 def free_port():
     """A TCP port on the loopback interface that is free now."""
     import socket

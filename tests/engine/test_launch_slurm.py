@@ -9,9 +9,8 @@ import sys
 import time
 
 import pytest
-import torch
 
-from helpers import ROOT, TINY_RCNN, free_port
+from helpers import ROOT, TINY_RCNN, assert_same_final_model, free_port
 
 submitit = pytest.importorskip("submitit")
 
@@ -81,12 +80,4 @@ def test_preempted_job_requeues_and_ends_as_the_uninterrupted_run(small_syntheti
     assert starts[0] == 0 and 2 <= starts[-1] < 8, starts
     assert os.path.isfile(os.path.join(preempted, f"model_{starts[-1] - 1:07d}.pth"))
 
-    a, b = (torch.load(os.path.join(d, "model_final.pth"), map_location="cpu",
-                       weights_only=False) for d in (whole, preempted))
-    assert set(a["model"]) == set(b["model"])
-    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
-    assert not differ, differ[:10]
-    stats = [k for k in a["model"] if k.endswith(("pos_grad", "neg_grad"))]
-    assert stats and all(a["model"][k].sum() > 0 for k in stats)
-    opt_a, opt_b = (c["trainer"]["_trainer"]["optimizer"]["state"] for c in (a, b))
-    assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
+    assert_same_final_model(whole, preempted)

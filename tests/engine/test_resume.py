@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, TINY_RCNN, run_train_net
+from helpers import ROOT, TINY_RCNN, assert_same_final_model, run_train_net
 from eql_d2.engine import AtomicCheckpointer
 
 CFG = os.path.join(ROOT, "configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_eqlv2.yaml")
@@ -71,16 +71,7 @@ def test_killed_and_resumed_run_ends_bit_identical(variant, small_synthetic, tmp
     start = int((proc.stdout + proc.stderr).split("Starting training from iteration ")[1].split()[0])
     assert 4 <= start <= 9
 
-    a, b = (torch.load(os.path.join(d, "model_final.pth"), map_location="cpu",
-                       weights_only=False) for d in (whole, resumed))
-    assert set(a["model"]) == set(b["model"])
-    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
-    assert not differ, differ[:10]
-    stats = [k for k in a["model"] if k.endswith(("pos_grad", "neg_grad"))]
-    assert stats and all(a["model"][k].sum() > 0 for k in stats)
-    opt_a, opt_b = (c["trainer"]["_trainer"]["optimizer"]["state"] for c in (a, b))
-    assert opt_a.keys() == opt_b.keys()
-    assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
+    a, b = assert_same_final_model(whole, resumed)
     assert a["trainer"]["data_stream"] == b["trainer"]["data_stream"]
     with open(os.path.join(whole, "final_metrics.json")) as f1, \
             open(os.path.join(resumed, "final_metrics.json")) as f2:
