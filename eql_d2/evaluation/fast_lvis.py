@@ -132,6 +132,8 @@ class FastLVISEval:
             areas = det.mask_areas(keep)
         else:
             areas = det.bbox[keep, 2] * det.bbox[keep, 3]
+        self._area = np.zeros(len(det), np.float64)  # read again for the result annotations
+        self._area[keep] = areas
         scale = max(self.params.cat_ids, default=0) + 1
         keys = det.image_id[keep] * scale + det.category_id[keep]
         scored = (areas > 0) & (areas < math.inf) & np.isin(keys, self._verified_keys(gt_by_cat, scale))
@@ -144,25 +146,25 @@ class FastLVISEval:
     def _result_annotations(self, index):
         """The detections at `index` as faster-coco-eval's result annotations: what its
         ``loadRes`` makes of a results list (ids 1.., ``iscrowd`` 0, ``area`` the box's or
-        the mask's, for masks the RLE's bounding box), with areas and boxes computed for
-        all of them at once."""
+        the mask's, for masks the RLE's bounding box), from the areas of :meth:`_detections`
+        and, for masks, the boxes of all of them at once."""
         det = self._dets
-        bbox = self.params.iou_type == "bbox"
-        anns = list(det.dicts(index, bbox=bbox, segmentation=not bbox))
-        if bbox:
-            areas = (det.bbox[index, 2] * det.bbox[index, 3]).tolist()
-            boxes = [None] * len(anns)
-        else:
-            import pycocotools.mask as mask_utils
+        areas = self._area[index].tolist()
+        if self.params.iou_type == "bbox":
+            anns = list(det.dicts(index, bbox=True, segmentation=False))
+            for k, (ann, area) in enumerate(zip(anns, areas)):
+                ann["id"], ann["iscrowd"], ann["area"] = k + 1, 0, area
+            return anns
+        import pycocotools.mask as mask_utils
 
-            rles = det.rles(index)
-            areas = mask_utils.area(rles).tolist() if rles else []
-            boxes = mask_utils.toBbox(rles).tolist() if rles else []
-        for k, (ann, area, box) in enumerate(zip(anns, areas, boxes)):
-            ann["id"], ann["iscrowd"], ann["area"] = k + 1, 0, area
-            if box is not None:
-                ann["bbox"] = box
-        return anns
+        rles = det.rles(index)
+        boxes = mask_utils.toBbox(rles).tolist() if rles else []
+        columns = zip(det.image_id[index].tolist(), det.category_id[index].tolist(),
+                      det.score[index].tolist(), rles, areas, boxes)
+        return [{"image_id": i, "category_id": c, "score": s, "area": a, "bbox": b,
+                 "segmentation": {"size": r["size"], "counts": r["counts"].decode("ascii")},
+                 "id": k + 1, "iscrowd": 0}
+                for k, (i, c, s, r, a, b) in enumerate(columns)]
 
     def _groups(self, gt_by_cat, dt_by_cat):
         """Categories with ground truth, in id order, cut into groups of about
