@@ -14,6 +14,11 @@ For each finished run (a train_net.py OUTPUT_DIR of an EQLCascadeROIHeads config
    own final_metrics.json is "mean_probs"), bbox AP / AP50 / APr / APc / APf.
 
 Both tables print as Markdown; ``--json FILE`` also writes them.
+
+Several seeds of the same arms, one table per seed folder and the paired differences
+against a reference arm (mean ± standard deviation over the seeds that have both):
+
+    python benchmarks/cascade_diagnosis.py --seeds output/bench700/cascade_seed{0,1,2}
 """
 
 import argparse
@@ -87,14 +92,62 @@ def evaluate(run, mode, python):
     return _bbox(done)
 
 
+def seeds_table(seed_dirs, reference="sigmoid"):
+    """Markdown tables of the finished arms in each seed folder (``<dir>/<arm>/
+    final_metrics.json``): bbox metrics per seed, mean ± std per arm, and each arm minus
+    `reference` paired by seed. Returns (per-seed {arm: {seed dir: metrics}}, lines)."""
+    runs = {}
+    for d in seed_dirs:
+        for arm in sorted(os.listdir(d)):
+            metrics = os.path.join(d, arm, "final_metrics.json")
+            if os.path.isfile(metrics):
+                runs.setdefault(arm, {})[d] = _bbox(metrics)
+    if reference not in runs:
+        raise SystemExit(f"no finished {reference!r} run in {', '.join(seed_dirs)}")
+
+    def spread(values):
+        if len(values) == 1:
+            return f"{values[0]:.2f} (1 seed)"
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+    lines = ["| seed folder | run | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
+    for d in seed_dirs:
+        for arm, per_seed in runs.items():
+            if d in per_seed:
+                m = per_seed[d]
+                lines.append(f"| {os.path.basename(os.path.normpath(d))} | {arm} | "
+                             + " | ".join(f"{m[k]:.2f}" for k in KEYS) + " |")
+    lines += ["", "| run | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
+    for arm, per_seed in runs.items():
+        lines.append(f"| {arm} | {len(per_seed)} | " + " | ".join(
+            spread([m[k] for m in per_seed.values()]) for k in KEYS) + " |")
+    lines += ["", f"| run − {reference}, paired by seed | seeds | " + " | ".join(KEYS) + " |",
+              "|---|---|" + "---|" * len(KEYS)]
+    for arm, per_seed in runs.items():
+        common = [d for d in per_seed if d in runs[reference]]
+        if arm == reference or not common:
+            continue
+        lines.append(f"| {arm} | {len(common)} | " + " | ".join(
+            spread([per_seed[d][k] - runs[reference][d][k] for d in common]) for k in KEYS)
+            + " |")
+    return runs, lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+")
+    p.add_argument("runs", nargs="+", help="run folders (with --seeds: seed folders of runs)")
+    p.add_argument("--seeds", action="store_true",
+                   help="tables over seed folders and paired differences (no evaluation)")
+    p.add_argument("--reference", default="sigmoid", help="the arm paired differences subtract")
     p.add_argument("--last", type=int, default=5, help="logged rows averaged per statistic")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--json", help="also write both tables here")
     p.add_argument("--python", default=sys.executable)
     args = p.parse_args(argv)
+    if args.seeds:
+        runs, lines = seeds_table(args.runs, args.reference)
+        print("\n".join(lines))
+        return runs
     report = {}
     for run in args.runs:
         if not os.path.isfile(os.path.join(run, "final_metrics.json")):

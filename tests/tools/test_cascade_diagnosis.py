@@ -26,3 +26,22 @@ def test_training_statistics_average_the_last_rows_per_stage(tmp_path):
     assert s["stage3"]["fg share"] == pytest.approx(0.5)
     assert s["stage3"]["ratio r"] == pytest.approx(3.0)
     assert "ratio r" not in s["stage1"] and s["stage2"] == {}
+
+
+def test_seeds_table_pairs_arms_by_seed(tmp_path):
+    keys = cascade_diagnosis.KEYS
+    values = {("s0", "sigmoid"): 50.0, ("s0", "eqlv2"): 47.0,
+              ("s1", "sigmoid"): 40.0, ("s1", "eqlv2"): 45.0, ("s2", "sigmoid"): 30.0}
+    for (seed, arm), v in values.items():
+        (tmp_path / seed / arm).mkdir(parents=True)
+        metrics = {"val": {"bbox": {k: v + i for i, k in enumerate(keys)}}}
+        (tmp_path / seed / arm / "final_metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "s2" / "eqlv2").mkdir()  # cut off: no final_metrics.json, left out
+    runs, lines = cascade_diagnosis.seeds_table(
+        [str(tmp_path / s) for s in ("s0", "s1", "s2")])
+    assert {arm: len(r) for arm, r in runs.items()} == {"eqlv2": 2, "sigmoid": 3}
+    # sigmoid's AP over the three seeds: 40 ± 10; eqlv2 - sigmoid paired: -3 and +5 -> 1 ± 5.66
+    assert "| sigmoid | 3 | 40.00 ± 10.00 |" in "\n".join(lines)
+    assert "| eqlv2 | 2 | 1.00 ± 5.66 | 1.00 ± 5.66 |" in "\n".join(lines)
+    with pytest.raises(SystemExit, match="no finished 'softmax' run"):
+        cascade_diagnosis.seeds_table([str(tmp_path / "s0")], reference="softmax")
