@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The multi-seed study of the papers' claims on Synthetic-LVIS (federated val).
+"""The multi-seed study of the papers' claims on Synthetic-LVIS (federated val), and the
+same study on converged models of the hard-tail preset (``--study hard_tail``).
 
     # start one driver per free core; each takes the next run nobody has claimed
     nohup benchmarks/synthetic_lvis_study.sh > output/study/driver0.log 2>&1 &
@@ -23,6 +24,16 @@ regime indicators), the ablations and the balanced check (seed 0), the main arms
 protocol), then the main arms for seed 2.
 A run is claimed with a lock folder holding the driver's pid; a lock whose process is gone
 is taken over.
+
+``--study hard_tail`` (docs/HARD_TAIL.md) trains the configs of configs/Synthetic-HardTail
+to their schedules in epochs on the ``synthetic_hard_tail`` preset of each seed, keeps its
+results in ``benchmarks/results/hard_tail_study/`` and runs in ``output/hard_tail_calibration``
+by default, where benchmarks/hard_tail_calibration.sh trains the two baselines with the same
+configs, seeds and data: a baseline run that driver finished is adopted, not repeated. The
+baselines come last in its order, so run the calibration first (not both on one baseline).
+
+    nohup benchmarks/synthetic_lvis_study.sh --study hard_tail > output/hard_tail_study0.log 2>&1 &
+    benchmarks/synthetic_lvis_study.py table --study hard_tail
 """
 
 import argparse
@@ -103,6 +114,66 @@ COMPARISONS = [
 ]
 KEYS = ("AP", "APr", "APc", "APf")
 
+# The study on converged models of the hard-tail preset: the configs set their schedules in
+# epochs, checkpoints an epoch and the regime indicators, so no option is added to them.
+HARD_TAIL_RESULTS = os.environ.get("EQL_D2_HARD_TAIL_STUDY_RESULTS",
+                                   os.path.join(ROOT, "benchmarks", "results", "hard_tail_study"))
+HT_CFG = "configs/Synthetic-HardTail"
+NO_LABELS = ["MODEL.IMAGE_LABELS.VERIFIED", "False"]
+HARD_TAIL_ARMS = {
+    "atss_focal": (f"{HT_CFG}/atss_R18_FPN_focal.yaml", [], "hard_tail"),
+    "atss_efl": (f"{HT_CFG}/atss_R18_FPN_efl.yaml", [], "hard_tail"),
+    "frcnn_sigmoid": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_sigmoid.yaml", [], "hard_tail"),
+    "frcnn_eql": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_eql.yaml", [], "hard_tail"),
+    "frcnn_eqlv2": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_eqlv2.yaml", [], "hard_tail"),
+    # how much of EQL's and EQLv2's lead is LVIS's image-level mask (the EQLv2 authors' form)
+    "frcnn_eql_no_image_labels": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_eql.yaml", NO_LABELS,
+                                  "hard_tail"),
+    "frcnn_eqlv2_no_image_labels": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_eqlv2.yaml", NO_LABELS,
+                                    "hard_tail"),
+    "atss_efl_focusing_only": (f"{HT_CFG}/atss_R18_FPN_efl.yaml",
+                               ["MODEL.CLS_LOSS.EFL.WEIGHTING_FACTOR", "False"], "hard_tail"),
+    "atss_efl_weighting_only": (f"{HT_CFG}/atss_R18_FPN_efl.yaml",
+                                ["MODEL.CLS_LOSS.EFL.FOCUSING_FACTOR", "False"], "hard_tail"),
+    "frcnn_eql_no_excluding_function": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_eql.yaml",
+                                        ["MODEL.CLS_LOSS.EQL.EXCLUDING_FUNCTION", "False"],
+                                        "hard_tail"),
+}
+HARD_TAIL_BASELINES = ("atss_focal", "frcnn_sigmoid")
+# every claim on seed 0 first, then seeds 1 and 2; the calibration's baselines last
+HARD_TAIL_RUNS = ([(arm, seed) for seed in SEEDS for arm in HARD_TAIL_ARMS
+                   if arm not in HARD_TAIL_BASELINES]
+                  + [(arm, seed) for seed in SEEDS for arm in HARD_TAIL_BASELINES])
+HARD_TAIL_COMPARISONS = [c for c in COMPARISONS if c[1] in HARD_TAIL_ARMS and c[2] in HARD_TAIL_ARMS] + [
+    ("EQL - EQL without image-level labels", "frcnn_eql", "frcnn_eql_no_image_labels"),
+    ("EQLv2 - EQLv2 without image-level labels", "frcnn_eqlv2", "frcnn_eqlv2_no_image_labels"),
+    ("EQL without labels - sigmoid", "frcnn_eql_no_image_labels", "frcnn_sigmoid"),
+    ("EQLv2 without labels - sigmoid", "frcnn_eqlv2_no_image_labels", "frcnn_sigmoid"),
+]
+
+
+class Study:
+    """One study: its arms, run order, comparisons, kept results and run folder."""
+
+    def __init__(self, name):
+        if name == "synthetic_lvis":
+            self.arms, self.runs, self.comparisons = ARMS, RUNS, COMPARISONS
+            self.results, self.out = RESULTS, os.path.join(ROOT, "output", "study")
+            self.options = ["SOLVER.CHECKPOINT_PERIOD", "100", *REGIME]
+        elif name == "hard_tail":
+            self.arms, self.runs = HARD_TAIL_ARMS, HARD_TAIL_RUNS
+            self.comparisons = HARD_TAIL_COMPARISONS
+            self.results = HARD_TAIL_RESULTS
+            self.out = os.path.join(ROOT, "output", "hard_tail_calibration")
+            self.options = []
+        else:
+            raise ValueError(f"unknown study {name!r}: synthetic_lvis or hard_tail")
+        self.name = name
+
+
+def _study(args):
+    return Study(getattr(args, "study", None) or "synthetic_lvis")
+
 
 def run_name(arm, seed):
     return f"{arm}/seed{seed}"
@@ -115,6 +186,9 @@ def dataset_env(kind, seed, datasets_dir):
     if kind == "balanced":
         return {"EQL_D2_SYNTHETIC_LVIS_BALANCED_ROOT":
                 os.path.join(datasets_dir, f"synthetic_lvis_balanced_seed{seed}")}
+    if kind == "hard_tail":  # the folders benchmarks/hard_tail_calibration.sh uses
+        return {"EQL_D2_SYNTHETIC_HARD_TAIL_ROOT":
+                os.path.join(datasets_dir, f"synthetic_hard_tail_seed{seed}")}
     return {"EQL_D2_SYNTHETIC_ROOT": os.path.join(datasets_dir, "synthetic_lt")}
 
 
@@ -132,7 +206,8 @@ def generate_data(kind, seed, datasets_dir, log):
     root = next(iter(dataset_env(kind, seed, datasets_dir).values()))
     if os.path.isfile(os.path.join(root, "generator.json")):
         return
-    preset = "synthetic_lvis" if kind == "lvis" else "synthetic_lvis_balanced"
+    preset = {"lvis": "synthetic_lvis", "balanced": "synthetic_lvis_balanced",
+              "hard_tail": "synthetic_hard_tail"}[kind]
     print(f"generating {preset} seed {seed} into {root}", flush=True)
     subprocess.run([sys.executable, "-m", "eql_d2.data.synthetic", "--preset", preset,
                     "--seed", str(seed), "--out", root], cwd=ROOT, check=True,
@@ -184,24 +259,34 @@ def save_results(run_dir, dest):
 def cmd_run(args):
     """Train the runs not done yet, at most --max-runs of them (exit status 3: none left to
     take, so a loop that restarts the driver, re-reading the code between runs, can stop)."""
-    os.makedirs(args.out, exist_ok=True)
+    study = _study(args)
+    out = args.out or study.out
+    if args.arms and set(args.arms) - set(study.arms):
+        raise SystemExit(f"--arms {sorted(set(args.arms) - set(study.arms))}: not arms of the "
+                         f"{study.name} study ({', '.join(study.arms)})")
+    os.makedirs(out, exist_ok=True)
     started = 0
-    wanted = [(a, s) for a, s in RUNS
+    wanted = [(a, s) for a, s in study.runs
               if (not args.arms or a in args.arms) and (args.seeds is None or s in args.seeds)]
     for arm, seed in wanted:
         name = run_name(arm, seed)
-        dest = os.path.join(RESULTS, name)
+        dest = os.path.join(study.results, name)
         if os.path.isfile(os.path.join(dest, "final_metrics.json")):
             continue
         if args.max_runs and started >= args.max_runs:
             return
-        lock = os.path.join(args.out, name + ".lock")
+        lock = os.path.join(out, name + ".lock")
         if not claim(lock):
             continue
         started += 1
         try:
-            config, extra, kind = ARMS[arm]
-            run_dir = os.path.join(args.out, name)
+            config, extra, kind = study.arms[arm]
+            run_dir = os.path.join(out, name)
+            if os.path.isfile(os.path.join(run_dir, "final_metrics.json")):
+                # finished here before (by this driver or the calibration's): kept, not redone
+                save_results(run_dir, dest)
+                print(f"== {name}: finished in {run_dir}, results kept in {dest}", flush=True)
+                continue
             os.makedirs(run_dir, exist_ok=True)
             log_path = run_dir + ".log"
             with open(log_path, "a") as log:
@@ -209,8 +294,8 @@ def cmd_run(args):
                 env = {**os.environ, "OMP_NUM_THREADS": "1",
                        **dataset_env(kind, seed, args.datasets)}
                 cmd = [sys.executable, "train_net.py", "--resume", "--config-file", config,
-                       "SEED", str(seed), "OUTPUT_DIR", run_dir, "SOLVER.CHECKPOINT_PERIOD", "100",
-                       *REGIME, *dataset_options(kind), *extra, *args.opts]
+                       "SEED", str(seed), "OUTPUT_DIR", run_dir, *study.options,
+                       *dataset_options(kind), *extra, *args.opts]
                 print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
                 start = time.time()
                 proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -225,12 +310,13 @@ def cmd_run(args):
         sys.exit(3)
 
 
-def load_metrics():
-    """{arm: {seed: {dataset: {"bbox": {...}}}}} of the finished runs."""
+def load_metrics(study=None):
+    """{arm: {seed: {dataset: {"bbox": {...}}}}} of the study's finished runs."""
+    study = study or Study("synthetic_lvis")
     out = {}
-    for arm in ARMS:
+    for arm in study.arms:
         for seed in SEEDS:
-            path = os.path.join(RESULTS, run_name(arm, seed), "final_metrics.json")
+            path = os.path.join(study.results, run_name(arm, seed), "final_metrics.json")
             if os.path.isfile(path):
                 with open(path) as f:
                     out.setdefault(arm, {})[seed] = json.load(f)
@@ -263,11 +349,12 @@ def _mean_std(values):
 def cmd_table(args):
     from eql_d2.evaluation.regime import difference, group_summary, read_regime_indicators
 
-    done = load_metrics()
+    study = _study(args)
+    done = load_metrics(study)
     print("### Runs: bbox AP on the federated val, mean ± standard deviation over seeds\n")
     print("| arm | seeds | " + " | ".join(KEYS) + " |")
     print("|---|---|" + "---|" * len(KEYS))
-    for arm in ARMS:
+    for arm in study.arms:
         if arm not in done:
             continue
         seeds = sorted(done[arm])
@@ -277,7 +364,7 @@ def cmd_table(args):
     print("\n### Paired differences (same data and training seed), per seed and mean ± std\n")
     print("| comparison | seeds | " + " | ".join(f"Δ{k}" for k in KEYS) + " |")
     print("|---|---|" + "---|" * len(KEYS))
-    for label, arm, ref in COMPARISONS:
+    for label, arm, ref in study.comparisons:
         seeds = sorted(set(done.get(arm, {})) & set(done.get(ref, {})))
         if not seeds:
             continue
@@ -306,9 +393,9 @@ def cmd_table(args):
     print("| run | rare g | common g | frequent g | last interval: rare g | common g | "
           "frequent g | rare pos/neg | common pos/neg | frequent pos/neg |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for arm in ARMS:
+    for arm in study.arms:
         for seed in sorted(done.get(arm, {})):
-            run_dir = os.path.join(RESULTS, run_name(arm, seed))
+            run_dir = os.path.join(study.results, run_name(arm, seed))
             try:
                 snaps = read_regime_indicators(run_dir)
             except FileNotFoundError:
@@ -344,12 +431,16 @@ def cmd_plots(args):
     plot_gradients = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot_gradients)
 
+    chosen = _study(args)
+
     def study(runs):
-        return [(run_name(a, s), os.path.join(RESULTS, run_name(a, s))) for a, s in runs]
+        return [(run_name(a, s), os.path.join(chosen.results, run_name(a, s))) for a, s in runs]
 
     # BENCHMARKS.md's 700-iteration Cascade run on Synthetic-LT keeps its indicators here
     cascade = os.path.join(ROOT, "benchmarks", "results", "synthetic_lt_700", "cascade_sigmoid")
     groups = {
+        f"hard_tail_seed{seed}": study([(a, seed) for a in HARD_TAIL_ARMS]) for seed in SEEDS
+    } if chosen.name == "hard_tail" else {
         "synthetic_lvis_seed0": study([(a, 0) for a in MAIN]),
         "synthetic_lvis_seed0_ablations": study([(a, 0) for a in (
             "frcnn_eql", "frcnn_eql_no_excluding_function", "atss_focal",
@@ -369,16 +460,20 @@ def cmd_plots(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = argparse.ArgumentParser(add_help=False)
+    which.add_argument("--study", choices=("synthetic_lvis", "hard_tail"),
+                       default="synthetic_lvis")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train and evaluate the runs not done yet")
-    r.add_argument("--out", default=os.path.join(ROOT, "output", "study"))
+    r = sub.add_parser("run", parents=[which], help="train and evaluate the runs not done yet")
+    r.add_argument("--out", help="run folders (default: output/study, or "
+                   "output/hard_tail_calibration for --study hard_tail)")
     r.add_argument("--datasets", default=os.path.join(ROOT, "datasets"))
-    r.add_argument("--arms", nargs="+", choices=sorted(ARMS))
+    r.add_argument("--arms", nargs="+", choices=sorted(set(ARMS) | set(HARD_TAIL_ARMS)))
     r.add_argument("--seeds", nargs="+", type=int)
     r.add_argument("--max-runs", type=int, default=0, help="stop after starting this many")
     r.add_argument("opts", nargs=argparse.REMAINDER, help="train_net.py overrides for every run")
-    sub.add_parser("table", help="Markdown tables of the finished runs")
-    pl = sub.add_parser("plots", help="regime plots of the finished runs")
+    sub.add_parser("table", parents=[which], help="Markdown tables of the finished runs")
+    pl = sub.add_parser("plots", parents=[which], help="regime plots of the finished runs")
     pl.add_argument("--plots", default=os.path.join(ROOT, "docs", "regime"))
     args = p.parse_args(argv)
     {"run": cmd_run, "table": cmd_table, "plots": cmd_plots}[args.command](args)

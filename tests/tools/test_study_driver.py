@@ -79,6 +79,45 @@ def test_every_arm_names_a_shipped_config(arm):
     assert os.path.isfile(os.path.join(ROOT, config)) and kind in ("lvis", "balanced", "slt")
 
 
+@pytest.mark.parametrize("arm", sorted(study.HARD_TAIL_ARMS))
+def test_every_hard_tail_arm_names_a_hard_tail_config(arm):
+    config, _, kind = study.HARD_TAIL_ARMS[arm]
+    assert config.startswith("configs/Synthetic-HardTail/") and kind == "hard_tail"
+    assert os.path.isfile(os.path.join(ROOT, config))
+
+
+def test_hard_tail_order_covers_every_arm_and_seed_once_with_the_baselines_last():
+    runs = study.HARD_TAIL_RUNS
+    assert sorted(runs) == sorted((a, s) for a in study.HARD_TAIL_ARMS for s in study.SEEDS)
+    baselines = [i for i, (a, _) in enumerate(runs) if a in study.HARD_TAIL_BASELINES]
+    assert baselines == list(range(len(runs) - len(baselines), len(runs)))
+    for _, arm, ref in study.HARD_TAIL_COMPARISONS:
+        assert arm in study.HARD_TAIL_ARMS and ref in study.HARD_TAIL_ARMS
+
+
+def test_a_run_finished_in_the_run_folder_is_kept_without_training(tmp_path, monkeypatch,
+                                                                    capsys):
+    # a baseline the calibration driver finished: its results are copied, nothing is trained
+    monkeypatch.setattr(study, "HARD_TAIL_RESULTS", str(tmp_path / "kept"))
+    run = tmp_path / "out" / "atss_focal" / "seed1"
+    run.mkdir(parents=True)
+    (run / "final_metrics.json").write_text('{"v": {"bbox": {"AP": 1.0}}}')
+    (run / "config.yaml").write_text("SEED: 1\n")
+    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: pytest.fail("trained"))
+    args = study.argparse.Namespace(study="hard_tail", out=str(tmp_path / "out"),
+                                    arms=["atss_focal"], seeds=[1], max_runs=0, opts=[])
+    study.cmd_run(args)
+    assert sorted(os.listdir(tmp_path / "kept" / "atss_focal" / "seed1")) == [
+        "config.yaml", "final_metrics.json"]
+    assert "results kept" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:  # now nothing is left to take
+        study.cmd_run(args)
+    assert stop.value.code == 3
+    args.arms = ["balanced_atss_focal"]
+    with pytest.raises(SystemExit, match="not arms of the hard_tail study"):
+        study.cmd_run(args)
+
+
 def test_empty_groups_are_not_averaged_or_differenced(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(study, "RESULTS", str(tmp_path))
     # the balanced preset has no rare or frequent categories: LVISEval's -1 (x100)
