@@ -7,6 +7,9 @@
   (Li et al., CVPR 2022, eq. 2-6).
 - :class:`SeesawLoss`: seesaw loss with an objectness branch (Wang et al., CVPR 2021).
 - :class:`FederatedLoss`: sigmoid CE over sampled classes (Zhou et al., 2021).
+- :class:`ClassBalancedLoss`, :func:`class_balanced_weights`: class-balanced loss (Cui et
+  al., CVPR 2019); :class:`BalancedGroupSoftmaxLoss`, :func:`group_by_count`: balanced
+  group softmax (BAGS, Li et al., CVPR 2020).
 - Baselines: :class:`SigmoidCELoss`, :class:`FocalLoss`, :class:`QualityFocalLoss`,
   :class:`SoftmaxCELoss`.
 - :class:`GradientStatistics`: the per-class gradient statistics EQLv2 and EFL keep, a base
@@ -26,6 +29,8 @@ input checks that need tensor values run on CPU tensors, and on GPU tensors only
 
 from ._checks import DEBUG_CHECKS_ENV
 from ._fused import COMPILE_ENV
+from .class_balanced import ClassBalancedLoss, class_balanced_weights
+from .group_softmax import BalancedGroupSoftmaxLoss, group_by_count
 from .baselines import FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss
 from .efl import EqualizedFocalLoss, EqualizedQualityFocalLoss
 from .federated import FederatedLoss
@@ -36,6 +41,8 @@ from .seql import SoftmaxEQLLoss
 from .statistics import GradientStatistics
 
 __all__ = [
+    "BalancedGroupSoftmaxLoss",
+    "ClassBalancedLoss",
     "COMPILE_ENV",
     "DEBUG_CHECKS_ENV",
     "EQLLoss",
@@ -50,5 +57,7 @@ __all__ = [
     "SigmoidCELoss",
     "SoftmaxCELoss",
     "SoftmaxEQLLoss",
+    "class_balanced_weights",
+    "group_by_count",
     "tail_ratio",
 ]

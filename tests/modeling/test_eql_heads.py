@@ -253,8 +253,8 @@ def test_eql_frequencies_come_from_dataset_metadata(caplog):
 
 
 def test_configuration_errors_name_the_key():
-    cfg = make_cfg("focal")  # registered, but for dense heads
-    with pytest.raises(ValueError, match="MODEL.CLS_LOSS.NAME 'focal' .* does not work with "
+    cfg = make_cfg("qfl")  # registered, but for dense heads
+    with pytest.raises(ValueError, match="MODEL.CLS_LOSS.NAME 'qfl' .* does not work with "
                                          "two_stage"):
         build_heads(cfg)
     cfg = make_cfg("eqlv3")

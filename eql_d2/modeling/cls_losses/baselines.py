@@ -11,7 +11,10 @@ __all__ = ["SoftmaxCE", "SigmoidCE", "Focal", "QFL"]
 
 @CLS_LOSS_REGISTRY.register()
 class SoftmaxCE(SoftmaxCELoss, ClassificationLoss):
-    """Softmax cross-entropy over C + 1 columns (column C: background); two-stage heads."""
+    """Softmax cross-entropy: over C + 1 columns in two-stage heads (column C: background),
+    over the C columns in the image classifier."""
+
+    heads = ("two_stage", "classification")
 
     def __init__(self, num_classes: int):
         super().__init__()
@@ -48,9 +51,11 @@ class SigmoidCE(FocalLoss, ClassificationLoss):
 
 @CLS_LOSS_REGISTRY.register()
 class Focal(FocalLoss, ClassificationLoss):
-    """Focal loss (``MODEL.CLS_LOSS.FOCAL.GAMMA``, ``ALPHA``); dense heads."""
+    """Sigmoid focal loss (``MODEL.CLS_LOSS.FOCAL.GAMMA``, ``ALPHA``); dense heads and the
+    image classifier (labels 0..C-1: one positive column per image, as Cui et al. (CVPR
+    2019) train it on CIFAR-LT)."""
 
-    heads = ("dense",)
+    heads = ("dense", "classification")
     extra_columns = 0
 
     def __init__(self, num_classes: int, gamma: float = 2.0, alpha=0.25):
