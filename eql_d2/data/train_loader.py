@@ -5,7 +5,8 @@ detectron2's training loader keeps its position and randomness in the running pr
 sample stream again from its beginning and augments differently. Here:
 
 - The global sample stream is the one of detectron2's ``TrainingSampler`` or
-  ``RepeatFactorTrainingSampler`` for one seed. Every rank computes the same stream; it is
+  ``RepeatFactorTrainingSampler``, or of a class-level sampler (:func:`class_aware_indices`,
+  :func:`class_balanced_indices`), for one seed. Every rank computes the same stream; it is
   indices only, so skipping to any point is cheap (LVIS v1, 16 images x 180k iterations:
   2.9M indices).
 - Global batch k is the next ``SOLVER.IMS_PER_BATCH`` samples of that stream (with
@@ -42,11 +43,15 @@ from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSample
 from .compact import CompactDataset
 
 __all__ = ["ResumableTrainLoader", "CeilRepeatFactorTrainingSampler", "check_image_files",
-           "derive_seed", "seeded_rngs", "SAMPLERS", "REPEAT_ROUNDINGS", "SEED_TRAIN_STEP"]
+           "derive_seed", "seeded_rngs", "SAMPLERS", "CLASS_SAMPLERS", "REPEAT_ROUNDINGS",
+           "SEED_TRAIN_STEP", "class_image_lists", "class_aware_indices",
+           "class_balanced_indices"]
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler")
+# DATALOADER.SAMPLER_TRAIN values that pick a class first, then an image containing it
+CLASS_SAMPLERS = ("ClassAwareSampler", "ClassBalancedSampler")
+SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler") + CLASS_SAMPLERS
 # DATALOADER.REPEAT_ROUNDING: detectron2's stochastic rounding, or ceil(r) copies per epoch
 REPEAT_ROUNDINGS = ("stochastic", "ceil")
 
@@ -136,6 +141,62 @@ class CeilRepeatFactorTrainingSampler(RepeatFactorTrainingSampler):
         return torch.repeat_interleave(torch.arange(len(copies)), copies)
 
 
+def class_image_lists(dataset_dicts) -> List[np.ndarray]:
+    """For each category (0-based, as detectron2's dicts number them), the sorted dataset
+    indices of the images with an annotation of it; from the annotations of a list of dicts
+    or the arrays of a :class:`~eql_d2.data.compact.CompactDataset`. Categories without an
+    image are left out of the list's non-empty entries (and so never drawn)."""
+    if isinstance(dataset_dicts, CompactDataset):
+        positions, categories = dataset_dicts.image_categories()
+    else:
+        pairs = sorted({(i, a["category_id"]) for i, d in enumerate(dataset_dicts)
+                        for a in d.get("annotations", ())})
+        positions = np.array([p for p, _ in pairs], dtype=np.int64)
+        categories = np.array([c for _, c in pairs], dtype=np.int64)
+    num_classes = int(categories.max()) + 1 if len(categories) else 0
+    order = np.lexsort((positions, categories))
+    bounds = np.searchsorted(categories[order], np.arange(num_classes + 1))
+    return [positions[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def class_aware_indices(class_images: Sequence[np.ndarray], seed: int) -> Iterator[int]:
+    """Class-aware sampling (Shen et al., ECCV 2016, sec. 3.3): the classes that have images
+    are visited in rounds, each round a new random order of all of them, and each visit
+    takes the next image of that class's list, which is reshuffled whenever it is used up
+    (the EQLv2 authors' ``CASDataset`` for cRT and LWS). Every round of K classes holds each
+    class exactly once. Infinite; a function of `seed` only."""
+    rng = np.random.default_rng(seed)
+    classes = [c for c, images in enumerate(class_images) if len(images)]
+    if not classes:
+        raise ValueError("class-aware sampling: no training image has an annotation")
+    queues = {c: iter(()) for c in classes}
+    while True:
+        for c in rng.permutation(classes):
+            nxt = next(queues[c], None)
+            if nxt is None:
+                queues[c] = iter(rng.permutation(class_images[c]).tolist())
+                nxt = next(queues[c])
+            yield nxt
+
+
+def class_balanced_indices(class_images: Sequence[np.ndarray], seed: int,
+                           chunk: int = 4096) -> Iterator[int]:
+    """Class-balanced sampling as cRT uses it (Kang et al., ICLR 2020, eq. 1 with q = 0):
+    each sample draws a class uniformly among those with images, then one of its images
+    uniformly, independently of every other sample. Infinite; a function of `seed` only."""
+    rng = np.random.default_rng(seed)
+    lists = [images for images in class_images if len(images)]
+    if not lists:
+        raise ValueError("class-balanced sampling: no training image has an annotation")
+    sizes = np.array([len(x) for x in lists], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    flat = np.concatenate(lists)
+    while True:
+        cls = rng.integers(len(lists), size=chunk)
+        pick = (rng.random(chunk) * sizes[cls]).astype(np.int64)
+        yield from flat[starts[cls] + np.minimum(pick, sizes[cls] - 1)].tolist()
+
+
 class _RankBatches:
     """Batch sampler: this rank's slice of every global batch, from batch ``start`` on."""
 
@@ -205,7 +266,10 @@ class ResumableTrainLoader:
         mapper: callable dict -> model input (detectron2's ``DatasetMapper``).
         total_batch_size: images per global batch, divisible by ``world_size``.
         seed: seed of the sample stream and of every derived RNG (non-negative).
-        sampler: "TrainingSampler" or "RepeatFactorTrainingSampler".
+        sampler: "TrainingSampler", "RepeatFactorTrainingSampler", "ClassAwareSampler"
+            (:func:`class_aware_indices`) or "ClassBalancedSampler"
+            (:func:`class_balanced_indices`); the last two read each image's categories from
+            the dicts' annotations (images without any are never drawn).
         repeat_factors: [num images] tensor for ``RepeatFactorTrainingSampler``.
         repeat_rounding: "stochastic" (detectron2's) or "ceil"
             (:class:`CeilRepeatFactorTrainingSampler`), for ``RepeatFactorTrainingSampler``.
@@ -259,6 +323,12 @@ class ResumableTrainLoader:
                                "not grouped by aspect ratio")
         # a list is serialized like detectron2's loader does it, so that workers share the
         # dicts without copy-on-read; a compact dataset is shared as it is (a file map)
+        self.class_images = None
+        if sampler in CLASS_SAMPLERS:
+            self.class_images = class_image_lists(dataset_dicts)
+            if not any(len(images) for images in self.class_images):
+                raise ValueError(f"DATALOADER.SAMPLER_TRAIN {sampler} draws images by their "
+                                 "categories, but no training image has an annotation")
         self._dataset = (DatasetFromList(dataset_dicts, copy=False, serialize=False) if compact
                          else DatasetFromList(list(dataset_dicts), copy=False, serialize=True))
         self._mapper = mapper
@@ -269,15 +339,20 @@ class ResumableTrainLoader:
         """The global, infinite index stream (detectron2's sampler, before rank slicing)."""
         if self.sampler == "TrainingSampler":
             return TrainingSampler(self.num_images, seed=self.seed)._infinite_indices()
+        if self.sampler == "ClassAwareSampler":
+            return class_aware_indices(self.class_images, self.seed)
+        if self.sampler == "ClassBalancedSampler":
+            return class_balanced_indices(self.class_images, self.seed)
         sampler = (CeilRepeatFactorTrainingSampler if self.repeat_rounding == "ceil"
                    else RepeatFactorTrainingSampler)
         return sampler(self.repeat_factors, seed=self.seed)._infinite_indices()
 
     @property
     def images_per_epoch(self) -> float:
-        """Samples in one epoch of the stream: the training images, or with repeat factor
-        sampling sum(ceil(r)) ("ceil" rounding) or the expectation sum(r) ("stochastic")."""
-        if self.sampler == "TrainingSampler":
+        """Samples in one epoch of the stream: the training images (also for the class
+        samplers, whose stream has no epochs of its own), or with repeat factor sampling
+        sum(ceil(r)) ("ceil" rounding) or the expectation sum(r) ("stochastic")."""
+        if self.sampler != "RepeatFactorTrainingSampler":
             return float(self.num_images)
         if self.repeat_rounding == "ceil":
             return float(torch.ceil(self.repeat_factors).sum())

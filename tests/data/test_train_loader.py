@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from eql_d2.data.train_loader import (CeilRepeatFactorTrainingSampler, ResumableTrainLoader,
-                                     global_batches)
+from eql_d2.data.train_loader import (CLASS_SAMPLERS, CeilRepeatFactorTrainingSampler,
+                                     ResumableTrainLoader, class_aware_indices,
+                                     class_balanced_indices, class_image_lists, global_batches)
 
 NUM_IMAGES = 23
 
@@ -153,3 +154,99 @@ def test_checkpoint_state_refuses_another_stream_and_takes_the_seed(caplog):
     with caplog.at_level(logging.WARNING):
         _loader(rank=1, world_size=2).load_state_dict(state)
     assert "Resuming a run of 1 processes with 2" in caplog.text
+
+
+# ------------------------------------------------------------- class-level samplers
+
+# one category per image: the class an image was drawn for is its category
+CLASS_SIZES = [1, 2, 5, 15, 40]  # images per category: a long tail over 63 images
+
+
+def _class_dicts(sizes=CLASS_SIZES):
+    dicts, cat = [], []
+    for c, n in enumerate(sizes):
+        cat += [c] * n
+    for i, c in enumerate(cat):
+        dicts.append({"file_name": f"img{i}.jpg", "image_id": i, "width": 40 + (i % 3) * 20,
+                      "height": 50, "annotations": [{"category_id": c}]})
+    return dicts, np.array(cat)
+
+
+def _class_loader(sampler, **kwargs):
+    args = dict(total_batch_size=4, seed=3, aspect_ratio_grouping=True, sampler=sampler)
+    args.update(kwargs)
+    return ResumableTrainLoader(_class_dicts()[0], RandomAugment(), **args)
+
+
+def _bound(n, p, z=6.0):
+    """z standard deviations of a binomial(n, p) count: with z = 6 a count outside it has
+    probability < 2e-9, so a test over a handful of counts fails by chance < 1e-8."""
+    return z * np.sqrt(n * p * (1 - p))
+
+
+def test_class_image_lists_follow_the_annotations():
+    dicts = [{"annotations": [{"category_id": 2}, {"category_id": 0}, {"category_id": 2}]},
+             {"annotations": []}, {"annotations": [{"category_id": 2}]}]
+    lists = class_image_lists(dicts)
+    assert [x.tolist() for x in lists] == [[0], [], [0, 2]]
+
+
+def test_class_aware_sampling_visits_every_class_once_per_round():
+    dicts, cat = _class_dicts()
+    k = len(CLASS_SIZES)
+    stream = class_aware_indices(class_image_lists(dicts), seed=5)
+    samples = np.array(list(itertools.islice(stream, 200 * k)))
+    # exactly uniform: each round of K samples holds each class once
+    rounds = cat[samples].reshape(200, k)
+    assert (np.sort(rounds, axis=1) == np.arange(k)).all()
+    # within a class the images come in shuffled passes: after m passes over a class of
+    # s images, each of them was drawn m times
+    for c, s in enumerate(CLASS_SIZES):
+        drawn = samples[cat[samples] == c][: s * (200 // s)]
+        assert (np.bincount(drawn, minlength=len(cat))[cat == c] == 200 // s).all()
+
+
+def test_class_balanced_sampling_draws_classes_and_images_uniformly():
+    dicts, cat = _class_dicts()
+    k, n = len(CLASS_SIZES), 20000
+    samples = np.array(list(itertools.islice(
+        class_balanced_indices(class_image_lists(dicts), seed=5), n)))
+    counts = np.bincount(cat[samples], minlength=k)
+    assert (np.abs(counts - n / k) <= _bound(n, 1 / k)).all(), counts
+    # given its class, an image is uniform among the class's images
+    c = k - 1
+    members = np.flatnonzero(cat == c)
+    per_image = np.bincount(samples[cat[samples] == c], minlength=len(cat))[members]
+    m, p = counts[c], 1 / len(members)
+    assert (np.abs(per_image - m * p) <= _bound(m, p)).all(), per_image
+    # not class-aware rounds: i.i.d. draws repeat a class within K samples
+    assert any(len(set(cat[samples[i:i + k]])) < k for i in range(0, 50 * k, k))
+
+
+@pytest.mark.parametrize("sampler", CLASS_SAMPLERS)
+def test_class_samplers_resume_exactly_and_split_ranks_without_repeat_or_gap(sampler):
+    whole = _take(_class_loader(sampler), 12)
+    resumed = _class_loader(sampler)
+    resumed.start_iter = 7
+    assert _take(resumed, 5) == whole[7:]
+    ranks = [_take(_class_loader(sampler, rank=r, world_size=2), 12) for r in (0, 1)]
+    for k in range(12):
+        assert ranks[0][k] + ranks[1][k] == whole[k]
+    resumed = [_class_loader(sampler, rank=r, world_size=4) for r in range(4)]
+    for loader in resumed:
+        loader.start_iter = 6
+    parts = [_take(loader, 4) for loader in resumed]
+    for k in range(4):
+        assert [x for r in range(4) for x in parts[r][k]] == whole[6 + k]
+    # one image per class-level draw: the stream's epoch is the number of training images
+    assert _class_loader(sampler).images_per_epoch == len(_class_dicts()[0])
+
+
+def test_class_samplers_are_checked():
+    state = _class_loader("ClassAwareSampler").state_dict()
+    with pytest.raises(ValueError, match="DATALOADER.SAMPLER_TRAIN"):
+        _class_loader("ClassBalancedSampler").load_state_dict(state)
+    empty = [dict(d, annotations=[]) for d in _dicts()]
+    with pytest.raises(ValueError, match="ClassAwareSampler draws images by their categories"):
+        ResumableTrainLoader(empty, RandomAugment(), total_batch_size=4, seed=0,
+                             sampler="ClassAwareSampler")
