@@ -5,10 +5,12 @@ A registered loss is an ``nn.Module`` (usually a loss of :mod:`eql_d2.losses` pl
 loss names:
 
 - ``heads``: which heads accept it: ``"two_stage"`` (the box predictor of Faster / Mask /
-  Cascade R-CNN) and / or ``"dense"`` (ATSS, RetinaNet, FCOS);
+  Cascade R-CNN), ``"dense"`` (ATSS, RetinaNet, FCOS) and / or ``"classification"`` (the
+  linear classifier of :class:`~eql_d2.modeling.meta_arch.ImageClassifier`: one label per
+  image, no background);
 - ``extra_columns``: logit columns after the C class columns in a two-stage predictor
   (1: detectron2's background column, used or not; 2: Seesaw's objectness pair); dense
-  heads give C columns;
+  heads and the image classifier give C columns;
 - ``inputs``: the optional inputs it takes besides logits and labels: ``"verified"`` (the
   image-level mask [N, C] of LVIS positive and verified-negative categories) and / or
   ``"quality"`` (the IoU of each positive's predicted box with its ground truth);
@@ -42,11 +44,11 @@ CLS_LOSS_REGISTRY = Registry("CLS_LOSS")
 CLS_LOSS_REGISTRY.__doc__ = """Classification losses of eql_d2's heads (ClassificationLoss
 subclasses), named in MODEL.CLS_LOSS.NAME."""
 
-HEADS = ("two_stage", "dense")
+HEADS = ("two_stage", "dense", "classification")
 INPUTS = ("verified", "quality")
 
 # MODEL.CLS_LOSS.NAME "" means the loss detectron2 trains each kind of head with.
-HEAD_DEFAULTS = {"two_stage": "SoftmaxCE", "dense": "Focal"}
+HEAD_DEFAULTS = {"two_stage": "SoftmaxCE", "dense": "Focal", "classification": "SoftmaxCE"}
 
 
 class ClassificationLoss:
@@ -100,7 +102,9 @@ class ClassificationLoss:
         Two-stage heads: logits [N, C + extra_columns], labels [N] in 0..C (C: background),
         avg_factor the number of sampled proposals. Dense heads: logits [N, C], labels [N] in
         {-1 ignored, 0..C-1, C background}, avg_factor the number of positives (averaged over
-        workers, at least 1). ``inputs``: exactly the names in :attr:`inputs` —
+        workers, at least 1). Classification heads: logits [N, C], labels [N] in 0..C-1 (no
+        background), avg_factor N, the images of this process's batch. ``inputs``: exactly
+        the names in :attr:`inputs` —
         ``verified`` [N, C] bool or None (no image-level labels), ``quality`` [N] float.
         """
         raise NotImplementedError(f"{type(self).__name__} must define head_loss")
@@ -147,8 +151,8 @@ def add_cls_loss_configs(node: CfgNode) -> None:
 
 
 def cls_loss_class(cfg, head: str):
-    """The registered loss class named by ``MODEL.CLS_LOSS.NAME`` for a head (``"two_stage"``
-    or ``"dense"``; an empty name means :data:`HEAD_DEFAULTS`).
+    """The registered loss class named by ``MODEL.CLS_LOSS.NAME`` for a head (``"two_stage"``,
+    ``"dense"`` or ``"classification"``; an empty name means :data:`HEAD_DEFAULTS`).
 
     Raises ValueError naming the key when the name is unknown or the loss does not work with
     this kind of head.
@@ -170,6 +174,9 @@ def cls_loss_class(cfg, head: str):
         raise ValueError(f"{registered} declares inputs {unknown}; heads give {list(INPUTS)}")
     if head == "dense" and "verified" in cls.inputs:
         raise ValueError(f"{registered} needs image-level labels, which dense heads do not give")
+    if head == "classification" and cls.inputs:
+        raise ValueError(f"{registered} takes {list(cls.inputs)}, which the image classifier "
+                         "does not give (one label per image)")
     return cls
 
 
