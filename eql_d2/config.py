@@ -110,11 +110,15 @@ def _dense_head_node():
 
 
 def _add_cascade_config(cfg):
-    """MODEL.ROI_BOX_CASCADE_HEAD: test-time scores of EQLCascadeROIHeads."""
+    """MODEL.ROI_BOX_CASCADE_HEAD: EQLCascadeROIHeads' later-stage sampling and test scores."""
     # "mean_probs": mean of the stages' probabilities (detectron2); "mean_logits": the loss's
     # probabilities of the stages' mean logits (mmdetection); "stage1" / "stage2" / "stage3":
     # one stage alone
     cfg.MODEL.ROI_BOX_CASCADE_HEAD.TEST_SCORES = "mean_probs"
+    # training: sample the proposals of stages 2 and 3 again as stage 1's (ground truth added,
+    # ROI_HEADS.BATCH_SIZE_PER_IMAGE, at most ROI_HEADS.POSITIVE_FRACTION foreground), as
+    # mmdetection's cascade does; False: detectron2's, every box of the previous stage
+    cfg.MODEL.ROI_BOX_CASCADE_HEAD.SAMPLE_EVERY_STAGE = False
 
 
 _NODES.append(_add_cascade_config)

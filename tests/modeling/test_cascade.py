@@ -83,3 +83,41 @@ def test_test_scores_combine_the_stages_as_configured(monkeypatch):
         get = get_eql_cfg(CFG, [*TINY_RCNN, "MODEL.ROI_BOX_CASCADE_HEAD.TEST_SCORES", "stage4",
                                 "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
         build_model(get)
+
+
+def test_sample_every_stage_samples_the_later_stages_as_the_first():
+    """SAMPLE_EVERY_STAGE: a later stage labels the ground truth plus the previous stage's
+    boxes and samples BATCH_SIZE_PER_IMAGE of them with at most POSITIVE_FRACTION
+    foreground; off, it labels every box of the previous stage (detectron2)."""
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    from eql_d2.config import get_eql_cfg
+
+    gt = torch.tensor([[4.0, 4.0, 30.0, 30.0], [34.0, 34.0, 60.0, 60.0]])
+    far = torch.tensor([[0.0, 40.0, 8.0, 48.0]]).repeat(4, 1)
+    # 40 boxes on the objects (IoU 1 at every stage's threshold) and 4 background boxes
+    boxes = torch.cat([gt.repeat(20, 1), far])
+    targets = [Instances((64, 64), gt_boxes=Boxes(gt), gt_classes=torch.tensor([1, 5]))]
+
+    def label(sample_every_stage, stage):
+        cfg = get_eql_cfg(CFG, [*TINY_RCNN, "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+                                "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+                                "MODEL.ROI_BOX_CASCADE_HEAD.SAMPLE_EVERY_STAGE",
+                                str(sample_every_stage)])
+        heads = build_model(cfg).roi_heads
+        proposals = [Instances((64, 64), proposal_boxes=Boxes(boxes.clone()))]
+        with EventStorage() as storage:
+            out = heads._match_and_label_boxes(proposals, stage, targets)[0]
+            logged = {k: v.latest() for k, v in storage.histories().items()}
+        fg = int((out.gt_classes < 8).sum())
+        assert logged[f"stage{stage}/roi_head/num_fg_samples"] == fg
+        assert logged[f"stage{stage}/roi_head/num_bg_samples"] == len(out) - fg
+        return len(out), fg
+
+    for stage in (1, 2):
+        assert label(False, stage) == (44, 40)
+        # 42 foreground (the 40 boxes and the 2 ground-truth boxes) and 4 background: 8 of
+        # the foreground (32 x 0.25) and all 4 background are kept
+        assert label(True, stage) == (12, 8)

@@ -6,7 +6,9 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
-from detectron2.structures import Instances
+from detectron2.modeling.sampling import subsample_labels
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import get_event_storage
 
 from .roi_heads import ImageLabelHeads, attach_image_labels
 
@@ -32,11 +34,20 @@ class EQLCascadeROIHeads(ImageLabelHeads, CascadeROIHeads):
     probabilities of the mean of the stages' logits ("mean_logits", mmdetection's cascade,
     which the EQLv2 authors' code base uses), or one stage's alone ("stage1".."stage3");
     boxes are always the last stage's.
+
+    Training proposals of stages 2 and 3 (``sample_every_stage``,
+    ``MODEL.ROI_BOX_CASCADE_HEAD.SAMPLE_EVERY_STAGE``): detectron2 classifies every box the
+    previous stage regressed from its sampled proposals, so the later stages see mostly
+    foreground; True samples them again as the first stage does (ground-truth boxes added,
+    ``ROI_HEADS.BATCH_SIZE_PER_IMAGE`` with at most ``POSITIVE_FRACTION`` foreground), as
+    mmdetection's cascade does with its per-stage samplers.
     """
 
     @configurable
-    def __init__(self, *, test_scores: str = "mean_probs", **kwargs):
+    def __init__(self, *, test_scores: str = "mean_probs", sample_every_stage: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.sample_every_stage = sample_every_stage
         self._check_predictors(self.box_predictor)
         if test_scores not in TEST_SCORES[: 2 + self.num_cascade_stages]:
             raise ValueError(f"MODEL.ROI_BOX_CASCADE_HEAD.TEST_SCORES {test_scores!r} is not one "
@@ -47,13 +58,35 @@ class EQLCascadeROIHeads(ImageLabelHeads, CascadeROIHeads):
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ret["test_scores"] = cfg.MODEL.ROI_BOX_CASCADE_HEAD.TEST_SCORES
+        ret["sample_every_stage"] = cfg.MODEL.ROI_BOX_CASCADE_HEAD.SAMPLE_EVERY_STAGE
         return ret
 
     @torch.no_grad()
     def _match_and_label_boxes(self, proposals, stage, targets) -> List[Instances]:
+        if self.sample_every_stage:
+            proposals = [
+                Instances(p.image_size, proposal_boxes=Boxes.cat([p.proposal_boxes, t.gt_boxes]))
+                for p, t in zip(proposals, targets)]
         labelled = super()._match_and_label_boxes(proposals, stage, targets)
+        if self.sample_every_stage:
+            labelled = [self._subsample(p) for p in labelled]
+            # the stage's logged sample counts are those it classifies (replacing the
+            # counts before sampling that detectron2 logged a moment ago)
+            storage = get_event_storage()
+            for name in ("fg", "bg"):
+                counts = [((p.gt_classes != self.num_classes) == (name == "fg")).sum().item()
+                          for p in labelled]
+                storage.put_scalar(f"stage{stage}/roi_head/num_{name}_samples",
+                                   sum(counts) / len(counts))
         attach_image_labels(labelled, targets)
         return labelled
+
+    def _subsample(self, proposals: Instances) -> Instances:
+        """At most BATCH_SIZE_PER_IMAGE of the labelled proposals, POSITIVE_FRACTION of them
+        foreground (detectron2's first-stage rule)."""
+        fg, bg = subsample_labels(proposals.gt_classes, self.batch_size_per_image,
+                                  self.positive_fraction, self.num_classes)
+        return proposals[torch.cat([fg, bg])]
 
     def _forward_box(self, features, proposals, targets=None):
         if self.training or self.test_scores == "mean_probs":
