@@ -56,4 +56,4 @@ demo-reference: install
 	  $(foreach seed,$(DEMO_SEEDS),$(foreach cfg,$(DEMO_CFG) $(DEMO_BASELINE_CFG),$(DEMO_REFERENCE_OUT)/$(basename $(notdir $(cfg)))_seed$(seed)))
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
