@@ -547,9 +547,9 @@ class OIDEvaluator(DatasetEvaluator):
     The ground truth is the dataset dicts of ``dataset_name`` (image-level labels and
     group-of flags as :mod:`eql_d2.data.openimages` loads them) with the metadata's class
     hierarchy (``class_parents``). The groups come from the train image counts
-    (``class_image_count``) of ``train_dataset_name``, else of the evaluated dataset
-    (``train_class_image_count`` when its files carry them, else its own counts, with a
-    warning).
+    (``class_image_count``) of ``train_dataset_name``, else the evaluated dataset's
+    ``class_image_count`` (its JSON form carries the train counts; otherwise they are its
+    own, and a warning says so).
     """
 
     def __init__(self, dataset_name, distributed=True, output_dir=None, *, iou_threshold=0.5,
@@ -596,9 +596,6 @@ class OIDEvaluator(DatasetEvaluator):
             counts = meta.get("class_image_count")
             if counts is not None and list(meta.get("thing_classes") or ()) == names:
                 return np.array([e["image_count"] for e in sorted(counts, key=lambda e: e["id"])])
-        counts = self._metadata.get("train_class_image_count")
-        if counts is not None:
-            return np.asarray(counts)
         logger.warning("%s: no train image counts (train dataset %r not registered with the "
                        "same classes); AP1..AP%d group classes by the evaluated set's image "
                        "counts", self._dataset_name, self._train_dataset_name, self._num_groups)
