@@ -88,7 +88,7 @@ _NODES.append(_add_box_head_config)
 
 
 def _dense_head_node():
-    """The keys ATSS and FCOS share, with their defaults (the EFL paper's settings)."""
+    """The keys ATSS, FCOS and PAA share, with their defaults (the EFL paper's settings)."""
     node = CN()
     # number of foreground categories
     node.NUM_CLASSES = 80
@@ -156,6 +156,34 @@ def _add_fcos_config(cfg):
 
 
 _NODES.append(_add_fcos_config)
+
+
+def _add_paa_config(cfg):
+    """MODEL.PAA: PAA (Kim & Lee, ECCV 2020) as the PAA meta-architecture; the defaults of its
+    own keys are the authors' (kkhoot/PAA, configs/paa/)."""
+    cfg.MODEL.PAA = _dense_head_node()
+    # anchor side = scale x level stride (PAA: one anchor of 8 x stride per location)
+    cfg.MODEL.PAA.ANCHOR_SCALES = [8.0]
+    # anchor aspect ratios (h / w)
+    cfg.MODEL.PAA.ANCHOR_ASPECT_RATIOS = [1.0]
+    # an anchor joins the candidate pool of the box it overlaps most from this IoU on (each
+    # box's best-overlapping anchors join it whatever their IoU)
+    cfg.MODEL.PAA.IOU_THRESHOLD = 0.1
+    # K: candidates per box and pyramid level, the pool's anchors of lowest anchor score
+    cfg.MODEL.PAA.TOPK = 9
+    # Box2BoxTransform weights (dx, dy, dw, dh)
+    cfg.MODEL.PAA.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+    # weight of the GIoU box loss (each positive weighted by its IoU target, sum / sum of targets)
+    cfg.MODEL.PAA.BBOX_REG_LOSS_WEIGHT = 1.3
+    # weight of the IoU-branch BCE loss (positives only)
+    cfg.MODEL.PAA.IOU_LOSS_WEIGHT = 0.5
+    # test: each kept box becomes the score- and IoU-weighted mean of its class's boxes before NMS
+    cfg.MODEL.PAA.SCORE_VOTING = True
+    # sigma_t of score voting's IoU weight exp(-(1 - IoU)^2 / sigma_t)
+    cfg.MODEL.PAA.SCORE_VOTING_SIGMA = 0.025
+
+
+_NODES.append(_add_paa_config)
 
 
 def _add_dataloader_config(cfg):
@@ -229,6 +257,63 @@ def _add_weights_config(cfg):
 _NODES.append(_add_weights_config)
 
 
+def _add_oid_eval_config(cfg):
+    """TEST.OID_EVAL: Open Images Challenge evaluation (eql_d2.evaluation.OIDEvaluator)."""
+    cfg.TEST.OID_EVAL = CN()
+    # IoU of a true positive, and IoA (share of the detection inside) of a group-of match
+    cfg.TEST.OID_EVAL.IOU_THRESHOLD = 0.5
+    # positives a group-of box counts (the challenge: 1; 0 ignores group-of boxes)
+    cfg.TEST.OID_EVAL.GROUP_OF_WEIGHT = 1.0
+    # also count each detection for its class's ancestors (not the official rule, which
+    # expands the ground truth only)
+    cfg.TEST.OID_EVAL.EXPAND_DETECTIONS = False
+    # frequency groups of equal size by train image count: AP1 (rarest) .. AP<n>
+    cfg.TEST.OID_EVAL.NUM_GROUPS = 5
+
+
+_NODES.append(_add_oid_eval_config)
+
+
+def _add_classification_config(cfg):
+    """Image classification (meta-architecture ImageClassifier, eql_d2.data.classification):
+    the classifier, the CIFAR ResNet and the augmentation of EQL's sec. 6 benchmarks."""
+    cfg.MODEL.CLASSIFIER = CN()
+    # number of classes C of the linear classifier
+    cfg.MODEL.CLASSIFIER.NUM_CLASSES = 100
+    # backbone output that is average-pooled into the classifier's features
+    cfg.MODEL.CLASSIFIER.IN_FEATURE = "stage3"
+    cfg.MODEL.CIFAR_RESNET = CN()
+    # 6n + 2 (He et al. 2016, sec. 4.2): 32 is ResNet-32, three stages of 5 basic blocks
+    cfg.MODEL.CIFAR_RESNET.DEPTH = 32
+    # normalization after every convolution
+    cfg.MODEL.CIFAR_RESNET.NORM = "BN"
+    # stages returned: "stage1" (16 channels), "stage2" (32), "stage3" (64)
+    cfg.MODEL.CIFAR_RESNET.OUT_FEATURES = ["stage3"]
+    cfg.INPUT.CLASSIFICATION = CN()
+    # training transforms in order: "pad_crop" (random CROP_SIZE crop of the image padded by
+    # PADDING), "random_resized_crop" (to CROP_SIZE), "flip", "color_jitter", "autoaugment"
+    # (torchvision's AUTOAUGMENT_POLICY), "cutout" (a CUTOUT_SIZE square of the mean colour)
+    cfg.INPUT.CLASSIFICATION.TRAIN_AUGMENTATIONS = ["pad_crop", "flip", "autoaugment", "cutout"]
+    # side of the training crop in pixels
+    cfg.INPUT.CLASSIFICATION.CROP_SIZE = 32
+    # zero padding on each side before "pad_crop"
+    cfg.INPUT.CLASSIFICATION.PADDING = 4
+    # torchvision AutoAugmentPolicy of "autoaugment": "cifar10", "imagenet" or "svhn"
+    cfg.INPUT.CLASSIFICATION.AUTOAUGMENT_POLICY = "cifar10"
+    # side of the Cutout square (DeVries & Taylor 2017); its centre may lie anywhere
+    cfg.INPUT.CLASSIFICATION.CUTOUT_SIZE = 16
+    # brightness, contrast, saturation, hue of "color_jitter"
+    cfg.INPUT.CLASSIFICATION.COLOR_JITTER = [0.4, 0.4, 0.4, 0.0]
+    # test images: shorter side resized to TEST_RESIZE, then a centre TEST_CROP crop (0: as is)
+    cfg.INPUT.CLASSIFICATION.TEST_RESIZE = 0
+    cfg.INPUT.CLASSIFICATION.TEST_CROP = 0
+    # images per inference batch and process
+    cfg.TEST.IMS_PER_BATCH = 64
+
+
+_NODES.append(_add_classification_config)
+
+
 # Keys of the earlier layout -> where their value lives now. Setting one (in a YAML file or
 # an override) raises a KeyError that names the new key.
 RENAMED_KEYS = {
@@ -288,3 +373,20 @@ def _has_key(cfg, dotted):
             return False
         node = node[part]
     return True
+
+
+def _add_decoupled_config(cfg):
+    """MODEL.DECOUPLED: the second stage of decoupled training (meta-architecture
+    DecoupledRCNN: cRT, LWS, BAGS), started from a first-stage checkpoint in MODEL.WEIGHTS."""
+    cfg.MODEL.DECOUPLED = CN()
+    # dotted names of the modules or parameters that train; every other parameter is frozen
+    cfg.MODEL.DECOUPLED.TRAINABLE = ("roi_heads.box_predictor.cls_score",)
+    # modules that keep their initialisation when MODEL.WEIGHTS is a first-stage checkpoint
+    # (cRT: the classifier is re-initialised)
+    cfg.MODEL.DECOUPLED.REINITIALIZE = ()
+    # LWS: the ROI heads' cls_score layers get a learnable per-class weight scale (init 1),
+    # roi_heads.box_predictor.cls_score.weight_scale
+    cfg.MODEL.DECOUPLED.WEIGHT_SCALING = False
+
+
+_NODES.append(_add_decoupled_config)

@@ -3,14 +3,35 @@
 import logging
 
 import torch
+from torch import nn
 
 from ...losses import BalancedGroupSoftmaxLoss, group_by_count
 from .base import CLS_LOSS_REGISTRY, ClassificationLoss
 from .class_balanced import category_image_counts, data_or_checkpoint
 
-__all__ = ["BAGS"]
+__all__ = ["BAGS", "GroupedLinear"]
 
 logger = logging.getLogger(__name__)
+
+
+class GroupedLinear(nn.Module):
+    """The BAGS classifier: a linear layer (weights N(0, 0.01), bias 0) to the C + 2 + G
+    group columns, whose parameters (``linear.weight``, ``linear.bias``) are named apart from
+    a softmax classifier's, so that a first-stage checkpoint's classifier never loads into
+    it by mistake (a second stage re-initialises it, ``MODEL.DECOUPLED.REINITIALIZE``)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        nn.init.normal_(self.linear.weight, std=0.01)
+        nn.init.constant_(self.linear.bias, 0.0)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
 
 
 @CLS_LOSS_REGISTRY.register()
@@ -51,6 +72,9 @@ class BAGS(BalancedGroupSoftmaxLoss, ClassificationLoss):
     def from_config(cls, cfg, num_classes, train_datasets):
         return dict(super().from_config(cfg, num_classes, train_datasets),
                     counts=category_image_counts(train_datasets, num_classes))
+
+    def classifier(self, in_features, out_features):
+        return GroupedLinear(in_features, out_features)
 
     def init_bias(self, bias, prior_prob, background_fraction):
         pass  # a softmax classifier starts at bias 0, as detectron2's
