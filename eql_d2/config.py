@@ -267,8 +267,12 @@ def _add_oid_eval_config(cfg):
     # also count each detection for its class's ancestors (not the official rule, which
     # expands the ground truth only)
     cfg.TEST.OID_EVAL.EXPAND_DETECTIONS = False
-    # frequency groups of equal size by train image count: AP1 (rarest) .. AP<n>
+    # AP1 .. AP<n>: mAP of n groups of equal size, classes sorted by their train count
     cfg.TEST.OID_EVAL.NUM_GROUPS = 5
+    # the count: "images" (EQL, Tab. 6) or "instances" (boxes; EFL, Tab. 7)
+    cfg.TEST.OID_EVAL.GROUP_BY = "images"
+    # True: AP1 is the rarest group (EFL); False: AP<n> is (EQL's Tab. 6)
+    cfg.TEST.OID_EVAL.RAREST_FIRST = True
 
 
 _NODES.append(_add_oid_eval_config)

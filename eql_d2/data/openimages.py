@@ -18,7 +18,8 @@ The COCO-style JSON is what ``python -m eql_d2.data.openimages convert`` writes 
 JSON, so that start-up does not read 1.7 million headers):
 
 - ``categories``: ``id`` 1..500 in the class-description order, ``name`` (DisplayName),
-  ``freebase_id`` (LabelName), ``image_count`` (train images with a box of the class);
+  ``freebase_id`` (LabelName), ``image_count`` and ``instance_count`` (train images with a
+  box of the class, and its train boxes);
 - ``images``: ``id`` (1-based rank of the ImageID in sorted order), ``file_name``,
   ``oid_image_id``, ``height``, ``width``, ``pos_category_ids`` / ``neg_category_ids``
   (the verified image-level labels, category ids);
@@ -41,7 +42,8 @@ A malformed row raises an error naming the file and line (JSON: the entry): an u
 class, a box outside [0, 1] or with XMin > XMax, a flag other than 0 / 1, a missing image.
 
 Metadata: ``thing_classes`` (display names), ``class_mids``, ``class_parents`` (per class,
-its direct parents in the hierarchy), ``class_image_count``, ``class_frequency`` (LVIS's
+its direct parents in the hierarchy), ``class_image_count``, ``class_instance_count``
+(images with a box of the class, boxes of it), ``class_frequency`` (LVIS's
 r / c / f bands), ``num_train_images`` and ``evaluator_type`` "oid". They are computed on
 first access from the class file, the hierarchy and one pass over the boxes (cached in
 ``$EQL_D2_CACHE_DIR`` as the LVIS metadata is), so that a model can be built before the
@@ -86,7 +88,7 @@ BBOX_HEADER = ["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "
                "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"]
 LABELS_HEADER = ["ImageID", "Source", "LabelName", "Confidence"]
 CATEGORY_KEYS = ("thing_classes", "class_mids", "class_parents", "class_image_count",
-                 "class_frequency", "num_train_images")
+                 "class_instance_count", "class_frequency", "num_train_images")
 METADATA_CACHE_VERSION = 1
 
 
@@ -290,11 +292,12 @@ def load_oid_json(json_file, image_root):
 def convert_to_json(bbox_csv, labels_csv, classes_csv, image_root, out_file, *,
                     train_bbox_csv=None, image_ext=".jpg"):
     """Write the COCO-style form of the challenge CSVs to `out_file`. Category
-    ``image_count``: train images with a box of the class, from `train_bbox_csv` (default
-    `bbox_csv`: converting the train split itself). Returns the dataset dicts."""
+    ``image_count`` / ``instance_count``: train images with a box of the class and its
+    train boxes, from `train_bbox_csv` (default `bbox_csv`: converting the train split
+    itself). Returns the dataset dicts."""
     dicts = load_oid_csv(bbox_csv, labels_csv, classes_csv, image_root, image_ext)
     mids, names = read_class_descriptions(classes_csv)
-    counts, _ = _box_image_counts(train_bbox_csv or bbox_csv, mids)
+    counts, instances, _ = _box_counts(train_bbox_csv or bbox_csv, mids)
     images, annotations = [], []
     for d in dicts:
         images.append({"id": d["image_id"], "file_name": os.path.relpath(d["file_name"], image_root),
@@ -306,23 +309,27 @@ def convert_to_json(bbox_csv, labels_csv, classes_csv, image_root, out_file, *,
                                 "category_id": a["category_id"] + 1, "bbox": a["bbox"],
                                 "area": a["bbox"][2] * a["bbox"][3], "iscrowd": 0,
                                 "isgroupof": a["is_group_of"]})
-    categories = [{"id": k + 1, "name": n, "freebase_id": m, "image_count": c}
-                  for k, (m, n, c) in enumerate(zip(mids, names, counts))]
+    categories = [{"id": k + 1, "name": n, "freebase_id": m, "image_count": c,
+                   "instance_count": i}
+                  for k, (m, n, c, i) in enumerate(zip(mids, names, counts, instances))]
     write_json_atomic(out_file, {"info": {"description": f"converted from {os.path.basename(bbox_csv)}"},
                                  "categories": categories, "images": images,
                                  "annotations": annotations})
     return dicts
 
 
-def _box_image_counts(bbox_csv, mids):
-    """(images with a box of each class, images with a box) of a box CSV."""
+def _box_counts(bbox_csv, mids):
+    """(images with a box of each class, boxes of each class, images with a box) of a box
+    CSV."""
     index = {m: i for i, m in enumerate(mids)}
     boxes, _ = _read_boxes(bbox_csv, index)
-    counts = [0] * len(mids)
+    images, instances = [0] * len(mids), [0] * len(mids)
     for rows in boxes.values():
         for c in {r[0] for r in rows}:
-            counts[c] += 1
-    return counts, len(boxes)
+            images[c] += 1
+        for r in rows:
+            instances[r[0]] += 1
+    return images, instances, len(boxes)
 
 
 # --------------------------------------------------------------------------- metadata
@@ -340,18 +347,22 @@ def oid_category_metadata(classes_csv, hierarchy_json, bbox_csv=None, json_file=
         cats = sorted(data["categories"], key=lambda c: c["id"])
         if [c.get("freebase_id", m) for c, m in zip(cats, mids)] != mids or len(cats) != len(mids):
             raise ValueError(f"{json_file}: its categories are not the classes of {classes_csv}")
-        if all("image_count" in c for c in cats):
+        if all("image_count" in c and "instance_count" in c for c in cats):
             counts = [int(c["image_count"]) for c in cats]
+            instances = [int(c["instance_count"]) for c in cats]
         else:
-            per = [set() for _ in mids]
+            per, instances = [set() for _ in mids], [0] * len(mids)
             for a in data["annotations"]:
                 per[a["category_id"] - 1].add(a["image_id"])
+                instances[a["category_id"] - 1] += 1
             counts = [len(s) for s in per]
         num_images = len(data["images"])
     else:
-        counts, num_images = _box_image_counts(bbox_csv, mids)
+        counts, instances, num_images = _box_counts(bbox_csv, mids)
     return {"thing_classes": names, "class_mids": mids, "class_parents": parents,
             "class_image_count": [{"id": k + 1, "image_count": n} for k, n in enumerate(counts)],
+            "class_instance_count": [{"id": k + 1, "instance_count": n}
+                                     for k, n in enumerate(instances)],
             "class_frequency": [frequency_group(n) for n in counts],
             "num_train_images": num_images}
 
@@ -408,8 +419,9 @@ class OIDLoader:
     """The DatasetCatalog entry of an Open Images split: its dataset dicts, from the JSON
     form when given, else from the CSVs (after `ensure`, if any)."""
 
-    def __init__(self, name, files, image_root, ensure=None):
+    def __init__(self, name, files, image_root, ensure=None, image_ext=".jpg"):
         self.name, self.files, self.image_root, self.ensure = name, files, image_root, ensure
+        self.image_ext = image_ext
 
     def __call__(self):
         if self.ensure is not None:
@@ -417,20 +429,21 @@ class OIDLoader:
         if self.files.get("json_file"):
             return load_oid_json(self.files["json_file"], self.image_root)
         return load_oid_csv(self.files["bbox_csv"], self.files.get("labels_csv"),
-                            self.files["classes_csv"], self.image_root)
+                            self.files["classes_csv"], self.image_root, self.image_ext)
 
 
 def register_openimages(name, image_root, classes_csv, hierarchy_json=None, *, bbox_csv=None,
-                        labels_csv=None, json_file=None, ensure=None):
+                        labels_csv=None, json_file=None, ensure=None, image_ext=".jpg"):
     """Register an Open Images split under `name` (evaluated by OIDEvaluator): the JSON
     form when `json_file` is given, else the box and image-level label CSVs. The class
     file (and the hierarchy) give the classes in both forms. `ensure`, if given, is called
-    before any file is read (it generates a generated dataset)."""
+    before any file is read (it generates a generated dataset). CSV images are
+    ``<image_root>/<ImageID><image_ext>``."""
     if (json_file is None) == (bbox_csv is None):
         raise ValueError(f"register_openimages({name!r}): give json_file or bbox_csv (one of them)")
     files = {"classes_csv": classes_csv, "hierarchy_json": hierarchy_json, "bbox_csv": bbox_csv,
              "labels_csv": labels_csv, "json_file": json_file}
-    DatasetCatalog.register(name, OIDLoader(name, files, image_root, ensure))
+    DatasetCatalog.register(name, OIDLoader(name, files, image_root, ensure, image_ext))
     if name in MetadataCatalog.list():
         MetadataCatalog.remove(name)
     meta = OIDMetadata(name=name)
@@ -457,9 +470,11 @@ BUILTIN_SPLITS = {"oid_challenge_2019_train": "train", "oid_challenge_2019_val":
 def register_builtin_openimages(root=None):
     """Register ``oid_challenge_2019_{train,val}`` (from the CSVs) and
     ``oid_challenge_2019_{train,val}_json`` (the COCO-style form) under `root` (default
-    ``$DETECTRON2_DATASETS/openimages``)."""
+    ``$DETECTRON2_DATASETS/openimages``); names already registered are left alone."""
     root = root or os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "openimages")
     for name, split in BUILTIN_SPLITS.items():
+        if name in DatasetCatalog.list():
+            continue
         f = builtin_openimages_files(root, split)
         image_root = os.path.join(root, split)
         register_openimages(name, image_root, f["classes_csv"], f["hierarchy_json"],

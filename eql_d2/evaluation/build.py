@@ -4,6 +4,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 
 from .lvis_evaluation import LVISPerCategoryEvaluator
+from .oid_evaluation import OIDEvaluator
 
 __all__ = ["build_evaluator"]
 
@@ -22,11 +23,19 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
             ap_fixed_dets_per_class=ev.AP_FIXED_DETS_PER_CLASS if ev.AP_FIXED else 0,
             train_dataset_name=cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None,
             per_category_outputs=ev.PER_CATEGORY_OUTPUTS, backend=ev.BACKEND)
+    if evaluator_type == "oid":
+        ev = cfg.TEST.OID_EVAL
+        return OIDEvaluator(
+            dataset_name, output_dir=output_folder, iou_threshold=ev.IOU_THRESHOLD,
+            group_of_weight=ev.GROUP_OF_WEIGHT, expand_detections=ev.EXPAND_DETECTIONS,
+            num_groups=ev.NUM_GROUPS, group_by=ev.GROUP_BY, rarest_first=ev.RAREST_FIRST,
+            train_dataset_name=cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None,
+            per_category_outputs=cfg.TEST.EVAL.PER_CATEGORY_OUTPUTS)
     if evaluator_type == "coco":
         # the fast COCO evaluator needs detectron2's compiled _C, which eql_d2 does not require
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False,
                              max_dets_per_image=max_dets)
     raise ValueError(
         f"Dataset '{dataset_name}' has evaluator_type={evaluator_type!r}; eql_d2 evaluates "
-        "'lvis' and 'coco' datasets (set it in the dataset's MetadataCatalog entry)"
+        "'lvis', 'oid' and 'coco' datasets (set it in the dataset's MetadataCatalog entry)"
     )

@@ -28,9 +28,12 @@ with ``oid_hierarchical_labels_expansion.py`` applied to the ground truth):
    are dropped first, as the official code drops them.
 
 Beyond the official metric, classes are split into ``num_groups`` (5) groups of equal size
-by their **training image count** (ascending; equal counts by class index), as the EQL and
-EFL papers report Open Images, and AP1 (the rarest group) .. AP5 are the mean AP of each
-group's classes with positives.
+by a training count, and AP1 .. AP5 are the mean AP of each group's classes with positives.
+The papers differ in both choices: EQL (Tab. 6) sorts by **image** count and its AP5 is the
+rarest group (the gains it reports "on the group of fewest 100 categories" are its AP5
+column); EFL (Tab. 7) sorts by **instance** count with AP1 the rarest. ``group_by``
+("images" / "instances") and ``rarest_first`` choose; the default is images, rarest first.
+Equal counts keep class-index order.
 
 Differences from the TensorFlow code, none of which changes a result with distinct scores:
 equal scores are ranked in input order (a stable sort), where the TensorFlow code uses
@@ -77,8 +80,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CSV_FIELDS = ["category_id", "name", "group", "train_image_count", "AP", "num_positives",
+CSV_FIELDS = ["category_id", "name", "group", "train_count", "AP", "num_positives",
               "num_detections"]
+GROUP_BY = {"images": ("class_image_count", "image_count"),
+            "instances": ("class_instance_count", "instance_count")}
 GROUP_COLORS = ("tab:red", "tab:orange", "tab:olive", "tab:green", "tab:blue")
 
 
@@ -445,12 +450,13 @@ def evaluate_oid(gt, detections, *, iou_threshold=0.5, group_of_weight=1.0,
     return OIDResult(ap, num_pos, np.bincount(cls, minlength=c))
 
 
-def frequency_groups(train_image_counts, num_groups=5):
-    """[C] group 0..num_groups-1 of each class: classes sorted by train image count
-    (ascending, equal counts by class index) and cut into `num_groups` groups of equal size
-    (the first groups one class larger when C is not a multiple)."""
-    counts = np.asarray(train_image_counts, np.float64)
-    order = np.argsort(counts, kind="stable")
+def frequency_groups(train_counts, num_groups=5, rarest_first=True):
+    """[C] group 0..num_groups-1 of each class: classes sorted by their train count
+    (ascending with `rarest_first`, else descending; equal counts by class index) and cut
+    into `num_groups` groups of equal size (the first groups one class larger when C is not
+    a multiple)."""
+    counts = np.asarray(train_counts, np.float64)
+    order = np.argsort(counts if rarest_first else -counts, kind="stable")
     groups = np.empty(len(counts), np.int64)
     for g, part in enumerate(np.array_split(order, num_groups)):
         groups[part] = g
@@ -478,10 +484,10 @@ def _write_csv(rows, path):
                              for k in CSV_FIELDS})
 
 
-def plot_oid_ap(rows, metrics, path, title, num_groups=5):
-    """Per-class AP against train image count (log x), coloured by frequency group, beside
-    the bars of AP and AP1..AP<num_groups>. Classes without positives are not drawn; those
-    with no train image cannot sit on a log axis and are counted in the legend title."""
+def plot_oid_ap(rows, metrics, path, title, num_groups=5, count_name="images"):
+    """Per-class AP against train count (log x), coloured by frequency group, beside the
+    bars of AP and AP1..AP<num_groups>. Classes without positives are not drawn; those with
+    a zero count cannot sit on a log axis and are counted in the legend title."""
     fig = Figure(figsize=(10.5, 4.2))
     ax, bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     off_axis = 0
@@ -490,23 +496,23 @@ def plot_oid_ap(rows, metrics, path, title, num_groups=5):
         for r in rows:
             if r["group"] != g + 1 or math.isnan(r["AP"]):
                 continue
-            if not r["train_image_count"]:
+            if not r["train_count"]:
                 off_axis += 1
                 continue
-            xs.append(r["train_image_count"])
+            xs.append(r["train_count"])
             ys.append(r["AP"])
         if xs:
             ax.scatter(xs, ys, s=16, alpha=0.8, color=GROUP_COLORS[g % len(GROUP_COLORS)],
                        label=f"AP{g + 1} group ({len(xs)})")
     ax.set_xscale("log")
-    ax.set_xlabel("train images of the class (log scale)")
+    ax.set_xlabel(f"train {count_name} of the class (log scale)")
     ax.set_ylabel("AP at IoU 0.5 (%)")
     ax.set_ylim(-2, 102)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title, fontsize=10)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left", fontsize=8,
-                  title=f"{off_axis} without train images" if off_axis else None)
+                  title=f"{off_axis} without train {count_name}" if off_axis else None)
     keys = list(metrics)
     values = [metrics[k] for k in keys]
     colors = ["tab:gray"] + [GROUP_COLORS[i % len(GROUP_COLORS)] for i in range(len(keys) - 1)]
@@ -519,7 +525,8 @@ def plot_oid_ap(rows, metrics, path, title, num_groups=5):
     bars.set_xticks(range(len(keys)), keys)
     bars.set_ylabel("AP (%)")
     bars.set_ylim(0, max(5.0, bars.get_ylim()[1] * 1.1))
-    bars.set_title("mAP and frequency groups (AP1: rarest)", fontsize=10)
+    rare = min(rows, key=lambda r: (r["train_count"], r["category_id"]))["group"] if rows else 1
+    bars.set_title(f"mAP and frequency groups (AP{rare}: rarest)", fontsize=10)
     save_figure(fig, path)
 
 
@@ -541,20 +548,23 @@ class OIDEvaluator(DatasetEvaluator):
     Each process keeps its detections as compact columns
     (:class:`~eql_d2.evaluation.detections.DetectionArrays`); in a distributed evaluation
     they are gathered to the main process, which evaluates. With an ``output_dir`` it also
-    writes ``per_category_bbox.csv`` (class, group, train images, AP, positives, evaluated
+    writes ``per_category_bbox.csv`` (class, group, train count, AP, positives, evaluated
     detections) and ``ap_vs_train_images_bbox.png``.
 
     The ground truth is the dataset dicts of ``dataset_name`` (image-level labels and
     group-of flags as :mod:`eql_d2.data.openimages` loads them) with the metadata's class
-    hierarchy (``class_parents``). The groups come from the train image counts
-    (``class_image_count``) of ``train_dataset_name``, else the evaluated dataset's
-    ``class_image_count`` (its JSON form carries the train counts; otherwise they are its
-    own, and a warning says so).
+    hierarchy (``class_parents``). The groups come from the train counts (``group_by``
+    "images": ``class_image_count``, "instances": ``class_instance_count``) of
+    ``train_dataset_name``, else from the evaluated dataset's (its JSON form carries the
+    train counts; otherwise they are its own, and a warning says so).
     """
 
     def __init__(self, dataset_name, distributed=True, output_dir=None, *, iou_threshold=0.5,
                  group_of_weight=1.0, expand_detections=False, num_groups=5,
-                 train_dataset_name=None, per_category_outputs=True):
+                 group_by="images", rarest_first=True, train_dataset_name=None,
+                 per_category_outputs=True):
+        if group_by not in GROUP_BY:
+            raise ValueError(f"OIDEvaluator: group_by {group_by!r}, expected one of {list(GROUP_BY)}")
         self._dataset_name = dataset_name
         self._distributed = distributed
         self._output_dir = output_dir
@@ -562,6 +572,8 @@ class OIDEvaluator(DatasetEvaluator):
         self._group_of_weight = group_of_weight
         self._expand_detections = expand_detections
         self._num_groups = int(num_groups)
+        self._group_by = group_by
+        self._rarest_first = rarest_first
         self._train_dataset_name = train_dataset_name
         self._per_category_outputs = per_category_outputs
         self._metadata = MetadataCatalog.get(dataset_name)
@@ -590,17 +602,21 @@ class OIDEvaluator(DatasetEvaluator):
         return self._gt
 
     def _train_counts(self):
+        key, field = GROUP_BY[self._group_by]
         names = list(self._metadata.thing_classes)
         if self._train_dataset_name:
             meta = MetadataCatalog.get(self._train_dataset_name)
-            counts = meta.get("class_image_count")
+            counts = meta.get(key)
             if counts is not None and list(meta.get("thing_classes") or ()) == names:
-                return np.array([e["image_count"] for e in sorted(counts, key=lambda e: e["id"])])
-        logger.warning("%s: no train image counts (train dataset %r not registered with the "
-                       "same classes); AP1..AP%d group classes by the evaluated set's image "
-                       "counts", self._dataset_name, self._train_dataset_name, self._num_groups)
-        counts = self._metadata.get("class_image_count")
-        return np.array([e["image_count"] for e in sorted(counts, key=lambda e: e["id"])])
+                return np.array([e[field] for e in sorted(counts, key=lambda e: e["id"])])
+        logger.warning("%s: no train counts of %s (train dataset %r not registered with the "
+                       "same classes); the frequency groups use the evaluated set's %s",
+                       self._dataset_name, self._group_by, self._train_dataset_name, key)
+        counts = self._metadata.get(key)
+        if counts is None:
+            raise ValueError(f"{self._dataset_name}: no {key} in its metadata to group the "
+                             f"classes by {self._group_by}")
+        return np.array([e[field] for e in sorted(counts, key=lambda e: e["id"])])
 
     def evaluate(self):
         local = DetectionArrays.concatenate(self._predictions)
@@ -622,7 +638,7 @@ class OIDEvaluator(DatasetEvaluator):
                               expand_detections=self._expand_detections,
                               hierarchy=self._hierarchy)
         counts = self._train_counts()
-        groups = frequency_groups(counts, self._num_groups)
+        groups = frequency_groups(counts, self._num_groups, self._rarest_first)
         metrics = oid_metrics(result, groups, self._num_groups)
         logger.info("Open Images Challenge evaluation of %s (%d images, AP at IoU %.2f):\n%s",
                     self._dataset_name, len(image_ids), self._iou_threshold,
@@ -630,11 +646,12 @@ class OIDEvaluator(DatasetEvaluator):
         if self._output_dir and self._per_category_outputs:
             names = self._metadata.thing_classes
             rows = [{"category_id": k + 1, "name": names[k], "group": int(groups[k]) + 1,
-                     "train_image_count": int(counts[k]), "AP": float(result.ap[k] * 100),
+                     "train_count": int(counts[k]), "AP": float(result.ap[k] * 100),
                      "num_positives": float(result.num_positives[k]),
                      "num_detections": int(result.num_detections[k])}
                     for k in range(len(names))]
             _write_csv(rows, os.path.join(self._output_dir, "per_category_bbox.csv"))
             plot_oid_ap(rows, metrics, os.path.join(self._output_dir, "ap_vs_train_images_bbox.png"),
-                        f"{self._dataset_name}: AP {metrics['AP']:.1f}", self._num_groups)
+                        f"{self._dataset_name}: AP {metrics['AP']:.1f}", self._num_groups,
+                        self._group_by)
         return copy.deepcopy(OrderedDict(bbox=metrics))

@@ -92,6 +92,7 @@ def test_csv_and_json_forms_give_the_same_dicts(oid, tmp_path):
     with open(out) as f:
         data = json.load(f)
     assert [c["image_count"] for c in data["categories"]] == [0, 1, 1, 1]
+    assert [c["instance_count"] for c in data["categories"]] == [0, 2, 1, 1]
     assert data["annotations"][0]["isgroupof"] == 0 and data["annotations"][2]["isgroupof"] == 1
 
 
@@ -171,6 +172,7 @@ def test_registered_split_metadata_on_first_access(oid, tmp_path, monkeypatch):
     assert meta.thing_classes == ["Fruit", "Apple", "Banana", "Car"]
     assert meta.class_parents == [[], [0], [0], []]
     assert [c["image_count"] for c in meta.class_image_count] == [0, 1, 1, 1]
+    assert [c["instance_count"] for c in meta.class_instance_count] == [0, 2, 1, 1]
     assert meta.num_train_images == 2 and meta.class_frequency == ["r"] * 4
     assert len(DatasetCatalog.get(name)) == 3
     assert os.listdir(tmp_path / "cache")  # cached for the other processes

@@ -145,6 +145,10 @@ def test_frequency_groups_and_group_ap_over_a_known_grouping():
     # groups: {1, 3} -> 0.5, {5, 7} -> 0.5, {9, 8} -> 0.5, {6, 2} -> 1, {4, 0} -> 0.5
     assert ap.tolist() == [0.5, 0.5, 0.5, 1.0, 0.5]
     assert r.mean_ap == 0.6
+    # EQL's Tab. 6 order: descending counts, the last group the rarest
+    down = frequency_groups(counts, 5, rarest_first=False)
+    assert down.tolist() == [0, 4, 1, 4, 0, 3, 1, 3, 2, 2]
+    assert r.group_ap(down, 5).tolist() == [0.5, 1.0, 0.5, 0.5, 0.5]
 
 
 def test_hierarchy_from_oid_json_and_cycles():
@@ -291,7 +295,7 @@ def test_agrees_with_brute_force_on_random_sets(seed):
 # ------------------------------------------------------------------- DatasetEvaluator
 
 
-def _register(name, dicts, counts):
+def _register(name, dicts, counts, instances=(1, 1, 1, 1)):
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
@@ -299,7 +303,8 @@ def _register(name, dicts, counts):
     MetadataCatalog.get(name).set(
         thing_classes=["Fruit", "Apple", "Banana", "Car"], evaluator_type="oid",
         class_parents=[[], [FRUIT], [FRUIT], []],
-        class_image_count=[{"id": k + 1, "image_count": n} for k, n in enumerate(counts)])
+        class_image_count=[{"id": k + 1, "image_count": n} for k, n in enumerate(counts)],
+        class_instance_count=[{"id": k + 1, "instance_count": n} for k, n in enumerate(instances)])
 
 
 def _instances(rows, size=(100, 100)):
@@ -336,7 +341,7 @@ def test_oid_evaluator_metrics_and_outputs(tmp_path):
 
 def test_oid_evaluator_unverified_and_missed():
     dicts = [image(1, [box(0, 0, 10, 10, APPLE)], pos=[APPLE]), image(2, pos=[CAR])]
-    _register("oid_eval_test_val2", dicts, [40, 10, 5, 20])
+    _register("oid_eval_test_val2", dicts, [40, 10, 5, 20], instances=[1, 90, 5, 20])
     ev = OIDEvaluator("oid_eval_test_val2", num_groups=2)
     ev.reset()
     # the Banana detection on image 1 is unverified there (ignored); Car has no positives
@@ -347,3 +352,9 @@ def test_oid_evaluator_unverified_and_missed():
     # Fruit missed (0), Apple found (1)
     assert out["AP"] == pytest.approx(50.0)
     assert out["AP1"] == pytest.approx(100.0) and out["AP2"] == pytest.approx(0.0)
+    # by instances (Fruit 1, Apple 90): Fruit is in the rarer group now
+    ev._group_by = "instances"
+    out = ev.evaluate()["bbox"]
+    assert out["AP1"] == pytest.approx(0.0) and out["AP2"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="group_by 'boxes'"):
+        OIDEvaluator("oid_eval_test_val2", group_by="boxes")
