@@ -23,5 +23,6 @@ setup(
         "ijson>=3.2",
     ],
     # tools/slurm_train.py: Slurm jobs that requeue themselves on time-out or pre-emption
-    extras_require={"slurm": ["submitit>=1.5"]},
+    # "test": tests/modeling/test_paa.py checks PAA's Gaussian mixture against scikit-learn's
+    extras_require={"slurm": ["submitit>=1.5"], "test": ["scikit-learn>=1.2"]},
 )
