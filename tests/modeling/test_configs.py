@@ -33,7 +33,7 @@ EQL_HEAD_LOSSES = {"softmax": "SoftmaxCE", "sigmoid": "SigmoidCE", "eql": "EQL",
                    "seesaw": "Seesaw", "federated": "Federated"}
 DENSE_LOSSES = {"focal": "Focal", "efl": "EFL", "qfl": "QFL", "eqfl": "EQFL"}
 # the one-stage meta-architectures and the config node of their head
-ONE_STAGE_HEADS = {"ATSS": "ATSS", "EFLRetinaNet": "RETINANET", "EFLFCOS": "FCOS"}
+ONE_STAGE_HEADS = {"ATSS": "ATSS", "EFLRetinaNet": "RETINANET", "EFLFCOS": "FCOS", "PAA": "PAA"}
 
 
 def load(rel):
@@ -110,6 +110,11 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
     if cfg.MODEL.META_ARCHITECTURE == "EFLFCOS":  # the paper's FCOS: with center sampling
         assert list(cfg.MODEL.FCOS.IN_FEATURES) == ["p3", "p4", "p5", "p6", "p7"]
         assert cfg.MODEL.FCOS.NORM == "GN" and cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS == 1.5
+    if cfg.MODEL.META_ARCHITECTURE == "PAA":  # PAA's anchors, k and head; voting at test time
+        paa = cfg.MODEL.PAA
+        assert list(paa.ANCHOR_SCALES) == [8.0] and list(paa.ANCHOR_ASPECT_RATIOS) == [1.0]
+        assert list(paa.IN_FEATURES) == ["p3", "p4", "p5", "p6", "p7"] and paa.NORM == "GN"
+        assert paa.TOPK == 9 and paa.IOU_THRESHOLD == 0.1 and paa.SCORE_VOTING
     if one_stage:
         loss = DENSE_LOSSES[loss_in_name(rel, list(DENSE_LOSSES))]
         assert cfg.MODEL.CLS_LOSS.NAME == loss
