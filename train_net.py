@@ -23,8 +23,10 @@ from detectron2.utils.logger import setup_logger
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from eql_d2.config import get_eql_cfg
 from eql_d2.data import register_all
-from eql_d2.engine import (AtomicCheckpointer, Trainer, add_launch_arguments, check_same_config,
-                           launch, prepare_datasets)
+from eql_d2.data.classification import (is_classification, prepare_classification_datasets,
+                                        register_classification_datasets)
+from eql_d2.engine import (AtomicCheckpointer, ClassificationTrainer, Trainer,
+                           add_launch_arguments, check_same_config, launch, prepare_datasets)
 from eql_d2.utils.io import atomic_write, write_json_atomic
 
 
@@ -62,7 +64,8 @@ def setup(args, cfg=None):
 
 def summarize(results):
     """One line per dataset and task with the numbers long-tailed work is judged by."""
-    keys = ("AP", "AP50", "APr", "APc", "APf")
+    keys = ("AP", "AP50", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4", "AP5",
+            "top1", "top5", "many", "medium", "few")
     lines = []
     for dataset, tasks in results.items():
         if not isinstance(tasks, dict):
@@ -100,28 +103,32 @@ def argument_parser():
 
 def main(args):
     register_all()
+    register_classification_datasets()
     cfg = build_config(args)
+    # image classifiers (EQL sec. 6) train on their own datasets through the same loop
+    trainer_class, prepare = ((ClassificationTrainer, prepare_classification_datasets)
+                              if is_classification(cfg) else (Trainer, prepare_datasets))
     # before anything is written: processes with different configs would train in lock-step
     check_same_config(cfg, resume=args.resume, eval_only=args.eval_only)
     with config_kept_on_failure(cfg, args):
         setup(args, cfg)
         # evaluation needs only the test sets: a trained model's config and checkpoint hold
         # the rest, so the training JSON may be absent
-        prepare_datasets(cfg, training=not args.eval_only)
+        prepare(cfg, training=not args.eval_only)
         if args.eval_only:
             weights = cfg.MODEL.WEIGHTS
             if not weights or not (os.path.isfile(weights) or "://" in weights):
                 raise FileNotFoundError(f"--eval-only: MODEL.WEIGHTS file not found: {weights!r}")
-            model = Trainer.build_model(cfg)
+            model = trainer_class.build_model(cfg)
             # weights that do not fit the model are an error (eql_d2.engine.checkpoint)
             AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, for_inference=True,
                                weights_partial=cfg.MODEL.WEIGHTS_PARTIAL).resume_or_load(
                 weights, resume=args.resume)
         else:
-            trainer = Trainer(cfg)
+            trainer = trainer_class(cfg)
             trainer.resume_or_load(resume=args.resume)
     if args.eval_only:
-        results = Trainer.test(cfg, model)
+        results = trainer_class.test(cfg, model)
         metrics_file = "eval_metrics.json"
     else:
         results = trainer.train()
