@@ -1,6 +1,7 @@
 """Evaluation: LVIS with per-category outputs and AP-fixed, results files, TTA, ensembles."""
 
 from .build import build_evaluator  # noqa: F401
+from .classification import ClassificationEvaluator  # noqa: F401
 from .fast_lvis import FastLVISEval  # noqa: F401
 from .classification import ClassificationEvaluator  # noqa: F401
 from .lvis_evaluation import LVISPerCategoryEvaluator, evaluate_lvis  # noqa: F401

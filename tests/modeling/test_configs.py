@@ -32,6 +32,8 @@ BASES = sorted(
 EQL_HEAD_LOSSES = {"softmax": "SoftmaxCE", "sigmoid": "SigmoidCE", "eql": "EQL", "eqlv2": "EQLv2",
                    "seesaw": "Seesaw", "federated": "Federated"}
 DENSE_LOSSES = {"focal": "Focal", "efl": "EFL", "qfl": "QFL", "eqfl": "EQFL"}
+# the losses of image-classification configs (configs/Classification)
+CLASSIFICATION_LOSSES = {"softmax": "SoftmaxCE", "seql": "SEQL", "focal": "Focal"}
 # the one-stage meta-architectures and the config node of their head
 ONE_STAGE_HEADS = {"ATSS": "ATSS", "EFLRetinaNet": "RETINANET", "EFLFCOS": "FCOS", "PAA": "PAA"}
 
@@ -81,10 +83,50 @@ def test_inherits_a_base_and_is_listed_in_the_readme(rel):
             assert f"`{rel}`" in f.read(), f"docs/MODEL_ZOO.md's config table does not list {rel}"
 
 
+def check_classification_recipe(rel, cfg):
+    """EQL sec. 6's recipes (CIFAR-100-LT: ResNet-32, Nesterov SGD, 12.8k iterations;
+    ImageNet-LT: ResNet-10, 12k iterations) and SEQL's gamma / lambda (Tab. 7-10)."""
+    name = os.path.basename(rel)
+    loss = CLASSIFICATION_LOSSES[loss_in_name(rel, list(CLASSIFICATION_LOSSES))]
+    assert cfg.MODEL.CLS_LOSS.NAME == loss
+    s = cfg.SOLVER
+    if "cifar100_lt" in name or "synthetic_cls_lt" in name:
+        assert cfg.MODEL.BACKBONE.NAME == "build_cifar_resnet_backbone"
+        assert cfg.MODEL.CIFAR_RESNET.DEPTH == 32 and cfg.MODEL.CLASSIFIER.NUM_CLASSES == 100
+        assert (s.MOMENTUM, s.NESTEROV, s.WEIGHT_DECAY) == (0.9, True, 1e-4)
+        assert list(cfg.INPUT.CLASSIFICATION.TRAIN_AUGMENTATIONS) == [
+            "pad_crop", "flip", "autoaugment", "cutout"]
+        if loss == "SEQL":
+            seql = cfg.MODEL.CLS_LOSS.SEQL
+            assert (seql.GAMMA, seql.LAMBDA) == (0.95, 3.0e-3)
+    if "cifar100_lt" in name:
+        assert cfg.DATASETS.TRAIN == ("cifar100_lt_train",)
+        assert (s.IMS_PER_BATCH, s.BASE_LR, s.MAX_ITER, tuple(s.STEPS)) == (
+            256, 0.2, 12800, (6400, 9600))
+        assert (s.WARMUP_ITERS, s.BASE_LR * s.WARMUP_FACTOR) == (400, 0.1)
+    elif "imagenet_lt" in name:
+        assert cfg.MODEL.BACKBONE.NAME == "build_resnet10_backbone"
+        assert cfg.MODEL.RESNETS.DEPTH == 10 and cfg.MODEL.CLASSIFIER.NUM_CLASSES == 1000
+        assert (s.IMS_PER_BATCH, s.BASE_LR, s.MAX_ITER, tuple(s.STEPS)) == (
+            1024, 0.4, 12000, (3400, 6800, 10200))
+        assert (s.WARMUP_ITERS, s.BASE_LR * s.WARMUP_FACTOR) == (500, 0.1)
+        assert list(cfg.INPUT.CLASSIFICATION.TRAIN_AUGMENTATIONS) == [
+            "random_resized_crop", "color_jitter", "flip"]
+        if loss == "SEQL":
+            seql = cfg.MODEL.CLS_LOSS.SEQL
+            assert (seql.GAMMA, seql.LAMBDA) == (0.9, 4.3e-4)
+    else:
+        assert "synthetic_cls_lt" in name, f"{rel}: name the dataset"
+        assert cfg.DATASETS.TRAIN == ("synthetic_cls_lt_train",) and cfg.MODEL.DEVICE == "cpu"
+
+
 @pytest.mark.parametrize("rel", CONFIGS)
 def test_settings_promised_by_the_name_and_the_papers(rel):
     cfg = load(rel)
     name = os.path.basename(rel)
+    if cfg.MODEL.META_ARCHITECTURE == "ImageClassifier":
+        check_classification_recipe(rel, cfg)
+        return
     lvis = rel.startswith("LVIS-")
     one_stage = cfg.MODEL.META_ARCHITECTURE in ONE_STAGE_HEADS
     if lvis:  # each setting of the authors' recipes: tests/modeling/test_parity.py
@@ -142,6 +184,14 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
 @pytest.mark.parametrize("rel", CONFIGS)
 def test_builds_its_model(rel, one_thread):
     cfg = load(rel)
+    if cfg.MODEL.META_ARCHITECTURE == "ImageClassifier":
+        cfg.DATASETS.TRAIN = (fake_train_set(cfg.MODEL.CLASSIFIER.NUM_CLASSES),)
+        cfg.MODEL.DEVICE = "cpu"
+        model = build_model(cfg)
+        assert model.fc.out_features == cfg.MODEL.CLASSIFIER.NUM_CLASSES
+        assert type(model.criterion) is CLS_LOSS_REGISTRY.get(
+            resolve_loss_name(cfg.MODEL.CLS_LOSS.NAME))
+        return
     one_stage = cfg.MODEL.META_ARCHITECTURE in ONE_STAGE_HEADS
     num_classes = (cfg.MODEL[ONE_STAGE_HEADS[cfg.MODEL.META_ARCHITECTURE]].NUM_CLASSES
                    if one_stage else cfg.MODEL.ROI_HEADS.NUM_CLASSES)
