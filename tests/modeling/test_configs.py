@@ -30,7 +30,15 @@ BASES = sorted(
 
 # the loss names config file names use, for each kind of head, and their registry names
 EQL_HEAD_LOSSES = {"softmax": "SoftmaxCE", "sigmoid": "SigmoidCE", "eql": "EQL", "eqlv2": "EQLv2",
-                   "seesaw": "Seesaw", "federated": "Federated"}
+                   "seesaw": "Seesaw", "federated": "Federated", "cb": "ClassBalanced",
+                   "focal": "Focal", "bags": "BAGS"}
+# second stages of decoupled training (configs/*/Decoupled/): name token -> what it sets
+CLASSIFIER = "roi_heads.box_predictor.cls_score"
+DECOUPLED = {"crt": dict(TRAINABLE=(CLASSIFIER,), REINITIALIZE=(CLASSIFIER,), WEIGHT_SCALING=False),
+             "lws": dict(TRAINABLE=(CLASSIFIER + ".weight_scale",), REINITIALIZE=(),
+                         WEIGHT_SCALING=True),
+             "bags": dict(TRAINABLE=(CLASSIFIER,), REINITIALIZE=(CLASSIFIER,), WEIGHT_SCALING=False)}
+CLASS_SAMPLERS = ("ClassAwareSampler", "ClassBalancedSampler")
 DENSE_LOSSES = {"focal": "Focal", "efl": "EFL", "qfl": "QFL", "eqfl": "EQFL"}
 # the losses of image-classification configs (configs/Classification)
 CLASSIFICATION_LOSSES = {"softmax": "SoftmaxCE", "seql": "SEQL", "focal": "Focal"}
@@ -164,7 +172,21 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
             node = cfg.MODEL.CLS_LOSS[loss.upper()]
             assert (node.GAMMA_B, node.SCALE) == (2.0, 8.0)
     elif cfg.MODEL.ROI_HEADS.NAME in ("EQLROIHeads", "EQLCascadeROIHeads"):
-        assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+        stem = os.path.splitext(name)[0].split("_")
+        decoupled = "Decoupled" in rel.split(os.sep)
+        assert cfg.MODEL.META_ARCHITECTURE == ("DecoupledRCNN" if decoupled else "GeneralizedRCNN")
+        if decoupled:  # a second stage: what its name says trains, from a shipped first stage
+            method = loss_in_name(rel, list(DECOUPLED))
+            for key, value in DECOUPLED[method].items():
+                assert cfg.MODEL.DECOUPLED[key] == value, f"{rel}: MODEL.DECOUPLED.{key}"
+            if method in ("crt", "lws"):
+                assert cfg.DATALOADER.SAMPLER_TRAIN in CLASS_SAMPLERS
+            first = [r for r in CONFIGS if "Decoupled" not in r.split(os.sep) and r.split(os.sep)[0]
+                     == rel.split(os.sep)[0] and os.path.join(load(r).OUTPUT_DIR, "model_final.pth")
+                     == cfg.MODEL.WEIGHTS]
+            assert len(first) == 1, f"{rel}: MODEL.WEIGHTS is no shipped first stage's output"
+        if "cas" in stem:
+            assert cfg.DATALOADER.SAMPLER_TRAIN == "ClassAwareSampler"
         assert cfg.MODEL.CLS_LOSS.NAME == EQL_HEAD_LOSSES[loss_in_name(rel, list(EQL_HEAD_LOSSES))]
         assert cfg.MODEL.MASK_ON == name.startswith(("mask_rcnn", "cascade_mask_rcnn"))
         cascade = cfg.MODEL.ROI_HEADS.NAME == "EQLCascadeROIHeads"
@@ -241,18 +263,19 @@ def test_a_new_loss_node_may_not_replace_another():
     from eql_d2.modeling.cls_losses import ClassificationLoss, add_cls_loss_configs
     from detectron2.config import CfgNode
 
-    class Clash(ClassificationLoss):
+    # sorted first among the registered losses, so that it is the first to add its node
+    class AClash(ClassificationLoss):
         @classmethod
         def add_config(cls, node):
             node.EQL = CfgNode()
 
     node = get_eql_cfg().MODEL.CLS_LOSS
-    CLS_LOSS_REGISTRY.register(Clash)
+    CLS_LOSS_REGISTRY.register(AClash)
     try:
-        with pytest.raises(ValueError, match="Clash.add_config replaced MODEL.CLS_LOSS.EQL"):
+        with pytest.raises(ValueError, match="AClash.add_config replaced MODEL.CLS_LOSS.EQL"):
             add_cls_loss_configs(node)
     finally:
-        CLS_LOSS_REGISTRY._obj_map.pop("Clash")
+        CLS_LOSS_REGISTRY._obj_map.pop("AClash")
 
 
 OID_CONFIGS = [r for r in CONFIGS if r.startswith(("OpenImages/", "Synthetic-OID/"))]

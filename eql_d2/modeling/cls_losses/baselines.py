@@ -51,11 +51,13 @@ class SigmoidCE(FocalLoss, ClassificationLoss):
 
 @CLS_LOSS_REGISTRY.register()
 class Focal(FocalLoss, ClassificationLoss):
-    """Sigmoid focal loss (``MODEL.CLS_LOSS.FOCAL.GAMMA``, ``ALPHA``); dense heads and the
+    """Sigmoid focal loss (``MODEL.CLS_LOSS.FOCAL.GAMMA``, ``ALPHA``); dense heads, the
     image classifier (labels 0..C-1: one positive column per image, as Cui et al. (CVPR
-    2019) train it on CIFAR-LT)."""
+    2019) train it on CIFAR-LT) and two-stage heads, whose classifier then has exactly the C
+    class columns (background: a negative of every category, EQL Tab. 5's focal row) and
+    whose sum is divided by the sampled proposals rather than the positives."""
 
-    heads = ("dense", "classification")
+    heads = ("two_stage", "dense", "classification")
     extra_columns = 0
 
     def __init__(self, num_classes: int, gamma: float = 2.0, alpha=0.25):

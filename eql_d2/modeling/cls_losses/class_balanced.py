@@ -50,9 +50,9 @@ def data_or_checkpoint(buffer, what):
 
 @CLS_LOSS_REGISTRY.register()
 class ClassBalanced(ClassBalancedLoss, ClassificationLoss):
-    """Class-balanced loss (``MODEL.CLS_LOSS.CLASS_BALANCED``): softmax form over C + 1
-    columns (two-stage heads), or sigmoid form over the C class columns (two-stage heads,
-    column C unused; dense heads), optionally with the focal factor.
+    """Class-balanced loss (``MODEL.CLS_LOSS.CLASS_BALANCED``): sigmoid form over the C class
+    columns (two-stage heads, column C unused; dense heads), optionally with the focal
+    factor, or softmax form over C + 1 columns (two-stage heads).
 
     The per-class counts n_j are the training images of each category (the metadata EQL's
     frequencies come from); the weights are a persistent buffer, so a model built for
@@ -65,15 +65,16 @@ class ClassBalanced(ClassBalancedLoss, ClassificationLoss):
     settings = {
         "BETA": (0.999, "beta", "beta of the effective number (1 - beta^n) / (1 - beta) of a "
                                 "category's n training images"),
-        "FORM": ("softmax", "form", "softmax (two-stage heads: C + 1 columns) or sigmoid "
-                                    "(two-stage and dense heads)"),
+        "FORM": ("sigmoid", "form", "sigmoid (two-stage heads: C class columns, column C "
+                                    "unused; dense heads) or softmax (two-stage heads: C + 1 "
+                                    "columns)"),
         "BACKGROUND_WEIGHT": (1.0, "background_weight", "weight of background samples"),
         "GAMMA": (0.0, "gamma", "sigmoid form: focal factor (1 - p_t)^gamma (0: "
                                 "cross-entropy; the class-balanced focal loss)"),
     }
 
     def __init__(self, num_classes: int, counts=None, beta: float = 0.999,
-                 form: str = "softmax", background_weight: float = 1.0, gamma: float = 0.0):
+                 form: str = "sigmoid", background_weight: float = 1.0, gamma: float = 0.0):
         self.known = counts is not None
         # without counts: placeholders, replaced by the checkpoint's weights
         weights = class_balanced_weights(counts, beta) if self.known else torch.ones(num_classes)
