@@ -50,8 +50,9 @@ def _add_cls_loss_config(cfg):
 
     cfg.MODEL.CLS_LOSS = CN()
     # CLS_LOSS_REGISTRY name (any case, "_" ignored): SoftmaxCE, SigmoidCE, EQL, EQLv2, Seesaw,
-    # Federated (two-stage); Focal, QFL, EFL, EQFL, SigmoidCE (dense); "": the head's
-    # detectron2 default (SoftmaxCE in ROI heads, Focal in dense heads)
+    # Federated, Focal, ClassBalanced, BAGS (two-stage); Focal, QFL, EFL, EQFL, SigmoidCE,
+    # ClassBalanced (dense); "": the head's detectron2 default (SoftmaxCE in ROI heads, Focal
+    # in dense heads)
     cfg.MODEL.CLS_LOSS.NAME = ""
     # log the rare / common / frequent means of the loss's statistics (and write regime
     # indicator snapshots) every LOG_PERIOD iterations (0: never)
