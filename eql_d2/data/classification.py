@@ -14,7 +14,8 @@
   Synthetic-LT generator (:mod:`eql_d2.data.synthetic`; 100 classes, each a (shape,
   colour, texture) triple), train counts of the CIFAR-100-LT profile, a balanced test set.
   Generated once (a minute) into ``$EQL_D2_SYNTHETIC_CLS_LT_ROOT`` (default
-  ``$DETECTRON2_DATASETS/synthetic_cls_lt``): ``synthetic_cls_lt_train`` / ``_test``.
+  ``$DETECTRON2_DATASETS/synthetic_cls_lt``): ``synthetic_cls_lt_train`` / ``_test``;
+  other seeds or sizes with ``python -m eql_d2.data.classification --out DIR --seed S``.
 
 A split's dataset dicts hold ``label`` (0..C-1), ``image_id`` and either ``image`` (a
 uint8 [H, W, 3] RGB array: CIFAR and the generated set) or ``file_name`` (ImageNet-LT).
@@ -25,6 +26,7 @@ many / medium / few-shot groups) and, for a training split, ``class_image_count`
 ``num_train_images`` (the class frequencies SEQL reads).
 """
 
+import argparse
 import functools
 import json
 import logging
@@ -534,3 +536,19 @@ class ClassificationDatasetMapper:
             tensor = self.cutout(tensor)
         return {"image": tensor, "label": int(record["label"]),
                 "image_id": record.get("image_id")}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate Synthetic-CLS-LT (see module doc).")
+    parser.add_argument("--out", required=True, help="output folder (replaced if present)")
+    defaults = SyntheticClsSpec()
+    for field, value in asdict(defaults).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    generate_synthetic_cls_lt(out, SyntheticClsSpec(**args))
+
+
+if __name__ == "__main__":
+    main()

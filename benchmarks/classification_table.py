@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Tables of benchmarks/classification_seql.sh: per arm, mean ± standard deviation over
+seeds of top-1, top-5 and many / medium / few-shot accuracy on the Synthetic-CLS-LT test
+set; then SEQL minus softmax paired by seed.
+
+    .venv/bin/python benchmarks/classification_table.py output/classification_seql
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+KEYS = ("top1", "top5", "many", "medium", "few")
+TEST_SET = "synthetic_cls_lt_test"
+
+
+def read_runs(out):
+    """{arm: {seed: metrics}} of every finished run under `out` (<arm>/seed<s>/)."""
+    runs = {}
+    for arm in sorted(os.listdir(out)):
+        arm_dir = os.path.join(out, arm)
+        if not os.path.isdir(arm_dir):
+            continue
+        for seed_dir in sorted(os.listdir(arm_dir)):
+            path = os.path.join(arm_dir, seed_dir, "final_metrics.json")
+            if seed_dir.startswith("seed") and os.path.isfile(path):
+                with open(path) as f:
+                    metrics = json.load(f)[TEST_SET]["classification"]
+                runs.setdefault(arm, {})[int(seed_dir[4:])] = metrics
+    return runs
+
+
+def mean_std(values):
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def arm_table(runs, arms):
+    lines = ["| arm | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
+    for arm in arms:
+        seeds = runs[arm]
+        cells = [mean_std([seeds[s][k] for s in seeds]) for k in KEYS]
+        lines.append(f"| {arm} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired(runs, arm, reference):
+    """SEQL minus softmax per key, over the seeds both finished, with how many seeds it is
+    positive in."""
+    seeds = sorted(set(runs.get(arm, {})) & set(runs.get(reference, {})))
+    if not seeds:
+        return None
+    lines = [f"| {arm} - {reference} | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
+    cells = []
+    for k in KEYS:
+        d = [runs[arm][s][k] - runs[reference][s][k] for s in seeds]
+        cells.append(f"{mean_std(d)} ({sum(x > 0 for x in d)}/{len(d)} seeds > 0)")
+    lines.append(f"| seeds {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="the driver's OUT folder")
+    args = parser.parse_args(argv)
+    runs = read_runs(args.out)
+    if not runs:
+        print(f"no finished runs under {args.out}", file=sys.stderr)
+        return 1
+    main_arms = [a for a in ("softmax", "seql") if a in runs]
+    sweep = sorted((a for a in runs if a.startswith("sweep_gamma")),
+                   key=lambda a: float(a[len("sweep_gamma"):]))
+    if main_arms:
+        print("Main arms (accuracy %, mean ± std over seeds)\n")
+        print(arm_table(runs, main_arms) + "\n")
+        table = paired(runs, "seql", "softmax")
+        if table:
+            print(table + "\n")
+    if sweep:
+        print("Gamma sweep at reduced size (lambda 3e-3)\n")
+        print(arm_table(runs, sweep) + "\n")
+        if "sweep_gamma0.0" in runs:
+            for arm in sweep[1:]:
+                table = paired(runs, arm, "sweep_gamma0.0")
+                if table:
+                    print(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
