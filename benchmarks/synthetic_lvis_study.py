@@ -21,7 +21,10 @@ Runs are taken in the order of :data:`RUNS`, so that a partial study covers ever
 once before it repeats any: the main arms for seed 0, ATSS focal on Synthetic-LT (its
 regime indicators), the ablations and the balanced check (seed 0), the main arms for seed
 1, the Synthetic-LT two-stage runs (the 700-iteration comparison under the federated
-protocol), then the main arms for seed 2.
+protocol), the main arms for seed 2, then the baselines the papers beat (:data:`BASELINES`:
+class-aware sampling, class-balanced loss, focal loss, and the decoupled cRT, LWS and BAGS
+after their softmax first stage) seed by seed. A second stage (:data:`FIRST_STAGES`) starts
+from its first stage's ``model_final.pth`` in --out, and waits while that run is not done.
 A run is claimed with a lock folder holding the driver's pid; a lock whose process is gone
 is taken over.
 
@@ -85,9 +88,24 @@ ARMS = {
     # the one-stage regime on Synthetic-LT, for the indicators (BENCHMARKS.md's ATSS runs)
     "slt_atss_focal": ("configs/Synthetic-LT/atss_R18_FPN_focal.yaml",
                        SLT_SCHEDULE + ["DATALOADER.REPEAT_THRESHOLD", "0.001"], "slt"),
+    # the baselines the papers beat (EQL Tab. 5; the EQLv2 README's decoupled methods)
+    "frcnn_sigmoid_cas": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_sigmoid_cas.yaml", [], "lvis"),
+    "frcnn_cb": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_cb.yaml", [], "lvis"),
+    "frcnn_focal": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_focal.yaml", [], "lvis"),
+    "frcnn_softmax": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_softmax.yaml", [], "lvis"),
+    "frcnn_crt": (f"{LVIS_CFG}/Decoupled/faster_rcnn_R18_FPN_softmax_crt.yaml", [], "lvis"),
+    "frcnn_lws": (f"{LVIS_CFG}/Decoupled/faster_rcnn_R18_FPN_softmax_lws.yaml", [], "lvis"),
+    "frcnn_bags": (f"{LVIS_CFG}/Decoupled/faster_rcnn_R18_FPN_bags.yaml", [], "lvis"),
 }
+# second stages: arm -> its first stage, whose model_final.pth (in --out, same seed) is the
+# run's MODEL.WEIGHTS; the run waits until that first stage has finished
+FIRST_STAGES = {"frcnn_crt": "frcnn_softmax", "frcnn_lws": "frcnn_softmax",
+                "frcnn_bags": "frcnn_softmax"}
 MAIN = ("atss_focal", "atss_efl", "frcnn_sigmoid", "frcnn_eql", "frcnn_eqlv2")
 SLT = ("slt_sigmoid", "slt_eql", "slt_eqlv2", "slt_atss_focal")
+# first stages before their second stages, in every seed
+BASELINES = ("frcnn_softmax", "frcnn_sigmoid_cas", "frcnn_cb", "frcnn_focal", "frcnn_crt",
+             "frcnn_lws", "frcnn_bags")
 ABLATIONS = ("atss_efl_focusing_only", "atss_efl_weighting_only", "balanced_atss_focal",
              "balanced_atss_efl", "frcnn_eql_no_excluding_function")
 RUNS = ([(arm, 0) for arm in MAIN]
@@ -95,7 +113,8 @@ RUNS = ([(arm, 0) for arm in MAIN]
         + [(arm, 0) for arm in ABLATIONS]
         + [(arm, 1) for arm in MAIN]
         + [(arm, 0) for arm in SLT if arm != "slt_atss_focal"]
-        + [(arm, 2) for arm in MAIN])
+        + [(arm, 2) for arm in MAIN]
+        + [(arm, seed) for seed in SEEDS for arm in BASELINES])
 
 # paired comparisons: (name, arm, reference arm)
 COMPARISONS = [
@@ -111,6 +130,20 @@ COMPARISONS = [
     ("balanced: EFL - focal", "balanced_atss_efl", "balanced_atss_focal"),
     ("Synthetic-LT: EQL - sigmoid", "slt_eql", "slt_sigmoid"),
     ("Synthetic-LT: EQLv2 - sigmoid", "slt_eqlv2", "slt_sigmoid"),
+    # EQL Tab. 5's ordering: EQL above CAS, CB loss and focal; CAS below RFS
+    ("EQL - class-aware sampling", "frcnn_eql", "frcnn_sigmoid_cas"),
+    ("EQL - class-balanced loss", "frcnn_eql", "frcnn_cb"),
+    ("EQL - focal (Faster R-CNN)", "frcnn_eql", "frcnn_focal"),
+    ("class-aware sampling - sigmoid (RFS)", "frcnn_sigmoid_cas", "frcnn_sigmoid"),
+    ("class-balanced loss - sigmoid", "frcnn_cb", "frcnn_sigmoid"),
+    ("focal - sigmoid (Faster R-CNN)", "frcnn_focal", "frcnn_sigmoid"),
+    # "EQLv2 surpasses decoupled methods"
+    ("EQLv2 - cRT", "frcnn_eqlv2", "frcnn_crt"),
+    ("EQLv2 - LWS", "frcnn_eqlv2", "frcnn_lws"),
+    ("EQLv2 - BAGS", "frcnn_eqlv2", "frcnn_bags"),
+    ("cRT - its first stage (softmax)", "frcnn_crt", "frcnn_softmax"),
+    ("LWS - its first stage (softmax)", "frcnn_lws", "frcnn_softmax"),
+    ("BAGS - its first stage (softmax)", "frcnn_bags", "frcnn_softmax"),
 ]
 KEYS = ("AP", "APr", "APc", "APf")
 
@@ -265,7 +298,7 @@ def cmd_run(args):
         raise SystemExit(f"--arms {sorted(set(args.arms) - set(study.arms))}: not arms of the "
                          f"{study.name} study ({', '.join(study.arms)})")
     os.makedirs(out, exist_ok=True)
-    started = 0
+    started, waiting = 0, []
     wanted = [(a, s) for a, s in study.runs
               if (not args.arms or a in args.arms) and (args.seeds is None or s in args.seeds)]
     for arm, seed in wanted:
@@ -275,6 +308,14 @@ def cmd_run(args):
             continue
         if args.max_runs and started >= args.max_runs:
             return
+        stage_options = []
+        first = FIRST_STAGES.get(arm) if study.name == "synthetic_lvis" else None
+        if first:
+            weights = os.path.join(out, run_name(first, seed), "model_final.pth")
+            if not os.path.isfile(weights):
+                waiting.append(f"{name} (for {weights})")
+                continue
+            stage_options = ["MODEL.WEIGHTS", weights]
         lock = os.path.join(out, name + ".lock")
         if not claim(lock):
             continue
@@ -295,7 +336,7 @@ def cmd_run(args):
                        **dataset_env(kind, seed, args.datasets)}
                 cmd = [sys.executable, "train_net.py", "--resume", "--config-file", config,
                        "SEED", str(seed), "OUTPUT_DIR", run_dir, *study.options,
-                       *dataset_options(kind), *extra, *args.opts]
+                       *dataset_options(kind), *extra, *stage_options, *args.opts]
                 print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
                 start = time.time()
                 proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -306,6 +347,11 @@ def cmd_run(args):
             print(f"   {name}: {time.time() - start:.0f} s, results in {dest}", flush=True)
         finally:
             shutil.rmtree(lock, ignore_errors=True)
+    if not started and waiting:
+        # a first stage is still training (another driver's): come back when it may be done
+        print(f"waiting for first stages: {', '.join(waiting)}", flush=True)
+        time.sleep(60)
+        return
     if not started:
         sys.exit(3)
 
