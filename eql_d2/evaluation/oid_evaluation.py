@@ -245,7 +245,7 @@ class OIDGroundTruth:
         image_ids = np.array([d["image_id"] for d in dicts], np.int64)
         if len(np.unique(image_ids)) != len(image_ids):
             raise ValueError("ground truth: some image_id occurs in two dataset dicts")
-        box_image, box_class, boxes, group_of = [], [], [], []
+        box_image, box_class, boxes, modes, group_of = [], [], [], [], []
         pos_image, pos_class, neg_image, neg_class = [], [], [], []
         for i, d in enumerate(dicts):
             for a in d.get("annotations", ()):
@@ -255,7 +255,8 @@ class OIDGroundTruth:
                                      f"0..{num_classes - 1}")
                 box_image.append(i)
                 box_class.append(c)
-                boxes.append(BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS))
+                boxes.append(a["bbox"])
+                modes.append(a["bbox_mode"])
                 group_of.append(bool(a.get("is_group_of", 0)))
             pos = _class_index(d.get("pos_category_ids"), "pos_category_ids", d["image_id"],
                                num_classes, id_map)
@@ -266,6 +267,11 @@ class OIDGroundTruth:
             neg_image += [i] * len(neg)
             neg_class += neg
         box_image, box_class = np.array(box_image, np.int64), np.array(box_class, np.int64)
+        boxes = np.array(boxes, np.float64).reshape(-1, 4)
+        modes = np.array([int(m) for m in modes], np.int64)
+        for mode in np.unique(modes):
+            rows = modes == mode
+            boxes[rows] = BoxMode.convert(boxes[rows], BoxMode(int(mode)), BoxMode.XYXY_ABS)
         owner, up_class = hierarchy.expand_up(box_class)
         pos_owner, pos_up = hierarchy.expand_up(np.array(pos_class, np.int64))
         neg_owner, neg_down = hierarchy.expand_down(np.array(neg_class, np.int64))
@@ -273,8 +279,7 @@ class OIDGroundTruth:
         keys = np.concatenate([box_image[owner] * c + up_class,
                                np.array(pos_image, np.int64)[pos_owner] * c + pos_up,
                                np.array(neg_image, np.int64)[neg_owner] * c + neg_down])
-        return cls(image_ids, box_image[owner], up_class,
-                   np.array(boxes, np.float64).reshape(-1, 4)[owner],
+        return cls(image_ids, box_image[owner], up_class, boxes[owner],
                    np.array(group_of, bool)[owner], keys, num_classes)
 
     def num_positives(self, group_of_weight=1.0):
@@ -357,6 +362,36 @@ def _area(b):
     return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
 
 
+def _iou(det, gt):
+    inter = _intersection(det, gt)
+    return inter / (_area(det) + _area(gt) - inter)
+
+
+def _ioa(det, gt):
+    """Intersection over the detection's area."""
+    return _intersection(det, gt) / _area(det)
+
+
+def _best_match(keys, boxes, gt_keys, gt_boxes, overlap, chunk=250_000):
+    """Per detection, (the highest `overlap` with a ground-truth box of its key, the index
+    into `gt_keys` of the first box that has it); (-1, -1) without such boxes. `gt_keys`
+    sorted. Detections are taken `chunk` at a time, so that the (detection, box) pairs of
+    a dataset never need to be in memory together."""
+    n = len(keys)
+    best = np.full(n, -1.0)
+    first = np.full(n, -1, np.int64)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        det, g = _pairs(keys[start:stop], gt_keys)
+        if not len(det):
+            continue
+        b, f = _first_argmax(det, overlap(boxes[start:stop][det], gt_boxes[g]), stop - start)
+        best[start:stop] = b
+        has = np.flatnonzero(f >= 0)
+        first[start + has] = g[f[has]]
+    return best, first
+
+
 def evaluate_oid(gt, detections, *, iou_threshold=0.5, group_of_weight=1.0,
                  expand_detections=False, hierarchy=None):
     """Open Images Challenge AP of `detections` against `gt` (rules in the module docstring).
@@ -404,34 +439,24 @@ def evaluate_oid(gt, detections, *, iou_threshold=0.5, group_of_weight=1.0,
     tp = np.zeros(n, bool)
     plain = np.flatnonzero(~gt.box_group_of)
     plain = plain[np.argsort(gt_keys[plain], kind="stable")]
-    det, g = _pairs(keys, gt_keys[plain])
-    if len(det):
-        gb = gt.boxes[plain[g]]
-        inter = _intersection(boxes[det], gb)
-        iou = inter / (_area(boxes[det]) + _area(gb) - inter)
-        best, first = _first_argmax(det, iou, n)
-        cand = np.flatnonzero(best >= iou_threshold)
-        # the first candidate (highest score) of each box is its true positive
-        _, taken = np.unique(g[first[cand]], return_index=True)
-        tp[cand[taken]] = True
+    best, box = _best_match(keys, boxes, gt_keys[plain], gt.boxes[plain], _iou)
+    cand = np.flatnonzero(best >= iou_threshold)
+    # the first candidate (highest score) of each box is its true positive
+    _, taken = np.unique(box[cand], return_index=True)
+    tp[cand[taken]] = True
 
     ignored = np.zeros(n, bool)
     group_scores, group_classes = np.zeros(0), np.zeros(0, np.int64)
     grouped = np.flatnonzero(gt.box_group_of)
     grouped = grouped[np.argsort(gt_keys[grouped], kind="stable")]
-    det, g = _pairs(keys, gt_keys[grouped])
-    if len(det):
-        inter = _intersection(boxes[det], gt.boxes[grouped[g]])
-        ioa = inter / _area(boxes[det])
-        best, first = _first_argmax(det, ioa, n)
-        matched = np.flatnonzero((best >= iou_threshold) & ~tp)
-        ignored[matched] = True
-        box = g[first[matched]]
-        top = np.zeros(len(grouped))
-        np.maximum.at(top, box, score[matched])
-        hit = np.flatnonzero(top > 0)
-        if group_of_weight > 0:
-            group_scores, group_classes = top[hit], gt.box_class[grouped[hit]]
+    best, box = _best_match(keys, boxes, gt_keys[grouped], gt.boxes[grouped], _ioa)
+    matched = np.flatnonzero((best >= iou_threshold) & ~tp)
+    ignored[matched] = True
+    top = np.zeros(len(grouped))
+    np.maximum.at(top, box[matched], score[matched])
+    hit = np.flatnonzero(top > 0)
+    if group_of_weight > 0:
+        group_scores, group_classes = top[hit], gt.box_class[grouped[hit]]
 
     valid = ~ignored
     all_class = np.concatenate([cls[valid], group_classes])
@@ -490,6 +515,11 @@ def plot_oid_ap(rows, metrics, path, title, num_groups=5, count_name="images"):
     a zero count cannot sit on a log axis and are counted in the legend title."""
     fig = Figure(figsize=(10.5, 4.2))
     ax, bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    rare = min(rows, key=lambda r: (r["train_count"], r["category_id"]))["group"] if rows else 1
+    # red for the rarest group whichever end of AP1..AP<n> it is
+    palette = [GROUP_COLORS[g % len(GROUP_COLORS)] for g in range(num_groups)]
+    if rare != 1:
+        palette = palette[::-1]
     off_axis = 0
     for g in range(num_groups):
         xs, ys = [], []
@@ -502,7 +532,7 @@ def plot_oid_ap(rows, metrics, path, title, num_groups=5, count_name="images"):
             xs.append(r["train_count"])
             ys.append(r["AP"])
         if xs:
-            ax.scatter(xs, ys, s=16, alpha=0.8, color=GROUP_COLORS[g % len(GROUP_COLORS)],
+            ax.scatter(xs, ys, s=16, alpha=0.8, color=palette[g],
                        label=f"AP{g + 1} group ({len(xs)})")
     ax.set_xscale("log")
     ax.set_xlabel(f"train {count_name} of the class (log scale)")
@@ -515,7 +545,7 @@ def plot_oid_ap(rows, metrics, path, title, num_groups=5, count_name="images"):
                   title=f"{off_axis} without train {count_name}" if off_axis else None)
     keys = list(metrics)
     values = [metrics[k] for k in keys]
-    colors = ["tab:gray"] + [GROUP_COLORS[i % len(GROUP_COLORS)] for i in range(len(keys) - 1)]
+    colors = ["tab:gray"] + palette[: len(keys) - 1]
     drawn = bars.bar(range(len(keys)), [0 if math.isnan(v) else v for v in values],
                      color=colors, edgecolor="black", linewidth=0.5)
     for b, v in zip(drawn, values):
@@ -525,7 +555,6 @@ def plot_oid_ap(rows, metrics, path, title, num_groups=5, count_name="images"):
     bars.set_xticks(range(len(keys)), keys)
     bars.set_ylabel("AP (%)")
     bars.set_ylim(0, max(5.0, bars.get_ylim()[1] * 1.1))
-    rare = min(rows, key=lambda r: (r["train_count"], r["category_id"]))["group"] if rows else 1
     bars.set_title(f"mAP and frequency groups (AP{rare}: rarest)", fontsize=10)
     save_figure(fig, path)
 

@@ -358,3 +358,25 @@ def test_oid_evaluator_unverified_and_missed():
     assert out["AP1"] == pytest.approx(0.0) and out["AP2"] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="group_by 'boxes'"):
         OIDEvaluator("oid_eval_test_val2", group_by="boxes")
+
+
+def test_matching_in_small_chunks_gives_the_same_ap(monkeypatch):
+    from eql_d2.evaluation import oid_evaluation
+
+    whole = oid_evaluation._best_match
+    monkeypatch.setattr(oid_evaluation, "_best_match",
+                        lambda *a, **kw: whole(*a, **{**kw, "chunk": 7}))
+    test_agrees_with_brute_force_on_random_sets(1)
+
+
+def test_ground_truth_boxes_in_either_mode():
+    xyxy = image(1, [box(10, 20, 30, 60, CAR), box(0, 0, 5, 5, APPLE, group_of=True)], pos=[CAR])
+    xywh = {**xyxy, "annotations": [
+        {**a, "bbox": [a["bbox"][0], a["bbox"][1], a["bbox"][2] - a["bbox"][0],
+                       a["bbox"][3] - a["bbox"][1]], "bbox_mode": BoxMode.XYWH_ABS}
+        for a in xyxy["annotations"]]}
+    a = OIDGroundTruth.from_dataset_dicts([xyxy], 4, TREE)
+    b = OIDGroundTruth.from_dataset_dicts([xywh], 4, TREE)
+    assert np.array_equal(a.boxes, b.boxes) and a.boxes[0].tolist() == [10, 20, 30, 60]
+    # Apple's box also a Fruit box, group-of too
+    assert a.box_class.tolist() == [CAR, APPLE, FRUIT] and a.box_group_of.tolist() == [False, True, True]
