@@ -103,7 +103,9 @@ class ClassBalancedLoss(nn.Module):
         else:
             # one-hot over C + 1 columns, the background's dropped: all zeros for label C (and
             # for the ignored -1, whose weight is 0)
-            target = F.one_hot(labels.clamp(min=0), c + 1)[:, :c].to(z.dtype)
+            # (scatter, not one_hot, which checks the label range on the host)
+            target = z.new_zeros(z.shape[0], c + 1).scatter_(
+                1, labels.clamp(min=0)[:, None], 1.0)[:, :c]
             terms = F.binary_cross_entropy_with_logits(z, target, reduction="none")
             if self.gamma:
                 p = torch.sigmoid(z)

@@ -264,3 +264,25 @@ def test_bags_groups_come_back_from_a_state_dict():
         BalancedGroupSoftmaxLoss([0, 1], G)
     with pytest.raises(ValueError, match=r"logits must have shape \[N, C\+2\+G\]"):
         bags(torch.zeros(2, C + 1), torch.zeros(2, dtype=torch.long))
+
+
+# ------------------------------------------------------------- no host synchronisation
+
+from test_no_host_sync import device_tensors, recorded_host_reads  # noqa: E402,F401 (fixture)
+
+
+@pytest.mark.parametrize("case", ["cb softmax", "cb sigmoid focal", "bags"])
+def test_training_step_reads_nothing_back(device_tensors, case):
+    z, labels = _bags_batch(4)
+    if case == "bags":
+        loss_fn, z = BalancedGroupSoftmaxLoss(GROUP_OF, G), z.detach()
+    else:
+        form = case.split()[1]
+        loss_fn = ClassBalancedLoss([1.0] * C, form=form, gamma=2.0 if form == "sigmoid" else 0)
+        z = z.detach()[:, :C + 1 if form == "softmax" else C]
+    avg = torch.tensor(7.0)  # a device tensor in these tests: passed on, not read
+    with recorded_host_reads() as calls:
+        zz = z.clone().requires_grad_()
+        loss_fn(zz, labels, avg_factor=avg).backward()
+    assert not calls, calls
+    assert torch.isfinite(zz.grad).all()
