@@ -380,3 +380,51 @@ def test_ground_truth_boxes_in_either_mode():
     assert np.array_equal(a.boxes, b.boxes) and a.boxes[0].tolist() == [10, 20, 30, 60]
     # Apple's box also a Fruit box, group-of too
     assert a.box_class.tolist() == [CAR, APPLE, FRUIT] and a.box_group_of.tolist() == [False, True, True]
+
+
+def _random_case(seed=3, images=24):
+    """(dataset dicts, {image_id: Instances}) of a small random Open Images case."""
+    rng = np.random.default_rng(seed)
+    dicts, per_image = [], {}
+    for img in range(1, images + 1):
+        boxes = []
+        for _ in range(rng.integers(1, 5)):
+            x0, y0 = rng.uniform(0, 60, 2)
+            boxes.append(box(x0, y0, x0 + rng.uniform(8, 35), y0 + rng.uniform(8, 35),
+                             int(rng.integers(4)), bool(rng.random() < 0.2)))
+        dicts.append(image(img, boxes, pos=[int(rng.integers(4))], neg=[int(rng.integers(4))]))
+        rows = []
+        for b in boxes:
+            x0, y0, x1, y1 = (np.array(b["bbox"]) + rng.normal(0, 3, 4)).tolist()
+            rows.append((b["category_id"] if rng.random() < 0.8 else int(rng.integers(4)),
+                         float(rng.random()), x0, y0, x1, y1))
+        per_image[img] = _instances(rows)
+    return dicts, per_image
+
+
+def _evaluate_share(rows, name, out_dir):
+    dicts, per_image = _random_case()
+    _register(name, dicts, [40, 10, 5, 20])
+    evaluator = OIDEvaluator(name, distributed=True, output_dir=out_dir, num_groups=2)
+    evaluator.reset()
+    for image_id in sorted(per_image)[rows]:
+        evaluator.process([{"image_id": image_id}], [{"instances": per_image[image_id]}])
+    distributed = evaluator.evaluate()
+    single = None
+    if torch.distributed.get_rank() == 0:
+        alone = OIDEvaluator(name, distributed=False, num_groups=2)
+        alone.reset()
+        for image_id in sorted(per_image):
+            alone.process([{"image_id": image_id}], [{"instances": per_image[image_id]}])
+        single = alone.evaluate()
+    return distributed, single
+
+
+def test_two_processes_give_the_single_process_numbers(tmp_path):
+    from helpers import run_on_gloo_workers
+
+    (distributed, single), (other, _) = run_on_gloo_workers(
+        _evaluate_share, 24, name=f"oid_eval_test_dist_{os.getpid()}", out_dir=str(tmp_path))
+    assert other == {}
+    assert distributed == single and 0 < distributed["bbox"]["AP"] < 100
+    assert os.path.isfile(tmp_path / "per_category_bbox.csv")
