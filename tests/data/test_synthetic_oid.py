@@ -85,3 +85,24 @@ def test_deterministic_and_generated_once(root, tmp_path, monkeypatch):
     again = synthetic_oid.generate(str(tmp_path / "again"), SPEC)
     with open(openimages.builtin_openimages_files(again, "validation")["bbox_csv"], "rb") as f:
         assert f.read() == first
+
+
+def test_registered_names_build_the_oid_evaluator(root, monkeypatch, tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    from eql_d2.config import get_eql_cfg
+    from eql_d2.evaluation import OIDEvaluator, build_evaluator
+
+    monkeypatch.setenv("EQL_D2_CACHE_DIR", str(tmp_path / "cache"))
+    for name in synthetic_oid.SPLITS:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+    synthetic_oid.register_synthetic_oid(root)
+    cfg = get_eql_cfg(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                                   "Synthetic-OID", "EQL", "faster_rcnn_R18_FPN_eql.yaml"))
+    evaluator = build_evaluator(cfg, "synthetic_oid_val", str(tmp_path))
+    assert isinstance(evaluator, OIDEvaluator)
+    # the groups come from the train split's image counts, read from its files on first use
+    counts = evaluator._train_counts()
+    assert len(counts) == 15 and counts.sum() > 0
+    assert len(DatasetCatalog.get("synthetic_oid_val")) > 0
