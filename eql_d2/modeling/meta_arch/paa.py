@@ -68,7 +68,10 @@ def fit_two_gaussians(x: Tensor, valid: Tensor, max_iter: int = 100, tol: float 
     component 0 starts at the row's smallest value and component 1 at its largest, both
     with variance 1 and weight 1/2; each M-step adds ``reg_covar`` to the variances; a row
     stops after the iteration in which its mean log-likelihood changed by less than ``tol``
-    (or after ``max_iter``). Computed in float64.
+    (or after ``max_iter``). Computed in float64. Written here rather than called, because
+    scikit-learn fits one box at a time on the host (a device-to-host copy per box in the
+    authors' code), where this fits every box of a batch in one loop on the model's device;
+    ``tests/modeling/test_paa.py`` holds it equal to scikit-learn's.
 
     Args:
         x: [B, K] values; entries where ``valid`` is False are ignored.
