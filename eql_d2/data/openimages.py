@@ -300,7 +300,8 @@ def convert_to_json(bbox_csv, labels_csv, classes_csv, image_root, out_file, *,
     counts, instances, _ = _box_counts(train_bbox_csv or bbox_csv, mids)
     images, annotations = [], []
     for d in dicts:
-        images.append({"id": d["image_id"], "file_name": os.path.relpath(d["file_name"], image_root),
+        images.append({"id": d["image_id"],
+                       "file_name": os.path.relpath(d["file_name"], image_root),
                        "oid_image_id": d["oid_image_id"], "height": d["height"],
                        "width": d["width"], "pos_category_ids": d["pos_category_ids"],
                        "neg_category_ids": d["neg_category_ids"]})
@@ -312,8 +313,8 @@ def convert_to_json(bbox_csv, labels_csv, classes_csv, image_root, out_file, *,
     categories = [{"id": k + 1, "name": n, "freebase_id": m, "image_count": c,
                    "instance_count": i}
                   for k, (m, n, c, i) in enumerate(zip(mids, names, counts, instances))]
-    write_json_atomic(out_file, {"info": {"description": f"converted from {os.path.basename(bbox_csv)}"},
-                                 "categories": categories, "images": images,
+    info = {"description": f"converted from {os.path.basename(bbox_csv)}"}
+    write_json_atomic(out_file, {"info": info, "categories": categories, "images": images,
                                  "annotations": annotations})
     return dicts
 
@@ -460,8 +461,10 @@ def builtin_openimages_files(root, split):
     return {"classes_csv": os.path.join(folder, "challenge-2019-classes-description-500.csv"),
             "hierarchy_json": os.path.join(folder, "challenge-2019-label500-hierarchy.json"),
             "bbox_csv": os.path.join(folder, f"challenge-2019-{split}-detection-bbox.csv"),
-            "labels_csv": os.path.join(folder, f"challenge-2019-{split}-detection-human-imagelabels.csv"),
-            "json_file": os.path.join(root, "annotations", f"openimages_challenge_2019_{split}.json")}
+            "labels_csv": os.path.join(
+                folder, f"challenge-2019-{split}-detection-human-imagelabels.csv"),
+            "json_file": os.path.join(root, "annotations",
+                                      f"openimages_challenge_2019_{split}.json")}
 
 
 BUILTIN_SPLITS = {"oid_challenge_2019_train": "train", "oid_challenge_2019_val": "validation"}

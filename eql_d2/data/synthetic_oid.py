@@ -136,7 +136,8 @@ def _rewrite_split(lvis_json, neg_json, spec, mids, parent, rng):
     p = spec.num_parents
     by_image = {}
     for a in data["annotations"]:
-        by_image.setdefault(a["image_id"], {}).setdefault(a["category_id"] - 1 + p, []).append(a["bbox"])
+        leaf = a["category_id"] - 1 + p
+        by_image.setdefault(a["image_id"], {}).setdefault(leaf, []).append(a["bbox"])
     box_rows, label_rows = [], []
     for img in sorted(data["images"], key=lambda i: i["file_name"]):
         image_id = os.path.splitext(os.path.basename(img["file_name"]))[0]

@@ -412,8 +412,8 @@ def evaluate_oid(gt, detections, *, iou_threshold=0.5, group_of_weight=1.0,
     unknown = (image >= len(gt.image_ids)) | (gt.image_ids[image_c] != detections.image_id) \
         if len(gt.image_ids) else np.ones(len(detections), bool)
     if unknown.any():
-        raise ValueError(f"detections: image ids {sorted(set(detections.image_id[unknown].tolist()))[:5]} "
-                         "are not images of the ground truth")
+        ids = sorted(set(detections.image_id[unknown].tolist()))[:5]
+        raise ValueError(f"detections: image ids {ids} are not images of the ground truth")
     cls = detections.category_id
     if len(cls) and (cls.min() < 0 or cls.max() >= c):
         raise ValueError(f"detections: class indices outside 0..{c - 1}")
@@ -593,7 +593,8 @@ class OIDEvaluator(DatasetEvaluator):
                  group_by="images", rarest_first=True, train_dataset_name=None,
                  per_category_outputs=True):
         if group_by not in GROUP_BY:
-            raise ValueError(f"OIDEvaluator: group_by {group_by!r}, expected one of {list(GROUP_BY)}")
+            raise ValueError(f"OIDEvaluator: group_by {group_by!r}, expected one of "
+                             f"{list(GROUP_BY)}")
         self._dataset_name = dataset_name
         self._distributed = distributed
         self._output_dir = output_dir
@@ -680,7 +681,8 @@ class OIDEvaluator(DatasetEvaluator):
                      "num_detections": int(result.num_detections[k])}
                     for k in range(len(names))]
             _write_csv(rows, os.path.join(self._output_dir, "per_category_bbox.csv"))
-            plot_oid_ap(rows, metrics, os.path.join(self._output_dir, "ap_vs_train_images_bbox.png"),
+            plot_oid_ap(rows, metrics,
+                        os.path.join(self._output_dir, "ap_vs_train_images_bbox.png"),
                         f"{self._dataset_name}: AP {metrics['AP']:.1f}", self._num_groups,
                         self._group_by)
         return copy.deepcopy(OrderedDict(bbox=metrics))

@@ -15,7 +15,8 @@ from eql_d2.data.openimages import (BBOX_HEADER, LABELS_HEADER, convert_to_json,
 
 CLASSES = [("/m/fruit", "Fruit"), ("/m/apple", "Apple"), ("/m/banana", "Banana"), ("/m/car", "Car")]
 HIERARCHY = {"LabelName": "/m/0bl9f", "Subcategory": [
-    {"LabelName": "/m/fruit", "Subcategory": [{"LabelName": "/m/apple"}, {"LabelName": "/m/banana"}]},
+    {"LabelName": "/m/fruit",
+     "Subcategory": [{"LabelName": "/m/apple"}, {"LabelName": "/m/banana"}]},
     {"LabelName": "/m/car"}]}
 SIZES = {"000a": (40, 30), "000b": (20, 50), "000c": (32, 32)}  # ImageID -> (width, height)
 BOXES = [  # ImageID, LabelName, XMin, XMax, YMin, YMax, IsGroupOf
@@ -70,10 +71,12 @@ def test_csv_dicts(oid):
     assert [d["oid_image_id"] for d in dicts] == ["000a", "000b", "000c"]
     assert [d["image_id"] for d in dicts] == [1, 2, 3]
     a, b, c = dicts
-    assert (a["width"], a["height"]) == (40, 30) and a["file_name"] == os.path.join(images, "000a.jpg")
+    assert (a["width"], a["height"]) == (40, 30)
+    assert a["file_name"] == os.path.join(images, "000a.jpg")
     # XYWH in pixels, file order within the image
     assert [x["bbox"] for x in a["annotations"]] == [
-        [0.0, 0.25 * 30, 0.5 * 40, 0.5 * 30], [0.3 * 40, 0.1 * 30, (1.0 - 0.3) * 40, (0.3 - 0.1) * 30]]
+        [0.0, 0.25 * 30, 0.5 * 40, 0.5 * 30],
+        [0.3 * 40, 0.1 * 30, (1.0 - 0.3) * 40, (0.3 - 0.1) * 30]]
     assert [x["category_id"] for x in b["annotations"]] == [3, 2]
     assert [x["is_group_of"] for x in b["annotations"]] == [1, 0]
     assert a["pos_category_ids"] == [2] and a["neg_category_ids"] == [4]
@@ -155,7 +158,8 @@ def test_malformed_json_entries(oid, tmp_path):
         load(lambda d: d["annotations"][1].update(category_id=9))
     with pytest.raises(ValueError, match=r"annotations\[0\] \(id 1\): box .* outside the image"):
         load(lambda d: d["annotations"][0].update(bbox=[30, 0, 20, 10]))
-    with pytest.raises(FileNotFoundError, match=r"images\[2\] \(id 3\): image not found: .*gone.jpg"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"images\[2\] \(id 3\): image not found: .*gone.jpg"):
         load(lambda d: d["images"][2].update(file_name="gone.jpg"))
 
 

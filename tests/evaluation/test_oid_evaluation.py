@@ -346,7 +346,8 @@ def test_oid_evaluator_unverified_and_missed():
     ev.reset()
     # the Banana detection on image 1 is unverified there (ignored); Car has no positives
     ev.process([{"image_id": 1}, {"image_id": 2}],
-               [{"instances": _instances([(BANANA, 0.9, 0, 0, 10, 10), (APPLE, 0.3, 0, 0, 10, 10)])},
+               [{"instances": _instances([(BANANA, 0.9, 0, 0, 10, 10),
+                                          (APPLE, 0.3, 0, 0, 10, 10)])},
                 {"instances": _instances([(CAR, 0.7, 5, 5, 20, 20)])}])
     out = ev.evaluate()["bbox"]
     # Fruit missed (0), Apple found (1)
@@ -379,7 +380,8 @@ def test_ground_truth_boxes_in_either_mode():
     b = OIDGroundTruth.from_dataset_dicts([xywh], 4, TREE)
     assert np.array_equal(a.boxes, b.boxes) and a.boxes[0].tolist() == [10, 20, 30, 60]
     # Apple's box also a Fruit box, group-of too
-    assert a.box_class.tolist() == [CAR, APPLE, FRUIT] and a.box_group_of.tolist() == [False, True, True]
+    assert a.box_class.tolist() == [CAR, APPLE, FRUIT]
+    assert a.box_group_of.tolist() == [False, True, True]
 
 
 def _random_case(seed=3, images=24):
