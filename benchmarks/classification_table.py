@@ -84,7 +84,7 @@ def main(argv=None):
         if table:
             print(table + "\n")
     if sweep:
-        print("Gamma sweep at reduced size (lambda 3e-3)\n")
+        print("SEQL gamma sweep at reduced size (gamma 0: softmax)\n")
         print(arm_table(runs, sweep) + "\n")
         if "sweep_gamma0.0" in runs:
             for arm in sweep[1:]:

@@ -170,3 +170,24 @@ def test_seql_gradcheck_through_the_classifier():
     # the head's own forward gives the same loss as the function checked
     assert loss_of(weight.detach(), bias.detach()).item() == pytest.approx(
         through(weight, bias).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("config,points", [
+    # CIFAR-100-LT: 0.1 -> 0.2 over 400 iterations, x0.1 at 6.4k and 9.6k
+    ("cifar100_lt_R32_seql.yaml", {0: 0.1, 200: 0.15, 400: 0.2, 6399: 0.2, 6400: 0.02,
+                                   9600: 0.002, 12799: 0.002}),
+    # ImageNet-LT: 0.1 -> 0.4 over 500 iterations, /10 at 3.4k, 6.8k and 10.2k
+    ("imagenet_lt_R10_seql.yaml", {0: 0.1, 250: 0.25, 500: 0.4, 3399: 0.4, 3400: 0.04,
+                                   6800: 0.004, 10200: 0.0004, 11999: 0.0004}),
+])
+def test_learning_rate_schedules_of_sec_6(config, points):
+    from detectron2.solver import build_lr_scheduler
+
+    cfg = get_eql_cfg(f"configs/Classification/{config}")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.SOLVER.BASE_LR)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    for it in range(cfg.SOLVER.MAX_ITER):
+        if it in points:
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(points[it], rel=1e-9), it
+        optimizer.step()
+        scheduler.step()
