@@ -345,7 +345,7 @@ def test_inference_outputs_and_score_voting():
 
 def test_bad_config_values_are_named():
     for key, value in (("MODEL.PAA.TOPK", "0"), ("MODEL.PAA.IOU_THRESHOLD", "0.0"),
-                       ("MODEL.PAA.ANCHOR_SCALES", "[]"), ("MODEL.PAA.SCORE_VOTING_SIGMA", "-1.0"),
+                       ("MODEL.PAA.ANCHOR_SCALES", "[]"), ("MODEL.PAA.SCORE_VOTING_SIGMA", "0.0"),
                        ("MODEL.PAA.IN_FEATURES", "['p3', 'p9']")):
         with pytest.raises(ValueError, match=key):
             build_model(tiny_cfg("focal", key, value))

@@ -302,6 +302,9 @@ class PAA(ATSS):
         scales = list(paa.ANCHOR_SCALES)
         if not scales or min(scales) <= 0:
             raise ValueError(f"MODEL.PAA.ANCHOR_SCALES must be positive numbers, got {scales}")
+        if paa.SCORE_VOTING and paa.SCORE_VOTING_SIGMA <= 0:
+            raise ValueError("MODEL.PAA.SCORE_VOTING_SIGMA must be > 0 with MODEL.PAA.SCORE_VOTING "
+                             f"True, got {paa.SCORE_VOTING_SIGMA}")
         backbone = build_backbone(cfg)
         in_features = list(paa.IN_FEATURES)
         feature_shapes = head_feature_shapes("MODEL.PAA.IN_FEATURES", in_features, backbone,
