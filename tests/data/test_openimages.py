@@ -10,8 +10,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from eql_d2.data.image_labels import image_label_masks
-from eql_d2.data.openimages import (BBOX_HEADER, LABELS_HEADER, convert_to_json, load_oid_csv,
-                                    load_oid_json, register_openimages)
+from eql_d2.data.openimages import (BBOX_HEADER, LABELS_HEADER, builtin_openimages_files,
+                                    convert_to_json, load_oid_csv, load_oid_json, main,
+                                    register_openimages)
 
 CLASSES = [("/m/fruit", "Fruit"), ("/m/apple", "Apple"), ("/m/banana", "Banana"), ("/m/car", "Car")]
 HIERARCHY = {"LabelName": "/m/0bl9f", "Subcategory": [
@@ -182,3 +183,15 @@ def test_registered_split_metadata_on_first_access(oid, tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "cache")  # cached for the other processes
     with pytest.raises(AttributeError):
         meta.not_a_key  # noqa: B018
+
+
+def test_convert_command_writes_the_json_of_the_builtin_layout(oid):
+    root, images, files = oid
+    builtin = builtin_openimages_files(str(root), "validation")
+    os.makedirs(os.path.dirname(builtin["classes_csv"]))
+    for key in ("classes_csv", "hierarchy_json", "bbox_csv", "labels_csv"):
+        os.rename(files[key], builtin[key])
+    main(["convert", "--root", str(root), "--split", "validation"])
+    from_json = load_oid_json(builtin["json_file"], images)
+    assert from_json == load_oid_csv(builtin["bbox_csv"], builtin["labels_csv"],
+                                     builtin["classes_csv"], images)
