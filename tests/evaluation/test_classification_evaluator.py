@@ -6,7 +6,6 @@ import csv
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
@@ -23,7 +22,8 @@ TRAIN_COUNTS = [500, 101, 100, 60, 20, 19, 5, 1, 150, 30, 2, 7]
 
 def make_case(seed=0, num_images=90):
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, NUM_CLASSES - 1, (num_images,), generator=g)  # class 11: no test image
+    # class 11 gets no test image
+    labels = torch.randint(0, NUM_CLASSES - 1, (num_images,), generator=g)
     scores = torch.rand(num_images, NUM_CLASSES, generator=g)
     # make the true class rank high often enough that top-1 and top-5 hits both happen
     scores[torch.arange(num_images), labels] += torch.rand(num_images, generator=g) * 0.6

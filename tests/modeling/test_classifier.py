@@ -8,7 +8,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_backbone, build_model
 from torchvision.models.resnet import BasicBlock, ResNet
 
-import eql_d2.modeling  # noqa: F401
+import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from eql_d2.config import get_eql_cfg
 from eql_d2.modeling.backbone import CifarResNet
 from eql_d2.modeling.cls_losses import SEQL, losses_for_head
@@ -25,7 +25,8 @@ def num_params(module):
 def test_resnet32_has_the_parameters_of_he_et_al():
     # He et al. (2016), Tab. 6: ResNet-32 on CIFAR-10 has 0.46M parameters; with option-A
     # shortcuts, 31 convolutions with BN and a 10-class classifier that is exactly:
-    convs = 3 * 16 * 9 + 10 * 16 * 16 * 9 + (16 * 32 + 9 * 32 * 32) * 9 + (32 * 64 + 9 * 64 * 64) * 9
+    convs = (3 * 16 * 9 + 10 * 16 * 16 * 9 + (16 * 32 + 9 * 32 * 32) * 9
+             + (32 * 64 + 9 * 64 * 64) * 9)
     bns = 2 * (16 + 10 * 16 + 10 * 32 + 10 * 64)
     assert convs + bns + 64 * 10 + 10 == 464154
     backbone = CifarResNet(32)
