@@ -13,7 +13,6 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, pairwise_iou
-from detectron2.utils.events import EventStorage
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
@@ -309,7 +308,8 @@ def test_training_decreases_the_loss(loss):
 @pytest.mark.parametrize("loss", ["qfl", "eqfl", "sigmoid_ce"])
 def test_other_dense_losses_train(loss):
     model = seeded_model(tiny_cfg(loss))
-    history, _ = sgd_steps(model, [dense_batch(NUM_CLASSES, seed=s, num_images=3) for s in (1, 2, 3)])
+    batches = [dense_batch(NUM_CLASSES, seed=s, num_images=3) for s in (1, 2, 3)]
+    history, _ = sgd_steps(model, batches)
     for losses in history:
         assert all(torch.isfinite(v) for v in losses.values()), losses
     assert history[0]["loss_box_reg"] > 0
