@@ -286,3 +286,34 @@ def test_training_step_reads_nothing_back(device_tensors, case):
         loss_fn(zz, labels, avg_factor=avg).backward()
     assert not calls, calls
     assert torch.isfinite(zz.grad).all()
+
+
+# ------------------------------------------------- registered losses: counts from the data
+
+def test_registered_losses_take_their_counts_from_the_training_metadata():
+    from detectron2.data import MetadataCatalog
+
+    from eql_d2.config import get_eql_cfg
+    from eql_d2.modeling.cls_losses import BAGS, ClassBalanced
+
+    counts = [0, 3, 9, 10, 150, 999, 1000, 2400]
+    name = "cb_bags_test_train"
+    MetadataCatalog.get(name).set(
+        thing_classes=[f"c{j}" for j in range(len(counts))], num_train_images=2500,
+        class_image_count=[{"id": j + 1, "image_count": n} for j, n in enumerate(counts)])
+    cfg = get_eql_cfg(opts=["MODEL.CLS_LOSS.CLASS_BALANCED.BETA", "0.99"])
+    cb = ClassBalanced(**ClassBalanced.from_config(cfg, len(counts), (name,)))
+    torch.testing.assert_close(cb.weights, class_balanced_weights(counts, 0.99))
+    bags = BAGS(**BAGS.from_config(cfg, len(counts), (name,)))
+    assert bags.groups.tolist() == group_by_count(counts).tolist() == [1, 1, 1, 2, 3, 3, 4, 4]
+    assert bags.extra_columns == 2 + 4
+    # built for inference (no metadata): the checkpoint's groups and weights are taken
+    blind_cb, blind_bags = ClassBalanced(len(counts)), BAGS(len(counts))
+    with pytest.raises(ValueError, match="ClassBalanced cannot train"):
+        blind_cb.check_trainable()
+    blind_cb.load_state_dict(cb.state_dict())
+    blind_bags.load_state_dict(bags.state_dict())
+    blind_cb.check_trainable()
+    blind_bags.check_trainable()
+    assert torch.equal(blind_cb.weights, cb.weights)
+    assert torch.equal(blind_bags.groups, bags.groups)
