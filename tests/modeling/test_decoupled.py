@@ -107,6 +107,11 @@ def test_second_stage_changes_only_the_named_parameters(method, datasets, first_
     held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert held == {id(p) for n, p in trainer.model.named_parameters() if n in named}
     if evaluate:
+        # --resume continues the second stage: its own checkpoint loads whole, the
+        # classifier is not re-initialised again
+        resumed = Trainer(cfg)
+        resumed.resume_or_load(resume=True)
+        assert all(torch.equal(v, after[k]) for k, v in resumed.model.state_dict().items())
         # the second-stage checkpoint alone (no first-stage weights) gives the same metrics
         cfg.MODEL.WEIGHTS = ""
         fresh = Trainer.build_model(cfg)
