@@ -13,7 +13,7 @@
 - **Synthetic-CLS-LT**, generated offline: 32 px crops of single objects drawn by the
   Synthetic-LT generator (:mod:`eql_d2.data.synthetic`; 100 classes, each a (shape,
   colour, texture) triple), train counts of the CIFAR-100-LT profile, a balanced test set.
-  Generated once (a minute) into ``$EQL_D2_SYNTHETIC_CLS_LT_ROOT`` (default
+  Generated once (under two minutes) into ``$EQL_D2_SYNTHETIC_CLS_LT_ROOT`` (default
   ``$DETECTRON2_DATASETS/synthetic_cls_lt``): ``synthetic_cls_lt_train`` / ``_test``;
   other seeds or sizes with ``python -m eql_d2.data.classification --out DIR --seed S``.
 
