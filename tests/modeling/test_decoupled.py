@@ -126,7 +126,12 @@ def test_second_stage_changes_only_the_named_parameters(method, datasets, first_
 def test_frozen_batch_norm_stays_frozen_and_names_are_checked():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4),
                           nn.Sequential(nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)))
+    model[1].running_mean.uniform_()
+    first_stage = {k: v.clone() for k, v in model.state_dict().items()}
     freeze_except(model, ["3"], "MODEL.DECOUPLED.TRAINABLE")
+    # the first stage's BatchNorm entries (batch count included) load into the frozen layer
+    model.load_state_dict(first_stage, strict=True)
+    assert torch.equal(model[1].running_mean, first_stage["1.running_mean"])
     assert isinstance(model[1], FrozenBatchNorm2d)  # no trainable parameter left: frozen
     assert isinstance(model[3][1], nn.BatchNorm2d)  # inside a trainable module: trains
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [

@@ -53,7 +53,7 @@ def freeze_except(model: nn.Module, trainable: Sequence[str], key: str) -> None:
         p.requires_grad_(_covered(name, trainable))
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not any(
+            if isinstance(child, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not any(
                     p.requires_grad for p in child.parameters()):
                 setattr(module, child_name, FrozenBatchNorm2d.convert_frozen_batchnorm(child))
 
