@@ -250,3 +250,26 @@ def test_class_samplers_are_checked():
     with pytest.raises(ValueError, match="ClassAwareSampler draws images by their categories"):
         ResumableTrainLoader(empty, RandomAugment(), total_batch_size=4, seed=0,
                              sampler="ClassAwareSampler")
+
+
+def test_class_samplers_of_a_compact_dataset_equal_those_of_its_dicts(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+
+    from eql_d2.data import compact, register_lvis_format
+    from test_compact_dataset import random_lvis, write
+
+    name = "class_sampler_compact_train"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_lvis_format(name, write(tmp_path / "train.json", random_lvis(3, num_images=120,
+                                                                          num_categories=20)),
+                         str(tmp_path))
+    ours = compact.compact_detection_dataset([name], filter_empty=True)
+    theirs = get_detection_dataset_dicts([name], filter_empty=True)
+    a, b = class_image_lists(ours), class_image_lists(theirs)
+    assert len(a) == len(b) > 10 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    for sampler in CLASS_SAMPLERS:
+        args = dict(total_batch_size=4, seed=5, sampler=sampler, aspect_ratio_grouping=True)
+        streams = [ResumableTrainLoader(d, None, **args)._index_stream() for d in (ours, theirs)]
+        assert list(itertools.islice(streams[0], 300)) == list(itertools.islice(streams[1], 300))
