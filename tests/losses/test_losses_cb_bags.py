@@ -317,3 +317,22 @@ def test_registered_losses_take_their_counts_from_the_training_metadata():
     blind_bags.check_trainable()
     assert torch.equal(blind_cb.weights, cb.weights)
     assert torch.equal(blind_bags.groups, bags.groups)
+
+
+def test_registered_class_balanced_loss_in_every_head_kind():
+    from eql_d2.config import get_eql_cfg
+    from eql_d2.modeling.cls_losses import ClassBalanced, build_cls_loss
+
+    counts = [1, 5, 50, 500]
+    torch.manual_seed(0)
+    for form in ("softmax", "sigmoid"):
+        loss = ClassBalanced(4, counts=counts, form=form)
+        ref = ClassBalancedLoss(class_balanced_weights(counts, 0.999), form=form)
+        # image classification: [N, C] logits, labels 0..C-1
+        z, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 3, 1])
+        torch.testing.assert_close(loss.head_loss(z, y, 6.0), ref(z, y))
+        assert loss.scores(z).shape == (6, 4)
+    cfg = get_eql_cfg(opts=["MODEL.META_ARCHITECTURE", "ATSS", "MODEL.CLS_LOSS.NAME",
+                            "ClassBalanced", "MODEL.CLS_LOSS.CLASS_BALANCED.FORM", "softmax"])
+    with pytest.raises(ValueError, match="FORM softmax needs a background column"):
+        build_cls_loss(cfg, 4, "dense")

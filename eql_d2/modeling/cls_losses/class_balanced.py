@@ -14,6 +14,9 @@ __all__ = ["ClassBalanced", "category_image_counts", "data_or_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
+# meta-architectures whose heads have no background column (C logits per anchor or point)
+DENSE_ARCHITECTURES = ("ATSS", "EFLRetinaNet", "EFLFCOS", "PAA", "RetinaNet", "FCOS")
+
 
 def category_image_counts(train_datasets, num_classes):
     """Training images of each category [C] float64, pooled over DATASETS.TRAIN, from the
@@ -51,8 +54,9 @@ def data_or_checkpoint(buffer, what):
 @CLS_LOSS_REGISTRY.register()
 class ClassBalanced(ClassBalancedLoss, ClassificationLoss):
     """Class-balanced loss (``MODEL.CLS_LOSS.CLASS_BALANCED``): sigmoid form over the C class
-    columns (two-stage heads, column C unused; dense heads), optionally with the focal
-    factor, or softmax form over C + 1 columns (two-stage heads).
+    columns (two-stage heads, column C unused; dense heads; the image classifier),
+    optionally with the focal factor, or softmax form over C + 1 columns (two-stage heads)
+    or C columns (the image classifier, labels 0..C-1).
 
     The per-class counts n_j are the training images of each category (the metadata EQL's
     frequencies come from); the weights are a persistent buffer, so a model built for
@@ -60,7 +64,7 @@ class ClassBalanced(ClassBalancedLoss, ClassificationLoss):
     train.
     """
 
-    heads = ("two_stage", "dense")
+    heads = ("two_stage", "dense", "classification")
     config_node = "CLASS_BALANCED"
     settings = {
         "BETA": (0.999, "beta", "beta of the effective number (1 - beta^n) / (1 - beta) of a "
@@ -90,8 +94,12 @@ class ClassBalanced(ClassBalancedLoss, ClassificationLoss):
 
     @classmethod
     def from_config(cls, cfg, num_classes, train_datasets):
-        return dict(super().from_config(cfg, num_classes, train_datasets),
-                    counts=category_image_counts(train_datasets, num_classes))
+        ret = super().from_config(cfg, num_classes, train_datasets)
+        if ret["form"] == "softmax" and cfg.MODEL.META_ARCHITECTURE in DENSE_ARCHITECTURES:
+            raise ValueError(f"MODEL.CLS_LOSS.CLASS_BALANCED.FORM softmax needs a background "
+                             f"column, which the dense heads of {cfg.MODEL.META_ARCHITECTURE} "
+                             "do not have; set FORM sigmoid")
+        return dict(ret, counts=category_image_counts(train_datasets, num_classes))
 
     def init_bias(self, bias, prior_prob, background_fraction):
         if self.form == "sigmoid":
@@ -105,14 +113,10 @@ class ClassBalanced(ClassBalancedLoss, ClassificationLoss):
                              "eql_d2.engine.prepare_datasets(cfg) before building the model")
 
     def head_loss(self, logits, labels, avg_factor):
-        c = self.num_classes
         if self.form == "softmax":
-            if logits.shape[1] != c + 1:
-                raise ValueError("MODEL.CLS_LOSS.CLASS_BALANCED.FORM softmax needs the "
-                                 "background column of two-stage heads; dense heads take "
-                                 "FORM sigmoid")
+            # C + 1 columns (two-stage: background last) or C (image classification)
             return self(logits, labels, avg_factor=avg_factor)
-        return self(logits[:, :c], labels, avg_factor=avg_factor)
+        return self(logits[:, : self.num_classes], labels, avg_factor=avg_factor)
 
     def scores(self, logits):
         if self.form == "softmax":
