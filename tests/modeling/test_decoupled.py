@@ -146,3 +146,10 @@ def test_frozen_batch_norm_stays_frozen_and_names_are_checked():
         freeze_except(model, ["roi_heads.cls"], "MODEL.DECOUPLED.TRAINABLE")
     with pytest.raises(ValueError, match="MODEL.DECOUPLED.TRAINABLE is empty"):
         freeze_except(model, [], "MODEL.DECOUPLED.TRAINABLE")
+
+
+def test_a_second_stage_without_first_stage_weights_is_refused(datasets, tmp_path):
+    cfg = _cfg(datasets, tmp_path, "MODEL.META_ARCHITECTURE", "DecoupledRCNN")
+    model = Trainer.build_model(cfg).train()
+    with pytest.raises(ValueError, match="no weights were loaded: set MODEL.WEIGHTS"):
+        model([{}])

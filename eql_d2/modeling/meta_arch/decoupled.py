@@ -100,6 +100,7 @@ class DecoupledRCNN(GeneralizedRCNN):
         self.reinitialize = tuple(reinitialize)
         freeze_except(self, self.trainable, "MODEL.DECOUPLED.TRAINABLE")
         self.register_buffer(STAGE_KEY, torch.tensor(2))
+        self._weights_loaded = False
         self.register_load_state_dict_pre_hook(self._from_first_stage)
         logger.info("Decoupled second stage: training %s (%d parameters), the rest frozen",
                     list(self.trainable),
@@ -112,6 +113,12 @@ class DecoupledRCNN(GeneralizedRCNN):
         ret.update(trainable=tuple(node.TRAINABLE), reinitialize=tuple(node.REINITIALIZE),
                    weight_scaling=node.WEIGHT_SCALING)
         return ret
+
+    def forward(self, batched_inputs):
+        if self.training and not self._weights_loaded:
+            raise ValueError("DecoupledRCNN trains a second stage, but no weights were loaded: "
+                             "set MODEL.WEIGHTS to the first stage's model_final.pth")
+        return super().forward(batched_inputs)
 
     def _scale_classifiers(self):
         found = False
@@ -134,6 +141,7 @@ class DecoupledRCNN(GeneralizedRCNN):
     def _from_first_stage(self, module, state_dict, prefix, *args):
         """load_state_dict pre-hook: a first-stage checkpoint (no ``decoupled_stage``) gives
         everything but the modules to re-initialise and what it does not have."""
+        self._weights_loaded = True
         if prefix + STAGE_KEY in state_dict:
             return
         own = self.state_dict()
