@@ -26,6 +26,7 @@ __all__ = ["Trainer", "prepare_datasets", "check_num_classes", "wrap_distributed
 # Which config key holds the number of foreground classes, per meta-architecture.
 NUM_CLASSES_KEYS = {
     "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+    "DecoupledRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
     "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
     "EFLRetinaNet": "MODEL.RETINANET.NUM_CLASSES",
     "ATSS": "MODEL.ATSS.NUM_CLASSES",

@@ -153,3 +153,19 @@ def test_a_second_stage_without_first_stage_weights_is_refused(datasets, tmp_pat
     model = Trainer.build_model(cfg).train()
     with pytest.raises(ValueError, match="no weights were loaded: set MODEL.WEIGHTS"):
         model([{}])
+
+
+def test_a_second_stage_reads_image_level_labels_as_its_r_cnn_does():
+    """needs_image_labels (what makes the trainer map LVIS image-level labels) holds for
+    R-CNN subclasses such as DecoupledRCNN, and the trainer checks their class count."""
+    from eql_d2.engine.trainer import NUM_CLASSES_KEYS
+    from eql_d2.modeling.roi_heads import needs_image_labels
+
+    def cfg(*opts):
+        return get_eql_cfg(RCNN_CFG, ["MODEL.ROI_HEADS.NAME", "EQLROIHeads", *opts])
+
+    for arch in ("GeneralizedRCNN", "DecoupledRCNN"):
+        assert needs_image_labels(cfg("MODEL.META_ARCHITECTURE", arch, "MODEL.CLS_LOSS.NAME", "EQL"))
+        assert not needs_image_labels(cfg("MODEL.META_ARCHITECTURE", arch))  # softmax: no mask
+        assert NUM_CLASSES_KEYS[arch] == "MODEL.ROI_HEADS.NUM_CLASSES"
+    assert not needs_image_labels(cfg("MODEL.META_ARCHITECTURE", "ATSS"))

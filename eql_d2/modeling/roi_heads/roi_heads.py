@@ -5,6 +5,7 @@ from typing import List
 
 import torch
 from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Instances
 
@@ -18,7 +19,8 @@ def needs_image_labels(cfg) -> bool:
     """Whether training the model of `cfg` reads LVIS image-level labels: ROI heads with
     :class:`ImageLabelHeads` whose loss takes the verified mask (``MODEL.IMAGE_LABELS.VERIFIED``)
     or that ignore not-exhaustive categories (``IGNORE_NOT_EXHAUSTIVE``)."""
-    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
+    # R-CNNs and their subclasses (a DecoupledRCNN second stage trains the same heads)
+    if not issubclass(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), GeneralizedRCNN):
         return False
     heads = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
     if not issubclass(heads, ImageLabelHeads):
