@@ -84,8 +84,12 @@ def batch(n=8, size=8, seed=0):
              "label": int(torch.randint(NUM_CLASSES, (), generator=g))} for _ in range(n)]
 
 
-def test_classification_heads_take_softmax_focal_and_seql_only():
-    assert {"SoftmaxCE", "Focal", "SEQL"} <= set(losses_for_head("classification"))
+def test_classification_heads_take_the_losses_declared_for_them():
+    assert set(losses_for_head("classification")) == {"SoftmaxCE", "Focal", "SEQL",
+                                                       "ClassBalanced"}
+    model = build_model(classifier_cfg("ClassBalanced", **{
+        "MODEL.CLS_LOSS.CLASS_BALANCED.FORM": "softmax"}))
+    assert torch.isfinite(model(batch(4, seed=5))["loss_cls"])
     model = build_model(classifier_cfg(""))
     assert type(model.criterion).__name__ == "SoftmaxCE"  # the default
     with pytest.raises(ValueError, match="does not work with classification heads"):
