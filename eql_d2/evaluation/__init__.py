@@ -1,4 +1,5 @@
-"""Evaluation: LVIS with per-category outputs and AP-fixed, results files, TTA, ensembles."""
+"""Evaluation: LVIS with per-category outputs and AP-fixed, Open Images Challenge AP, image
+classification accuracy, results files, TTA, ensembles."""
 
 from .build import build_evaluator  # noqa: F401
 from .classification import ClassificationEvaluator  # noqa: F401
