@@ -345,7 +345,12 @@ class ATSS(TopKFirstDecoding, DenseDetector):
             pred = self._decode_multi_level_predictions(
                 anchors, scores, deltas, self.test_score_thresh, self.test_topk_candidates,
                 image_size)
-            keep = batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes,
-                               self.test_nms_thresh)
-            results.append(pred[keep[: self.max_detections_per_image]])
+            results.append(self._select(pred, image_size))
         return results
+
+    def _select(self, pred: Instances, image_size) -> Instances:
+        """The detections of one image from its decoded candidates: class-wise NMS, then the
+        highest-scoring TEST.DETECTIONS_PER_IMAGE."""
+        keep = batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes,
+                           self.test_nms_thresh)
+        return pred[keep[: self.max_detections_per_image]]

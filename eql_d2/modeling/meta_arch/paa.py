@@ -28,12 +28,12 @@ from typing import List, Sequence
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec, batched_nms, cat
+from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
-from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
@@ -409,26 +409,12 @@ class PAA(ATSS):
                 gt_boxes.append(torch.zeros((len(assigned), 4), device=assigned.device))
         return gt_labels, gt_boxes
 
-    def forward_inference(self, images: ImageList, features: List[Tensor],
-                          predictions: List[List[Tensor]]):
-        pred_logits, pred_deltas, pred_ious = self._transpose_dense_predictions(
-            predictions, [self.num_classes, 4, 1])
-        anchors = self.anchor_generator(features)
-        results: List[Instances] = []
-        for img_idx, image_size in enumerate(images.image_sizes):
-            scores = [torch.sqrt(x[img_idx].sigmoid() * y[img_idx].sigmoid())
-                      for x, y in zip(pred_logits, pred_ious)]
-            deltas = [x[img_idx] for x in pred_deltas]
-            pred = self._decode_multi_level_predictions(
-                anchors, scores, deltas, self.test_score_thresh, self.test_topk_candidates,
-                image_size)
-            pred.pred_boxes.clip(image_size)
-            keep = batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes,
-                               self.test_nms_thresh)
-            result = pred[keep[: self.max_detections_per_image]]
-            if self.score_voting_sigma > 0:
-                result.pred_boxes = Boxes(score_voting(
-                    result.pred_boxes.tensor, result.pred_classes, pred.pred_boxes.tensor,
-                    pred.scores, pred.pred_classes, self.score_voting_sigma))
-            results.append(result)
-        return results
+    def _select(self, pred: Instances, image_size) -> Instances:
+        """ATSS's NMS and cap on boxes clipped to the image, then score voting."""
+        pred.pred_boxes.clip(image_size)
+        result = super()._select(pred, image_size)
+        if self.score_voting_sigma > 0:
+            result.pred_boxes = Boxes(score_voting(
+                result.pred_boxes.tensor, result.pred_classes, pred.pred_boxes.tensor,
+                pred.scores, pred.pred_classes, self.score_voting_sigma))
+        return result
