@@ -122,6 +122,15 @@ def assert_same_final_model(run_a, run_b):
     return a, b
 
 
+def last_checkpoint(out):
+    """The checkpoint a run folder's ``last_checkpoint`` names, or None (none written yet)."""
+    try:
+        with open(os.path.join(out, "last_checkpoint")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def free_port():
     """A TCP port on the loopback interface that is free now."""
     import socket

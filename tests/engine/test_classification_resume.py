@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, run_train_net
+from helpers import ROOT, last_checkpoint, run_train_net
 from eql_d2.data.classification import SyntheticClsSpec, generate_synthetic_cls_lt
 
 CFG = os.path.join(ROOT, "configs/Classification/synthetic_cls_lt_R32_seql.yaml")
@@ -32,14 +32,6 @@ def tiny_preset(tmp_path_factory):
         num_classes=6, max_images=24, imbalance_factor=12, test_per_class=3))
 
 
-def _last_checkpoint(out):
-    try:
-        with open(os.path.join(out, "last_checkpoint")) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
 def test_killed_and_resumed_classification_run_ends_bit_identical(tiny_preset, tmp_path):
     env = {"EQL_D2_SYNTHETIC_CLS_LT_ROOT": tiny_preset, "OMP_NUM_THREADS": "1"}
     whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
@@ -54,7 +46,7 @@ def test_killed_and_resumed_classification_run_ends_bit_identical(tiny_preset, t
     uninterrupted = start(whole, subprocess.PIPE)
     killed = start(resumed, subprocess.DEVNULL)
     deadline = time.time() + 300
-    while (_last_checkpoint(resumed) != "model_0000003.pth" and killed.poll() is None
+    while (last_checkpoint(resumed) != "model_0000003.pth" and killed.poll() is None
            and time.time() < deadline):
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, TINY_RCNN, assert_same_final_model, free_port
+from helpers import ROOT, TINY_RCNN, assert_same_final_model, free_port, last_checkpoint
 
 submitit = pytest.importorskip("submitit")
 
@@ -35,14 +35,6 @@ def _children(pid):
     return found
 
 
-def _last_checkpoint(out):
-    try:
-        with open(os.path.join(out, "last_checkpoint")) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
 def test_preempted_job_requeues_and_ends_as_the_uninterrupted_run(small_synthetic, tmp_path,
                                                                    monkeypatch):
     env = {"EQL_D2_SYNTHETIC_ROOT": small_synthetic, "OMP_NUM_THREADS": "1"}
@@ -62,7 +54,7 @@ def test_preempted_job_requeues_and_ends_as_the_uninterrupted_run(small_syntheti
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     deadline = time.time() + 300
-    while _last_checkpoint(preempted) is None and not job.done() and time.time() < deadline:
+    while last_checkpoint(preempted) is None and not job.done() and time.time() < deadline:
         time.sleep(0.05)
     assert not job.done(), job.stderr()
     tasks = _children(int(job.job_id))  # the local controller's pid is the job id

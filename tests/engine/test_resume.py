@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, TINY_RCNN, assert_same_final_model, run_train_net
+from helpers import ROOT, TINY_RCNN, assert_same_final_model, last_checkpoint, run_train_net
 from eql_d2.engine import AtomicCheckpointer
 
 CFG = os.path.join(ROOT, "configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_eqlv2.yaml")
@@ -33,21 +33,13 @@ def _args(variant, out):
     return ["--config-file", CFG, *TINY_RCNN, *SCHEDULE, *VARIANTS[variant], "OUTPUT_DIR", out]
 
 
-def _last_checkpoint(out):
-    try:
-        with open(os.path.join(out, "last_checkpoint")) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
 def _kill_after(args, out, env, checkpoint, timeout=600):
     """Run train_net.py and SIGKILL it as soon as `checkpoint` is the last checkpoint."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_net.py"), *args],
                             cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
-    while _last_checkpoint(out) != checkpoint and proc.poll() is None and time.time() < deadline:
+    while last_checkpoint(out) != checkpoint and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     err = proc.communicate()[1]
