@@ -45,7 +45,6 @@ import numpy as np
 from detectron2.data import DatasetCatalog
 
 from ..utils.io import write_json_atomic
-from . import synthetic
 from .openimages import BBOX_HEADER, LABELS_HEADER, builtin_openimages_files, register_openimages
 
 __all__ = ["SyntheticOIDSpec", "ensure_synthetic_oid", "generate", "register_synthetic_oid",
@@ -75,19 +74,28 @@ class SyntheticOIDSpec:
     seed: int = 0
 
     def base(self):
-        return synthetic.SyntheticLTSpec(
+        return _synthetic().SyntheticLTSpec(
             num_categories=self.num_leaves, image_size=self.image_size,
             max_frequent_images=self.max_frequent_images, val_instances=self.val_instances,
             max_objects=self.max_objects, seed=self.seed)
 
     def validate(self):
-        if not 1 <= self.num_parents <= len(synthetic.SHAPES):
+        shapes = _synthetic().SHAPES
+        if not 1 <= self.num_parents <= len(shapes):
             raise ValueError(f"num_parents={self.num_parents}: must be in "
-                             f"[1, {len(synthetic.SHAPES)}] (one per shape)")
+                             f"[1, {len(shapes)}] (one per shape)")
         for key in ("parent_label_prob", "group_of_prob", "parent_negative_prob"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ValueError(f"{key}={getattr(self, key)}: must be in [0, 1]")
         self.base().validate()
+
+
+def _synthetic():
+    """eql_d2.data.synthetic, imported on use and not with the package (register_all imports
+    this module), so ``python -m eql_d2.data.synthetic`` runs a module not yet imported."""
+    from . import synthetic
+
+    return synthetic
 
 
 def synthetic_oid_root():
@@ -100,6 +108,7 @@ def synthetic_oid_root():
 
 def classes(spec):
     """(LabelNames, DisplayNames, parent index per class or None): parents first."""
+    synthetic = _synthetic()
     table = synthetic.vocabulary(spec.base())
     shapes = synthetic.SHAPES[: spec.num_parents]
     mids = [f"/m/synthetic_{s}" for s in shapes]
@@ -186,7 +195,7 @@ def generate(out_dir, spec=None):
     marker = os.path.join(out_dir, MARKER)
     if os.path.exists(marker):
         os.remove(marker)
-    synthetic.generate(out_dir, spec.base())
+    _synthetic().generate(out_dir, spec.base())
     mids, names, parent = classes(spec)
     files = builtin_openimages_files(out_dir, "train")
     folder = os.path.dirname(files["classes_csv"])
