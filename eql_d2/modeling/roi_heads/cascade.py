@@ -8,7 +8,7 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.modeling.sampling import subsample_labels
 from detectron2.structures import Boxes, Instances
-from detectron2.utils.events import get_event_storage
+from detectron2.utils.events import EventStorage, get_event_storage
 
 from .roi_heads import ImageLabelHeads, attach_image_labels
 
@@ -67,17 +67,18 @@ class EQLCascadeROIHeads(ImageLabelHeads, CascadeROIHeads):
             proposals = [
                 Instances(p.image_size, proposal_boxes=Boxes.cat([p.proposal_boxes, t.gt_boxes]))
                 for p, t in zip(proposals, targets)]
-        labelled = super()._match_and_label_boxes(proposals, stage, targets)
-        if self.sample_every_stage:
-            labelled = [self._subsample(p) for p in labelled]
-            # the stage's logged sample counts are those it classifies (replacing the
-            # counts before sampling that detectron2 logged a moment ago)
             storage = get_event_storage()
+            # detectron2 logs the counts before sampling; the stage's are those it classifies
+            with EventStorage(storage.iter):
+                labelled = super()._match_and_label_boxes(proposals, stage, targets)
+            labelled = [self._subsample(p) for p in labelled]
             for name in ("fg", "bg"):
                 counts = [((p.gt_classes != self.num_classes) == (name == "fg")).sum().item()
                           for p in labelled]
                 storage.put_scalar(f"stage{stage}/roi_head/num_{name}_samples",
                                    sum(counts) / len(counts))
+        else:
+            labelled = super()._match_and_label_boxes(proposals, stage, targets)
         attach_image_labels(labelled, targets)
         return labelled
 
