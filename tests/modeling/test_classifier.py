@@ -163,12 +163,15 @@ def test_seql_gradcheck_through_the_classifier():
     weight = model.fc.weight.detach().clone().requires_grad_()
     bias = model.fc.bias.detach().clone().requires_grad_()
 
-    def through(w, b):  # the head's parameters as inputs, the rest of the model fixed
-        torch.manual_seed(11)
+    # the head's parameters as inputs, the rest of the model fixed: its features once
+    with torch.no_grad():
         features = torch.nn.functional.adaptive_avg_pool2d(
             model.backbone(model.preprocess_image(inputs))["stage3"], 1).flatten(1)
+    labels = torch.tensor([x["label"] for x in inputs])
+
+    def through(w, b):
+        torch.manual_seed(11)
         logits = features @ w.t() + b
-        labels = torch.tensor([x["label"] for x in inputs])
         return model.criterion.head_loss(logits, labels, float(len(inputs)))
 
     assert torch.autograd.gradcheck(through, (weight, bias), eps=1e-6, atol=1e-7)
