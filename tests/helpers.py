@@ -1,6 +1,7 @@
 """Helpers the tests share: paths, config overrides that shrink runs, subprocess and
 multi-process runners, synthetic batches (the fixtures are in conftest.py)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -120,6 +121,23 @@ def assert_same_final_model(run_a, run_b):
     assert opt_a.keys() == opt_b.keys()
     assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
     return a, b
+
+
+def assert_eval_only_reproduces(cfg, opts, out, env, final):
+    """``--eval-only`` of the run in `out` from its model_final.pth alone gives its
+    `final` metrics and the same detections (short runs have AP near 0, so the detections
+    themselves are compared)."""
+    proc = run_train_net(["--config-file", cfg, "--eval-only", *opts, "MODEL.WEIGHTS",
+                          os.path.join(out, "model_final.pth"), "OUTPUT_DIR",
+                          os.path.join(out, "eval")], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out, "eval", "eval_metrics.json")) as f:
+        assert json.load(f) == final
+    dets = [os.path.join(d, "inference", "synthetic_lt_val", "lvis_instances_results.json")
+            for d in (out, os.path.join(out, "eval"))]
+    with open(dets[0]) as f, open(dets[1]) as g:
+        trained, evaluated = json.load(f), json.load(g)
+    assert trained and trained == evaluated
 
 
 def last_checkpoint(out):

@@ -19,7 +19,8 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
 import eql_d2.modeling  # noqa: F401  (registers EFLFCOS)
-from helpers import (ROOT, TINY_ONE_STAGE, dense_batch, dense_forward, record_criterion_calls,
+from helpers import (ROOT, TINY_ONE_STAGE, assert_eval_only_reproduces, dense_batch,
+                     dense_forward, record_criterion_calls,
                      register_small,
                      matched_iou, run_train_net, seeded_model, sgd_steps)
 from eql_d2.config import get_eql_cfg
@@ -228,15 +229,4 @@ def test_train_net_efl_then_eval_only_reproduces_metrics(small_synthetic, tmp_pa
     assert state["cls_loss.criterion.pos_grad"].sum() > 0
     assert state["cls_loss.criterion.neg_grad"].sum() > 0
 
-    proc = run_train_net(["--config-file", cfg, "--eval-only", *TINY_FCOS,
-                          "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"),
-                          "OUTPUT_DIR", os.path.join(out, "eval")], env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(os.path.join(out, "eval", "eval_metrics.json")) as f:
-        assert json.load(f) == final
-    # 3 iterations give AP 0, so compare the detections themselves, not only the metrics
-    dets = [os.path.join(d, "inference", "synthetic_lt_val", "lvis_instances_results.json")
-            for d in (out, os.path.join(out, "eval"))]
-    with open(dets[0]) as f, open(dets[1]) as g:
-        trained, evaluated = json.load(f), json.load(g)
-    assert trained and trained == evaluated
+    assert_eval_only_reproduces(cfg, TINY_FCOS, out, env, final)
