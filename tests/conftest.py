@@ -1,6 +1,8 @@
 """Fixtures of the test suite (its helper functions are in helpers.py)."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -10,7 +12,9 @@ from helpers import SMALL_SPEC
 
 # Category-metadata caches of the tests' datasets go to a folder of this run (inherited by
 # the train_net.py subprocesses), not to the user's ~/.cache/eql_d2.
-os.environ.setdefault("EQL_D2_CACHE_DIR", tempfile.mkdtemp(prefix="eql_d2_test_cache_"))
+if "EQL_D2_CACHE_DIR" not in os.environ:
+    os.environ["EQL_D2_CACHE_DIR"] = tempfile.mkdtemp(prefix="eql_d2_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["EQL_D2_CACHE_DIR"], True)
 
 
 @pytest.fixture(scope="session")
