@@ -25,8 +25,11 @@ from .datasets import (  # noqa: F401
     synthetic_lvis_root,
     synthetic_preset_root,
 )
-from .openimages import register_builtin_openimages, register_openimages  # noqa: F401
-from .synthetic_oid import register_synthetic_oid  # noqa: F401
+from .openimages import (  # noqa: F401
+    register_builtin_openimages,
+    register_openimages,
+    register_synthetic_oid,
+)
 from .datasets import register_all as _register_lvis_format_builtins
 
 

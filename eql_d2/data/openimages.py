@@ -52,6 +52,7 @@ dataset dicts are loaded.
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import math
@@ -484,6 +485,42 @@ def register_builtin_openimages(root=None):
                             bbox_csv=f["bbox_csv"], labels_csv=f["labels_csv"])
         register_openimages(name + "_json", image_root, f["classes_csv"], f["hierarchy_json"],
                             json_file=f["json_file"])
+
+
+SYNTHETIC_OID_SPLITS = {"synthetic_oid_train": ("train", "train"),
+                        "synthetic_oid_val": ("validation", "val")}
+
+
+def synthetic_oid_root():
+    """``$EQL_D2_SYNTHETIC_OID_ROOT``, else ``$DETECTRON2_DATASETS/synthetic_oid``."""
+    root = os.environ.get("EQL_D2_SYNTHETIC_OID_ROOT")
+    if root:
+        return os.path.abspath(root)
+    return os.path.abspath(os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"),
+                                        "synthetic_oid"))
+
+
+def _ensure_synthetic_oid(root):
+    # the generator is imported on first load, not with the package, so that
+    # ``python -m eql_d2.data.synthetic_oid`` runs a module not yet imported
+    from .synthetic_oid import ensure_synthetic_oid
+
+    return ensure_synthetic_oid(root)
+
+
+def register_synthetic_oid(root=None):
+    """Register ``synthetic_oid_train`` and ``synthetic_oid_val`` (:mod:`.synthetic_oid`; names
+    already registered are left alone), generated into `root` on first use."""
+    root = root or synthetic_oid_root()
+    for name, (split, folder) in SYNTHETIC_OID_SPLITS.items():
+        if name in DatasetCatalog.list():
+            continue
+        f = builtin_openimages_files(root, split)
+        register_openimages(name, os.path.join(root, folder), f["classes_csv"],
+                            f["hierarchy_json"], bbox_csv=f["bbox_csv"],
+                            labels_csv=f["labels_csv"],
+                            ensure=functools.partial(_ensure_synthetic_oid, root),
+                            image_ext=".png")
 
 
 def main(argv=None):

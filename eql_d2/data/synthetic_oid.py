@@ -28,13 +28,13 @@ Layout (the challenge's file names, under ``$EQL_D2_SYNTHETIC_OID_ROOT``, else
     synthetic_oid.json                             (the arguments; written last)
 
 Registered as ``synthetic_oid_train`` and ``synthetic_oid_val`` (the CSV form, evaluated
-by :class:`~eql_d2.evaluation.OIDEvaluator`), generated on first use. Usage::
+by :class:`~eql_d2.evaluation.OIDEvaluator`) by
+:func:`eql_d2.data.openimages.register_synthetic_oid`, generated on first use. Usage::
 
     python -m eql_d2.data.synthetic_oid --out datasets/synthetic_oid --seed 0
 """
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -45,14 +45,12 @@ import numpy as np
 from detectron2.data import DatasetCatalog
 
 from ..utils.io import write_json_atomic
-from .openimages import BBOX_HEADER, LABELS_HEADER, builtin_openimages_files, register_openimages
+from .openimages import BBOX_HEADER, LABELS_HEADER, builtin_openimages_files, synthetic_oid_root
 
-__all__ = ["SyntheticOIDSpec", "ensure_synthetic_oid", "generate", "register_synthetic_oid",
-           "synthetic_oid_root"]
+__all__ = ["SyntheticOIDSpec", "ensure_synthetic_oid", "generate"]
 
 GENERATOR_VERSION = 1
 MARKER = "synthetic_oid.json"
-SPLITS = {"synthetic_oid_train": ("train", "train"), "synthetic_oid_val": ("validation", "val")}
 
 
 @dataclass(frozen=True)
@@ -91,19 +89,11 @@ class SyntheticOIDSpec:
 
 
 def _synthetic():
-    """eql_d2.data.synthetic, imported on use and not with the package (register_all imports
-    this module), so ``python -m eql_d2.data.synthetic`` runs a module not yet imported."""
+    """eql_d2.data.synthetic, imported on use (this module is imported when a Synthetic-OID
+    split is first loaded, after the package)."""
     from . import synthetic
 
     return synthetic
-
-
-def synthetic_oid_root():
-    root = os.environ.get("EQL_D2_SYNTHETIC_OID_ROOT")
-    if root:
-        return os.path.abspath(root)
-    return os.path.abspath(os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"),
-                                        "synthetic_oid"))
 
 
 def classes(spec):
@@ -233,20 +223,6 @@ def ensure_synthetic_oid(root=None, spec=None):
     if spec is None and have is not None:
         spec = SyntheticOIDSpec(**{k: v for k, v in have.items() if k != "version"})
     return generate(root, spec)
-
-
-def register_synthetic_oid(root=None):
-    """Register ``synthetic_oid_train`` and ``synthetic_oid_val`` (names already registered
-    are left alone), generated into `root` on first use."""
-    root = root or synthetic_oid_root()
-    ensure = functools.partial(ensure_synthetic_oid, root)
-    for name, (split, folder) in SPLITS.items():
-        if name in DatasetCatalog.list():
-            continue
-        f = builtin_openimages_files(root, split)
-        register_openimages(name, os.path.join(root, folder), f["classes_csv"],
-                            f["hierarchy_json"], bbox_csv=f["bbox_csv"],
-                            labels_csv=f["labels_csv"], ensure=ensure, image_ext=".png")
 
 
 def main(argv=None):

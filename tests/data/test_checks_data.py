@@ -93,10 +93,12 @@ def test_image_of_another_size_than_its_entry_is_replaced(small_synthetic, caplo
         list(itertools.islice(iter(_loader(small_synthetic, dicts, max_failed=0)), 4))
 
 
-def test_generator_runs_as_a_module_without_runpy_warning():
-    proc = subprocess.run([sys.executable, "-m", "eql_d2.data.synthetic", "--help"], cwd=ROOT,
+@pytest.mark.parametrize("module,option", [("eql_d2.data.synthetic", "--preset"),
+                                           ("eql_d2.data.synthetic_oid", "--num-parents")])
+def test_generator_runs_as_a_module_without_runpy_warning(module, option):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "--preset" in proc.stdout
+    assert option in proc.stdout
     assert "found in sys.modules" not in proc.stderr

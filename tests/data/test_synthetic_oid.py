@@ -94,10 +94,10 @@ def test_registered_names_build_the_oid_evaluator(root, monkeypatch, tmp_path):
     from eql_d2.evaluation import OIDEvaluator, build_evaluator
 
     monkeypatch.setenv("EQL_D2_CACHE_DIR", str(tmp_path / "cache"))
-    for name in synthetic_oid.SPLITS:
+    for name in openimages.SYNTHETIC_OID_SPLITS:
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
-    synthetic_oid.register_synthetic_oid(root)
+    openimages.register_synthetic_oid(root)
     cfg = get_eql_cfg(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
                                    "Synthetic-OID", "EQL", "faster_rcnn_R18_FPN_eql.yaml"))
     evaluator = build_evaluator(cfg, "synthetic_oid_val", str(tmp_path))
