@@ -187,6 +187,65 @@ def _add_paa_config(cfg):
 _NODES.append(_add_paa_config)
 
 
+def _add_yolox_config(cfg):
+    """MODEL.CSPDARKNET and MODEL.YOLOX: YOLOX (Ge et al., 2021) and the enhanced YOLOX of Li
+    et al. (CVPR 2022, appendix A); defaults are YOLOX-S's as the YOLOX release trains it."""
+    cfg.MODEL.CSPDARKNET = CN()
+    # d: n = max(round(3 d), 1) bottlenecks per CSP layer of dark2 / dark5, 3n in dark3 / dark4
+    # (S 0.33, M 0.67)
+    cfg.MODEL.CSPDARKNET.DEPTH_MULTIPLIER = 0.33
+    # w: 64 w stem channels, doubling per stage; P3-P5 have 256 w, 512 w, 1024 w (S 0.50, M 0.75)
+    cfg.MODEL.CSPDARKNET.WIDTH_MULTIPLIER = 0.50
+    # normalization after every conv of backbone and neck (BatchNorm, eps 1e-3, momentum 0.03)
+    cfg.MODEL.CSPDARKNET.NORM = "BN"
+    cfg.MODEL.YOLOX = CN()
+    # number of foreground categories
+    cfg.MODEL.YOLOX.NUM_CLASSES = 80
+    # backbone outputs the head runs on (strides 8, 16, 32)
+    cfg.MODEL.YOLOX.IN_FEATURES = ["p3", "p4", "p5"]
+    # width of the head's stem and branches (YOLOX: 256 w; S 128, M 192)
+    cfg.MODEL.YOLOX.HEAD_CHANNELS = 128
+    # 3x3 conv-norm-SiLU blocks per branch (classification, regression)
+    cfg.MODEL.YOLOX.NUM_CONVS = 2
+    # normalization in the head
+    cfg.MODEL.YOLOX.NORM = "BN"
+    # initial probability of the class logits and of the objectness (YOLOX: 0.01)
+    cfg.MODEL.YOLOX.PRIOR_PROB = 0.01
+    # "SimOTA" (YOLOX) or "ATSS" (the enhanced YOLOX: the improved baseline's assignment)
+    cfg.MODEL.YOLOX.ASSIGNER = "SimOTA"
+    # "objectness" (YOLOX: classes learnt on positives only, score = class x objectness) or "iou"
+    # (the improved baseline's IoU branch: classes learnt on every point, score
+    # sqrt(class x IoU))
+    cfg.MODEL.YOLOX.QUALITY = "objectness"
+    # ATSS: square anchors of scale x stride per cell, one prediction each (ATSS: [8]; the
+    # improved baseline's "increased anchor scale": [6, 8]); SimOTA: one entry, unused
+    cfg.MODEL.YOLOX.ANCHOR_SCALES = [8.0]
+    # ATSS: k candidates per object and level (ATSS 9; the improved baseline 18 with 2 scales)
+    cfg.MODEL.YOLOX.ATSS_TOPK = 9
+    # SimOTA: centre region of an object, in strides from its centre
+    cfg.MODEL.YOLOX.SIMOTA_CENTER_RADIUS = 2.5
+    # SimOTA: an object's dynamic k is the sum of its this-many largest IoUs
+    cfg.MODEL.YOLOX.SIMOTA_CANDIDATE_TOPK = 10
+    # SimOTA: weight of -log(IoU) in the cost
+    cfg.MODEL.YOLOX.SIMOTA_IOU_WEIGHT = 3.0
+    # weight of the IoU loss 1 - IoU^2 of the positives' boxes
+    cfg.MODEL.YOLOX.BOX_LOSS_WEIGHT = 5.0
+    # weight of the objectness / IoU-branch BCE
+    cfg.MODEL.YOLOX.QUALITY_LOSS_WEIGHT = 1.0
+    # L1 loss of the raw box deltas from the start (model.use_l1_loss; YOLOX turns it on for its
+    # last no-augmentation epochs, the enhanced YOLOX trains with it throughout)
+    cfg.MODEL.YOLOX.L1_LOSS = False
+    # keep only scores above this before NMS (YOLOX: 0.01)
+    cfg.MODEL.YOLOX.SCORE_THRESH_TEST = 0.01
+    # candidates (point, class) kept per level before NMS
+    cfg.MODEL.YOLOX.TOPK_CANDIDATES_TEST = 1000
+    # per-class NMS IoU threshold (YOLOX: 0.65)
+    cfg.MODEL.YOLOX.NMS_THRESH_TEST = 0.65
+
+
+_NODES.append(_add_yolox_config)
+
+
 def _add_dataloader_config(cfg):
     """DATALOADER: checks and fault tolerance of eql_d2's resumable training loader."""
     # check before training that every training image file exists (a stat per image)
@@ -219,6 +278,10 @@ def _add_solver_config(cfg):
     cfg.SOLVER.EPOCH_STEPS = ()
     # warm-up of at least this many epochs (the longer of it and WARMUP_ITERS)
     cfg.SOLVER.WARMUP_EPOCHS = 0.0
+    # weight decay of the parameters whose full name matches a pattern (fnmatch), as a list of
+    # [pattern, weight decay] pairs, over detectron2's groups; every pattern must match a
+    # parameter (e.g. [["head.cls_preds.*.bias", 1e-4]]: the enhanced YOLOX of the EFL paper)
+    cfg.SOLVER.PARAM_WEIGHT_DECAY = []
 
 
 _NODES.append(_add_solver_config)

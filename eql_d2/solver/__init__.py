@@ -1,6 +1,7 @@
 """Optimizer and schedule: detectron2's, plus gradient clipping by the norm of the whole
-model's gradient (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"``) and schedules counted in
-epochs (``SOLVER.EPOCHS``)."""
+model's gradient (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"``), weight decay by
+parameter name (``SOLVER.PARAM_WEIGHT_DECAY``) and schedules counted in epochs
+(``SOLVER.EPOCHS``)."""
 
 from .build import (FULL_MODEL, build_optimizer, epoch_length,  # noqa: F401
-                    resolve_epoch_schedule)
+                    resolve_epoch_schedule, set_param_weight_decay)

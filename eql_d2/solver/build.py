@@ -5,8 +5,13 @@ detectron2's ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "norm"`` clips every parameter te
 ``clip_grad_norm_`` over all parameters) clips the norm of the gradient of the whole model:
 with thousands of tensors each below 35 the global norm can be far above it, so the two are
 different constraints. ``"full_model"`` is the authors' form.
+
+``SOLVER.PARAM_WEIGHT_DECAY`` sets the weight decay of parameters chosen by name (the enhanced
+YOLOX of the EFL paper decays the last classification layer's bias by 1e-4 and no other
+bias): :func:`set_param_weight_decay`.
 """
 
+import fnmatch
 import logging
 import math
 
@@ -14,7 +19,7 @@ import torch
 from detectron2.solver import build as d2_build
 
 __all__ = ["FULL_MODEL", "build_optimizer", "clip_full_model", "epoch_length",
-           "resolve_epoch_schedule"]
+           "resolve_epoch_schedule", "set_param_weight_decay"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +47,63 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE {clip.CLIP_TYPE!r} is not one of "
                          f"{', '.join(CLIP_TYPES)}")
     if not (clip.ENABLED and clip.CLIP_TYPE == FULL_MODEL):
-        return d2_build.build_optimizer(cfg, model)
+        return set_param_weight_decay(d2_build.build_optimizer(cfg, model), model,
+                                      cfg.SOLVER.PARAM_WEIGHT_DECAY)
     if not clip.CLIP_VALUE > 0:
         raise ValueError("SOLVER.CLIP_GRADIENTS.CLIP_VALUE must be positive for CLIP_TYPE "
                          f"full_model, got {clip.CLIP_VALUE}")
     unclipped = cfg.clone()
     unclipped.defrost()
     unclipped.SOLVER.CLIP_GRADIENTS.ENABLED = False
-    optimizer = d2_build.build_optimizer(unclipped, model)
+    optimizer = set_param_weight_decay(d2_build.build_optimizer(unclipped, model), model,
+                                       cfg.SOLVER.PARAM_WEIGHT_DECAY)
     optimizer.__class__ = d2_build._generate_optimizer_class_with_gradient_clipping(
         type(optimizer), global_clipper=clip_full_model(clip.CLIP_VALUE, clip.NORM_TYPE))
+    return optimizer
+
+
+def set_param_weight_decay(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                           overrides) -> torch.optim.Optimizer:
+    """``SOLVER.PARAM_WEIGHT_DECAY``: the parameters whose full name (``model.named_parameters``)
+    matches a pattern (fnmatch) of a [pattern, weight decay] pair move, before any step, into
+    a group of their own with that weight decay and their group's other settings; the first
+    matching pair counts. A pair that is malformed or matches no parameter is an error naming
+    it. Returns ``optimizer``."""
+    pairs = []
+    for entry in overrides:
+        if (not isinstance(entry, (list, tuple)) or len(entry) != 2
+                or not isinstance(entry[0], str) or isinstance(entry[1], bool)
+                or not isinstance(entry[1], (int, float)) or entry[1] < 0):
+            raise ValueError("SOLVER.PARAM_WEIGHT_DECAY entries are [pattern, weight decay >= 0] "
+                             f"pairs, got {entry!r}")
+        pairs.append((entry[0], float(entry[1])))
+    if not pairs:
+        return optimizer
+    names = {id(p): n for n, p in model.named_parameters()}
+    used = set()
+    groups = []
+    for group in optimizer.param_groups:
+        split = {}
+        for param in group["params"]:
+            decay = None
+            for pattern, value in pairs:
+                if fnmatch.fnmatchcase(names.get(id(param), ""), pattern):
+                    decay = value
+                    used.add(pattern)
+                    break
+            split.setdefault(decay, []).append(param)
+        for decay, params in split.items():
+            settings = {k: v for k, v in group.items() if k != "params"}
+            if decay is not None:
+                settings["weight_decay"] = decay
+            groups.append({**settings, "params": params})
+    unused = [pattern for pattern, _ in pairs if pattern not in used]
+    if unused:
+        raise ValueError(f"SOLVER.PARAM_WEIGHT_DECAY: {unused} match no trainable parameter of "
+                         f"the model (names such as {next(iter(names.values()), '')!r})")
+    optimizer.param_groups = []
+    for group in groups:
+        optimizer.add_param_group(group)
     return optimizer
 
 
