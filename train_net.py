@@ -27,6 +27,7 @@ from eql_d2.data.classification import (is_classification, prepare_classificatio
                                         register_classification_datasets)
 from eql_d2.engine import (AtomicCheckpointer, ClassificationTrainer, Trainer,
                            add_launch_arguments, check_same_config, launch, prepare_datasets)
+from eql_d2.engine.ema import load_ema_for_evaluation
 from eql_d2.utils.io import atomic_write, write_json_atomic
 
 
@@ -121,9 +122,11 @@ def main(args):
                 raise FileNotFoundError(f"--eval-only: MODEL.WEIGHTS file not found: {weights!r}")
             model = trainer_class.build_model(cfg)
             # weights that do not fit the model are an error (eql_d2.engine.checkpoint)
-            AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, for_inference=True,
-                               weights_partial=cfg.MODEL.WEIGHTS_PARTIAL).resume_or_load(
+            rest = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, for_inference=True,
+                                      weights_partial=cfg.MODEL.WEIGHTS_PARTIAL).resume_or_load(
                 weights, resume=args.resume)
+            # MODEL_EMA.ENABLED: the EMA weights the training evaluated with
+            load_ema_for_evaluation(cfg, model, rest, weights)
         else:
             trainer = trainer_class(cfg)
             trainer.resume_or_load(resume=args.resume)

@@ -458,3 +458,53 @@ def _add_decoupled_config(cfg):
 
 
 _NODES.append(_add_decoupled_config)
+
+
+def _add_yolox_recipe_config(cfg):
+    """INPUT.MOSAIC, INPUT.HSV, MODEL_EMA: YOLOX's training recipe for any detector
+    (eql_d2.data.mosaic, eql_d2.engine.ema; docs/GETTING_STARTED.md, "YOLOX training
+    recipe"). SOLVER.LR_SCHEDULER_NAME "YOLOXWarmCosineLR" is its schedule
+    (eql_d2.solver.schedules)."""
+    cfg.INPUT.MOSAIC = CN()
+    # Mosaic of four training images, random affine and MixUp (a multi-image mapper)
+    cfg.INPUT.MOSAIC.ENABLED = False
+    # probability of a mosaic per sample (otherwise the image alone)
+    cfg.INPUT.MOSAIC.PROB = 1.0
+    # (height, width) of a mosaic after the affine map; its canvas is twice as large
+    cfg.INPUT.MOSAIC.SIZE = (640, 640)
+    # random affine of the mosaic: scale range, rotation (+/- degrees), shear (+/- degrees),
+    # translation (+/- fraction of SIZE)
+    cfg.INPUT.MOSAIC.SCALE = (0.1, 2.0)
+    cfg.INPUT.MOSAIC.DEGREES = 10.0
+    cfg.INPUT.MOSAIC.SHEAR = 2.0
+    cfg.INPUT.MOSAIC.TRANSLATE = 0.1
+    # pixel value of the canvas outside the images
+    cfg.INPUT.MOSAIC.FILL = 114
+    # the last epochs train on plain images (no Mosaic / MixUp) and switch on the model's
+    # L1 box loss (model.use_l1_loss); YOLOXWarmCosineLR keeps its final rate for them
+    cfg.INPUT.MOSAIC.NO_AUG_EPOCHS = 15.0
+    cfg.INPUT.MOSAIC.MIXUP = CN()
+    # blend a mosaic half and half with one more image (its boxes added)
+    cfg.INPUT.MOSAIC.MIXUP.ENABLED = True
+    # probability of MixUp per mosaic
+    cfg.INPUT.MOSAIC.MIXUP.PROB = 1.0
+    # range of the scale factor of the mixed image
+    cfg.INPUT.MOSAIC.MIXUP.SCALE = (0.5, 1.5)
+    cfg.INPUT.HSV = CN()
+    # multiply hue, saturation and value of every training image by 1 + U(-gain, gain)
+    cfg.INPUT.HSV.ENABLED = False
+    # probability per image
+    cfg.INPUT.HSV.PROB = 1.0
+    # gains of hue, saturation, value
+    cfg.INPUT.HSV.GAINS = (0.015, 0.7, 0.4)
+    cfg.MODEL_EMA = CN()
+    # keep an exponential moving average of the weights (parameters and buffers), saved in
+    # checkpoints under "model_ema" and used for every evaluation, --eval-only included
+    cfg.MODEL_EMA.ENABLED = False
+    # decay at update u: DECAY x (1 - exp(-u / RAMP_UPDATES)) (YOLOX: 0.9998, 2000)
+    cfg.MODEL_EMA.DECAY = 0.9998
+    # updates over which the decay ramps up from 0 (0: DECAY from the first update)
+    cfg.MODEL_EMA.RAMP_UPDATES = 2000.0
+
+
+_NODES.append(_add_yolox_recipe_config)

@@ -45,7 +45,7 @@ from .compact import CompactDataset
 __all__ = ["ResumableTrainLoader", "CeilRepeatFactorTrainingSampler", "check_image_files",
            "derive_seed", "seeded_rngs", "SAMPLERS", "CLASS_SAMPLERS", "REPEAT_ROUNDINGS",
            "SEED_TRAIN_STEP", "class_image_lists", "class_aware_indices",
-           "class_balanced_indices"]
+           "class_balanced_indices", "TrainingImages"]
 
 logger = logging.getLogger(__name__)
 
@@ -213,18 +213,49 @@ class _RankBatches:
         batches = global_batches(self.stream_fn(), self.total_batch_size, self.landscape)
         for k, batch in enumerate(batches):
             if k >= self.start:
-                yield batch[lo:hi]
+                # the iteration goes with each sample: multi-image mappers change with it
+                yield [(i, p, k) for i, p in batch[lo:hi]]
+
+
+class TrainingImages:
+    """The training set as a multi-image mapper sees it (``mapper.multi_image``, e.g.
+    :class:`~eql_d2.data.mosaic.MosaicMixUpMapper`): ``images[i]`` is the i-th dataset dict,
+    and :meth:`draw` an index drawn with numpy's global RNG (seeded per sample by the loader)
+    as the sampler weights images: uniformly, or with repeat factor sampling in proportion to
+    each image's copies per epoch (r, or ceil(r) with "ceil" rounding), so every image of a
+    mosaic follows the distribution of the sampled one."""
+
+    def __init__(self, dataset, weights=None):
+        self._dataset = dataset
+        self._cumulative = (None if weights is None
+                            else np.cumsum(np.asarray(weights, dtype=np.float64)))
+
+    def __len__(self):
+        return len(self._dataset)
+
+    def __getitem__(self, index):
+        return self._dataset[index]
+
+    def draw(self) -> int:
+        if self._cumulative is None:
+            return int(np.random.randint(len(self._dataset)))
+        u = np.random.uniform(0.0, self._cumulative[-1])
+        return int(min(np.searchsorted(self._cumulative, u, side="right"),
+                       len(self._cumulative) - 1))
 
 
 class _SeededMapDataset(torchdata.Dataset):
-    """Maps ``(dataset index, stream position)`` to a model input, with RNGs seeded from the
-    position, replacing samples whose image cannot be read."""
+    """Maps ``(dataset index, stream position, iteration)`` to a model input, with RNGs
+    seeded from the position, replacing samples whose image cannot be read. A mapper with
+    ``multi_image = True`` is called as ``mapper(record, images=, iteration=)`` with the
+    :class:`TrainingImages` and the sample's iteration."""
 
-    def __init__(self, dataset, mapper, seed, max_attempts):
+    def __init__(self, dataset, mapper, seed, max_attempts, images=None):
         self.dataset = dataset
         self.mapper = mapper
         self.seed = seed
         self.max_attempts = max_attempts
+        self.images = images
 
     def __len__(self):
         return len(self.dataset)
@@ -234,13 +265,16 @@ class _SeededMapDataset(torchdata.Dataset):
         # boxes would be misplaced): detectron2's mapper raises SizeMismatchError for it
         from detectron2.data.detection_utils import SizeMismatchError
 
-        index, position = item
+        index, position, iteration = item
         failures = []
         for attempt in range(self.max_attempts):
             record = self.dataset[index]
             try:
                 with seeded_rngs(derive_seed(SEED_AUGMENT, self.seed, position, attempt)):
-                    data = self.mapper(record)
+                    if getattr(self.mapper, "multi_image", False):
+                        data = self.mapper(record, images=self.images, iteration=iteration)
+                    else:
+                        data = self.mapper(record)
             except (*_IMAGE_ERRORS, SizeMismatchError) as e:
                 failures.append((record.get("file_name", f"dataset index {index}"),
                                  f"{type(e).__name__}: {e}"))
@@ -358,6 +392,23 @@ class ResumableTrainLoader:
             return float(torch.ceil(self.repeat_factors).sum())
         return float(self.repeat_factors.sum())
 
+    @property
+    def mapper(self):
+        """The mapper every sample goes through (set before iterating: workers copy it)."""
+        return self._mapper
+
+    @property
+    def image_weights(self) -> Optional[torch.Tensor]:
+        """Relative frequency of each image in the sampler's epoch, for the extra images of
+        multi-image mappers: None (uniform) except with repeat factor sampling, where it is
+        each image's copies per epoch (r, or ceil(r) with "ceil" rounding). The class-level
+        samplers have no per-image weight: their extra images are drawn uniformly."""
+        if self.sampler != "RepeatFactorTrainingSampler":
+            return None
+        if self.repeat_rounding == "ceil":
+            return torch.ceil(self.repeat_factors)
+        return self.repeat_factors
+
     def state_dict(self) -> Dict:
         """What a checkpoint needs to continue this stream (positions come from the
         trainer's iteration)."""
@@ -399,7 +450,8 @@ class ResumableTrainLoader:
         batches = _RankBatches(self._index_stream, self.total_batch_size, self.landscape,
                                self.rank, self.world_size, self.start_iter)
         dataset = _SeededMapDataset(self._dataset, self._mapper, self.seed,
-                                    max_attempts=self.max_failed_images + 1)
+                                    max_attempts=self.max_failed_images + 1,
+                                    images=TrainingImages(self._dataset, self.image_weights))
         # Worker seeds come from this generator, not from the training process's torch RNG.
         generator = torch.Generator()
         generator.manual_seed(derive_seed(SEED_LOADER, self.seed, self.rank, self.start_iter))

@@ -6,6 +6,7 @@ from detectron2.data import DatasetMapper, MetadataCatalog, get_detection_datase
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 from detectron2.engine import (AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase,
                                create_ddp_model)
+from detectron2.engine import hooks as d2_hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -14,10 +15,14 @@ from ..data.compact import (CompactDataset, compact_detection_dataset, compact_t
                             prepare_compact)
 from ..evaluation import build_evaluator
 from ..data.dataset_mapper import ImageLabelDatasetMapper
+from ..data.mosaic import MosaicMixUpMapper, build_train_augmentations, no_augmentation_iters
 from ..data.train_loader import ResumableTrainLoader, check_image_files
 from ..modeling.roi_heads import needs_image_labels
 from ..solver import build_optimizer, resolve_epoch_schedule
+from ..solver.schedules import build_lr_scheduler
 from .checkpoint import AtomicCheckpointer
+from .ema import CHECKPOINT_KEY as EMA_KEY
+from .ema import ModelEMA, ModelEMAHook, NoAugmentationPhase
 from .hooks import RegimeIndicatorWriter, SeedEachIteration, StopOnSignal
 
 __all__ = ["Trainer", "prepare_datasets", "check_num_classes", "wrap_distributed",
@@ -125,10 +130,14 @@ class Trainer(DefaultTrainer):
         # SOLVER.EPOCHS: the iterations (schedule, hooks, max_iter) follow from the sampler's
         # epoch; nothing built above reads them
         cfg = resolve_epoch_schedule(cfg, data_loader.images_per_epoch)
+        # YOLOX's last epochs without Mosaic / MixUp (INPUT.MOSAIC.NO_AUG_EPOCHS), also the
+        # constant end of its schedule
+        self.no_aug_iters = no_augmentation_iters(cfg, data_loader.images_per_epoch)
         model = wrap_distributed(model)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
             model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer,
+                                                 constant_iters=self.no_aug_iters)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -140,6 +149,12 @@ class Trainer(DefaultTrainer):
         """detectron2's optimizer; ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` clips the
         norm of all gradients together (:func:`eql_d2.solver.build_optimizer`)."""
         return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer, constant_iters=0):
+        """detectron2's schedulers and ``"YOLOXWarmCosineLR"``, whose last `constant_iters`
+        iterations keep ``SOLVER.BASE_LR_END`` (:mod:`eql_d2.solver.schedules`)."""
+        return build_lr_scheduler(cfg, optimizer, constant_iters=constant_iters)
 
     @classmethod
     def build_train_dataset(cls, cfg):
@@ -191,10 +206,19 @@ class Trainer(DefaultTrainer):
         """The mapper the heads need: detectron2's DatasetMapper plus the LVIS image-level
         labels on the ground truth (:class:`~eql_d2.data.ImageLabelDatasetMapper`) when the
         ROI heads read them (:func:`~eql_d2.modeling.roi_heads.needs_image_labels`),
-        detectron2's DatasetMapper otherwise."""
+        detectron2's DatasetMapper otherwise; its augmentations are detectron2's plus
+        ``INPUT.HSV``, and ``INPUT.MOSAIC.ENABLED`` wraps it in
+        :class:`~eql_d2.data.mosaic.MosaicMixUpMapper`."""
+        augmentations = build_train_augmentations(cfg)
         if needs_image_labels(cfg):
-            return ImageLabelDatasetMapper(cfg, True, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-        return DatasetMapper(cfg, True)
+            if cfg.INPUT.MOSAIC.ENABLED:
+                raise ValueError("INPUT.MOSAIC.ENABLED: a mosaic has no image-level labels, "
+                                 "which these ROI heads read (MODEL.IMAGE_LABELS); train them "
+                                 "without Mosaic")
+            return ImageLabelDatasetMapper(cfg, True, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                                           augmentations=augmentations)
+        mapper = DatasetMapper(cfg, True, augmentations=augmentations)
+        return MosaicMixUpMapper(cfg, mapper) if cfg.INPUT.MOSAIC.ENABLED else mapper
 
     @property
     def train_loader(self):
@@ -211,8 +235,34 @@ class Trainer(DefaultTrainer):
             train = self.cfg.DATASETS.TRAIN
             groups = MetadataCatalog.get(train[0]).get("class_frequency") if train else None
             hooks.append(RegimeIndicatorWriter(loss.LOG_PERIOD, self.cfg.OUTPUT_DIR, groups))
+        hooks = self._yolox_recipe_hooks(hooks)
         # first, so that every other hook's before_step already sees the seeded RNGs
         return [SeedEachIteration(self.train_loader)] + hooks
+
+    def _yolox_recipe_hooks(self, hooks):
+        """MODEL_EMA: the EMA hook before the checkpointer (so checkpoints hold its update
+        of their iteration, under "model_ema") and evaluations with the EMA weights;
+        INPUT.MOSAIC.NO_AUG_EPOCHS with INPUT.MOSAIC.ENABLED:
+        :class:`~eql_d2.engine.ema.NoAugmentationPhase`."""
+        recipe = []
+        mapper = self.train_loader.mapper
+        if self.no_aug_iters > 0 and getattr(mapper, "multi_image", False):
+            recipe.append(NoAugmentationPhase(self.max_iter - self.no_aug_iters, mapper))
+        if self.cfg.MODEL_EMA.ENABLED:
+            ema = ModelEMA(self.cfg.MODEL_EMA.DECAY, self.cfg.MODEL_EMA.RAMP_UPDATES)
+            self.checkpointer.checkpointables[EMA_KEY] = ema
+            recipe.append(ModelEMAHook(ema))
+
+            def test_and_save_results():
+                with ema.applied_to(self.model):
+                    self._last_eval_results = self.test(self.cfg, self.model)
+                return self._last_eval_results
+
+            hooks = [d2_hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_and_save_results)
+                     if isinstance(h, d2_hooks.EvalHook) else h for h in hooks]
+        first = next((i for i, h in enumerate(hooks) if isinstance(
+            h, (d2_hooks.PeriodicCheckpointer, d2_hooks.EvalHook))), len(hooks))
+        return hooks[:first] + recipe + hooks[first:]
 
     def state_dict(self):
         ret = super().state_dict()
