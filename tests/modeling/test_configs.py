@@ -39,11 +39,12 @@ DECOUPLED = {"crt": dict(TRAINABLE=(CLASSIFIER,), REINITIALIZE=(CLASSIFIER,), WE
                          WEIGHT_SCALING=True),
              "bags": dict(TRAINABLE=(CLASSIFIER,), REINITIALIZE=(CLASSIFIER,), WEIGHT_SCALING=False)}
 CLASS_SAMPLERS = ("ClassAwareSampler", "ClassBalancedSampler")
-DENSE_LOSSES = {"focal": "Focal", "efl": "EFL", "qfl": "QFL", "eqfl": "EQFL"}
+DENSE_LOSSES = {"focal": "Focal", "efl": "EFL", "qfl": "QFL", "eqfl": "EQFL", "sigmoid": "SigmoidCE"}
 # the losses of image-classification configs (configs/Classification)
 CLASSIFICATION_LOSSES = {"softmax": "SoftmaxCE", "seql": "SEQL", "focal": "Focal"}
 # the one-stage meta-architectures and the config node of their head
-ONE_STAGE_HEADS = {"ATSS": "ATSS", "EFLRetinaNet": "RETINANET", "EFLFCOS": "FCOS", "PAA": "PAA"}
+ONE_STAGE_HEADS = {"ATSS": "ATSS", "EFLRetinaNet": "RETINANET", "EFLFCOS": "FCOS", "PAA": "PAA",
+                   "YOLOX": "YOLOX"}
 
 
 def load(rel):
@@ -128,6 +129,36 @@ def check_classification_recipe(rel, cfg):
         assert cfg.DATASETS.TRAIN == ("synthetic_cls_lt_train",) and cfg.MODEL.DEVICE == "cpu"
 
 
+# YOLOX sizes (YOLOX's exps/default): depth, width, head channels (256 x width)
+YOLOX_SIZES = {"s": (0.33, 0.50, 128), "m": (0.67, 0.75, 192)}
+
+
+def check_yolox(rel, cfg):
+    """EFL Tab. 8 / appendix A: sigmoid rows are YOLOX as released (SimOTA, objectness, L1
+    loss off until the last epochs); the others are the enhanced YOLOX (ATSS k = 18 on anchors
+    of {6, 8} x stride, IoU branch, IoU + L1 loss), EFL / EQFL with the last classification
+    bias decayed by 1e-4. LVIS configs: S / M as named, from scratch, 300 epochs."""
+    y = cfg.MODEL.YOLOX
+    assert cfg.MODEL.BACKBONE.NAME == "build_yolox_cspdarknet_pafpn_backbone"
+    assert list(y.IN_FEATURES) == ["p3", "p4", "p5"] and y.NUM_CONVS == 2
+    loss = DENSE_LOSSES[loss_in_name(rel, list(DENSE_LOSSES))]
+    if loss == "SigmoidCE":
+        assert (y.ASSIGNER, y.QUALITY, y.L1_LOSS) == ("SimOTA", "objectness", False)
+        assert y.SIMOTA_CENTER_RADIUS == 2.5 and y.SIMOTA_CANDIDATE_TOPK == 10
+    else:
+        assert (y.ASSIGNER, y.QUALITY, y.L1_LOSS) == ("ATSS", "iou", True)
+        assert list(y.ANCHOR_SCALES) == [6.0, 8.0] and y.ATSS_TOPK == 18
+    bias_decay = [["head.cls_preds.*.bias", 0.0001]] if loss in ("EFL", "EQFL") else []
+    assert cfg.SOLVER.PARAM_WEIGHT_DECAY == bias_decay
+    assert (y.BOX_LOSS_WEIGHT, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.WEIGHT_DECAY_BIAS) == (
+        5.0, 5e-4, 0.0)
+    if rel.startswith("LVIS-"):
+        size = os.path.basename(rel).split("_")[1]
+        d = cfg.MODEL.CSPDARKNET
+        assert (d.DEPTH_MULTIPLIER, d.WIDTH_MULTIPLIER, y.HEAD_CHANNELS) == YOLOX_SIZES[size]
+        assert cfg.MODEL.WEIGHTS == "" and cfg.SOLVER.EPOCHS == 300.0 and "_300e_" in rel
+
+
 @pytest.mark.parametrize("rel", CONFIGS)
 def test_settings_promised_by_the_name_and_the_papers(rel):
     cfg = load(rel)
@@ -165,12 +196,15 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
         assert list(paa.ANCHOR_SCALES) == [8.0] and list(paa.ANCHOR_ASPECT_RATIOS) == [1.0]
         assert list(paa.IN_FEATURES) == ["p3", "p4", "p5", "p6", "p7"] and paa.NORM == "GN"
         assert paa.TOPK == 9 and paa.IOU_THRESHOLD == 0.1 and paa.SCORE_VOTING
+    yolox = cfg.MODEL.META_ARCHITECTURE == "YOLOX"
+    if yolox:  # EFL Tab. 8: YOLOX as released for sigmoid, the enhanced YOLOX for the rest
+        check_yolox(rel, cfg)
     if one_stage:
         loss = DENSE_LOSSES[loss_in_name(rel, list(DENSE_LOSSES))]
         assert cfg.MODEL.CLS_LOSS.NAME == loss
         if loss in ("EFL", "EQFL"):
             node = cfg.MODEL.CLS_LOSS[loss.upper()]
-            assert (node.GAMMA_B, node.SCALE) == (2.0, 8.0)
+            assert (node.GAMMA_B, node.SCALE) == (2.0, 4.0 if yolox else 8.0)
     elif cfg.MODEL.ROI_HEADS.NAME in ("EQLROIHeads", "EQLCascadeROIHeads"):
         stem = os.path.splitext(name)[0].split("_")
         decoupled = "Decoupled" in rel.split(os.sep)
