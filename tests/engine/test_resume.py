@@ -92,3 +92,72 @@ def test_a_checkpoint_cut_off_while_written_is_never_taken_for_one(tmp_path, mon
     assert checkpointer.get_checkpoint_file() == complete
     monkeypatch.undo()
     assert set(torch.load(complete, weights_only=False)["model"]) == {"weight", "bias"}
+
+
+# YOLOX's recipe on a one-stage detector: Mosaic, MixUp, random affine and HSV jitter in the
+# loader (one worker), EMA of the weights, YOLOX's schedule, and the last epochs without
+# Mosaic starting after the resumed checkpoint (iteration 7 of 10)
+ONE_STAGE_CFG = os.path.join(ROOT, "configs/Synthetic-LT/atss_R18_FPN_efl.yaml")
+NO_AUG_START = 7
+RECIPE = ["INPUT.MOSAIC.ENABLED", "True", "INPUT.MOSAIC.SIZE", "(64, 64)",
+          "INPUT.MOSAIC.MIXUP.PROB", "0.5", "INPUT.HSV.ENABLED", "True",
+          "MODEL_EMA.ENABLED", "True", "MODEL_EMA.RAMP_UPDATES", "2.0",
+          "SOLVER.LR_SCHEDULER_NAME", "YOLOXWarmCosineLR", "SOLVER.BASE_LR_END", "0.0005",
+          "DATALOADER.NUM_WORKERS", "1"]
+
+
+def _images_per_epoch(small_synthetic):
+    """The repeat-factor epoch of the small Synthetic-LT at the base config's threshold."""
+    from detectron2.data import get_detection_dataset_dicts
+    from detectron2.data.samplers import RepeatFactorTrainingSampler
+
+    from eql_d2.config import get_eql_cfg
+    from helpers import register_small
+
+    train, _ = register_small(small_synthetic, "resume_recipe")
+    threshold = get_eql_cfg(ONE_STAGE_CFG).DATALOADER.REPEAT_THRESHOLD
+    dicts = get_detection_dataset_dicts([train], filter_empty=True)
+    return float(RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+        dicts, threshold).sum())
+
+
+def test_yolox_recipe_run_killed_and_resumed_ends_bit_identical(small_synthetic, tmp_path):
+    """The augmentation stream (extra mosaic and MixUp images drawn by repeat factor), the
+    EMA and the switch to plain images at its computed iteration are the same in a run
+    SIGKILLed after its checkpoint of iteration 3 and resumed as in the uninterrupted run;
+    --eval-only from model_final evaluates its EMA weights and reproduces the final metrics."""
+    from helpers import TINY_ONE_STAGE, assert_eval_only_reproduces
+    from eql_d2.solver import epoch_length
+
+    env = {"EQL_D2_SYNTHETIC_ROOT": small_synthetic, "OMP_NUM_THREADS": "1"}
+    per_epoch = epoch_length(_images_per_epoch(small_synthetic), 2)
+    no_aug = ["INPUT.MOSAIC.NO_AUG_EPOCHS", repr((10 - NO_AUG_START) / per_epoch)]
+    opts = [*TINY_ONE_STAGE, *SCHEDULE, *RECIPE, *no_aug]
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+
+    def args(out):
+        return ["--config-file", ONE_STAGE_CFG, *opts, "OUTPUT_DIR", out]
+
+    proc = run_train_net(args(whole), env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    switch = f"Mosaic / MixUp off and the L1 box loss on from iteration {NO_AUG_START} of 10"
+    assert switch in proc.stdout + proc.stderr
+
+    _kill_after(args(resumed), resumed, env, "model_0000003.pth")
+    proc = run_train_net(["--resume", *args(resumed)], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    start = int(log.split("Starting training from iteration ")[1].split()[0])
+    assert 4 <= start < NO_AUG_START and switch in log
+
+    a, b = assert_same_final_model(whole, resumed)
+    assert a["trainer"]["data_stream"] == b["trainer"]["data_stream"]
+    assert a["model_ema"]["updates"] == b["model_ema"]["updates"] == 10
+    ema_a, ema_b = a["model_ema"]["weights"], b["model_ema"]["weights"]
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert any(not torch.equal(ema_a[k], a["model"][k]) for k in ema_a)
+    with open(os.path.join(whole, "final_metrics.json")) as f1, \
+            open(os.path.join(resumed, "final_metrics.json")) as f2:
+        final = json.load(f1)
+        assert json.load(f2) == final
+    assert_eval_only_reproduces(ONE_STAGE_CFG, opts, whole, env, final)
