@@ -409,7 +409,7 @@ class YOLOX(DenseDetector):
         if self.quality == "objectness":
             # YOLOX: classes are learnt on the positives; the objectness learns the background
             loss_cls = self.cls_loss(logits[pos_mask][None], labels[pos_mask][None],
-                                     pos_mask.new_ones((1, int(pos_mask.sum()))), normalizer,
+                                     pos_mask[pos_mask][None], normalizer,
                                      positive_iou=lambda: iou_target)
             loss_quality = F.binary_cross_entropy_with_logits(
                 quality, pos_mask.to(quality.dtype), reduction="sum")
