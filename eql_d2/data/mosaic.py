@@ -191,6 +191,16 @@ def no_augmentation_iters(cfg, images_per_epoch: float) -> int:
     return min(round(epochs * per_epoch), cfg.SOLVER.MAX_ITER)
 
 
+def _resize(image, boxes, height, width):
+    """cv2's bilinear resize (as YOLOX; several times faster than detectron2's PIL resize of
+    uint8 images), with detectron2's ``ResizeTransform`` moving the boxes."""
+    h0, w0 = image.shape[:2]
+    resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    if resized.ndim < image.ndim:  # cv2 drops a single channel
+        resized = resized[..., None]
+    return resized, T.ResizeTransform(h0, w0, height, width).apply_box(boxes)
+
+
 def _check_probability(key, value):
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{key} must lie in [0, 1], got {value}")
@@ -288,8 +298,7 @@ class MosaicMixUpMapper:
         """Resize to fit in ``size`` keeping the aspect ratio (YOLOX's rule), boxes too."""
         h0, w0 = image.shape[:2]
         r = min(self.size[0] / h0, self.size[1] / w0)
-        resize = T.ResizeTransform(h0, w0, int(h0 * r), int(w0 * r))
-        return resize.apply_image(image), resize.apply_box(boxes), r
+        return _resize(image, boxes, int(h0 * r), int(w0 * r)) + (r,)
 
     def mosaic(self, records):
         """The four images of `records` around a random centre of the (2h, 2w) canvas;
@@ -350,8 +359,7 @@ class MosaicMixUpMapper:
         h, w = self.size
         placed = np.full((h, w) + other.shape[2:], self.fill, dtype=np.uint8)
         placed[:other.shape[0], :other.shape[1]] = other
-        resize = T.ResizeTransform(h, w, int(h * jitter), int(w * jitter))
-        placed, other_boxes = resize.apply_image(placed), resize.apply_box(other_boxes)
+        placed, other_boxes = _resize(placed, other_boxes, int(h * jitter), int(w * jitter))
         if flip:
             hflip = T.HFlipTransform(placed.shape[1])
             placed, other_boxes = hflip.apply_image(placed), hflip.apply_box(other_boxes)
@@ -368,7 +376,8 @@ class MosaicMixUpMapper:
         keep = box_candidates(other_boxes, moved, min_side=5.0)
         if not keep.any():
             return image, boxes, annos
-        blended = T.BlendTransform(src_image=cut, src_weight=0.5, dst_weight=0.5).apply_image(image)
+        # floor((a + b) / 2): YOLOX's uint8(0.5 a + 0.5 b), without float images
+        blended = ((image.astype(np.uint16) + cut) >> 1).astype(np.uint8)
         return (blended, np.concatenate([boxes, moved[keep]], axis=0),
                 annos + [a for a, k in zip(other_annos, keep) if k])
 
