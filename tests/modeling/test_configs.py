@@ -39,7 +39,8 @@ DECOUPLED = {"crt": dict(TRAINABLE=(CLASSIFIER,), REINITIALIZE=(CLASSIFIER,), WE
                          WEIGHT_SCALING=True),
              "bags": dict(TRAINABLE=(CLASSIFIER,), REINITIALIZE=(CLASSIFIER,), WEIGHT_SCALING=False)}
 CLASS_SAMPLERS = ("ClassAwareSampler", "ClassBalancedSampler")
-DENSE_LOSSES = {"focal": "Focal", "efl": "EFL", "qfl": "QFL", "eqfl": "EQFL", "sigmoid": "SigmoidCE"}
+DENSE_LOSSES = {"focal": "Focal", "efl": "EFL", "qfl": "QFL", "eqfl": "EQFL",
+                "sigmoid": "SigmoidCE"}
 # the losses of image-classification configs (configs/Classification)
 CLASSIFICATION_LOSSES = {"softmax": "SoftmaxCE", "seql": "SEQL", "focal": "Focal"}
 # the one-stage meta-architectures and the config node of their head
