@@ -94,20 +94,30 @@ def test_a_checkpoint_cut_off_while_written_is_never_taken_for_one(tmp_path, mon
     assert set(torch.load(complete, weights_only=False)["model"]) == {"weight", "bias"}
 
 
-# YOLOX's recipe on a one-stage detector: Mosaic, MixUp, random affine and HSV jitter in the
-# loader (one worker), EMA of the weights, YOLOX's schedule, and the last epochs without
-# Mosaic starting after the resumed checkpoint (iteration 7 of 10)
-ONE_STAGE_CFG = os.path.join(ROOT, "configs/Synthetic-LT/atss_R18_FPN_efl.yaml")
+# YOLOX as released (SimOTA, objectness) with EFL and its training recipe: Mosaic, MixUp,
+# random affine and HSV jitter in the loader (one worker), EMA of the weights, YOLOX's
+# schedule, and the last epochs without Mosaic and with the L1 loss starting after the
+# resumed checkpoint (iteration 7 of 10)
+YOLOX_CFG = os.path.join(ROOT, "configs/Synthetic-LT/yolox_tiny_sigmoid.yaml")
 NO_AUG_START = 7
-RECIPE = ["INPUT.MOSAIC.ENABLED", "True", "INPUT.MOSAIC.SIZE", "(64, 64)",
-          "INPUT.MOSAIC.MIXUP.PROB", "0.5", "INPUT.HSV.ENABLED", "True",
-          "MODEL_EMA.ENABLED", "True", "MODEL_EMA.RAMP_UPDATES", "2.0",
-          "SOLVER.LR_SCHEDULER_NAME", "YOLOXWarmCosineLR", "SOLVER.BASE_LR_END", "0.0005",
-          "DATALOADER.NUM_WORKERS", "1"]
+TINY_YOLOX_RECIPE = [
+    "MODEL.CLS_LOSS.NAME", "EFL", "MODEL.YOLOX.NUM_CLASSES", "8",
+    "MODEL.CSPDARKNET.WIDTH_MULTIPLIER", "0.125", "MODEL.YOLOX.HEAD_CHANNELS", "16",
+    "MODEL.CLS_LOSS.LOG_PERIOD", "1", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "TEST.DETECTIONS_PER_IMAGE", "50",
+    # 10 iterations from scratch score below YOLOX's 0.01: compare detections all the same
+    "MODEL.YOLOX.SCORE_THRESH_TEST", "0.0",
+    "INPUT.MOSAIC.ENABLED", "True", "INPUT.MOSAIC.SIZE", "(64, 64)",
+    "INPUT.MOSAIC.MIXUP.PROB", "0.5", "INPUT.HSV.ENABLED", "True",
+    "MODEL_EMA.ENABLED", "True", "MODEL_EMA.RAMP_UPDATES", "2.0",
+    "SOLVER.LR_SCHEDULER_NAME", "YOLOXWarmCosineLR", "SOLVER.WARMUP_FACTOR", "0.0",
+    "DATALOADER.NUM_WORKERS", "1",
+]
 
 
 def _images_per_epoch(small_synthetic):
-    """The repeat-factor epoch of the small Synthetic-LT at the base config's threshold."""
+    """The repeat-factor epoch of the small Synthetic-LT at the config's threshold."""
     from detectron2.data import get_detection_dataset_dicts
     from detectron2.data.samplers import RepeatFactorTrainingSampler
 
@@ -115,28 +125,36 @@ def _images_per_epoch(small_synthetic):
     from helpers import register_small
 
     train, _ = register_small(small_synthetic, "resume_recipe")
-    threshold = get_eql_cfg(ONE_STAGE_CFG).DATALOADER.REPEAT_THRESHOLD
+    cfg = get_eql_cfg(YOLOX_CFG)
+    assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+    assert cfg.DATALOADER.REPEAT_ROUNDING == "stochastic"
     dicts = get_detection_dataset_dicts([train], filter_empty=True)
     return float(RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-        dicts, threshold).sum())
+        dicts, cfg.DATALOADER.REPEAT_THRESHOLD).sum())
+
+
+def _last_metrics(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return [json.loads(line) for line in f if '"loss_cls"' in line][-1]
 
 
 def test_yolox_recipe_run_killed_and_resumed_ends_bit_identical(small_synthetic, tmp_path):
     """The augmentation stream (extra mosaic and MixUp images drawn by repeat factor), the
-    EMA and the switch to plain images at its computed iteration are the same in a run
-    SIGKILLed after its checkpoint of iteration 3 and resumed as in the uninterrupted run;
-    --eval-only from model_final evaluates its EMA weights and reproduces the final metrics."""
-    from helpers import TINY_ONE_STAGE, assert_eval_only_reproduces
+    EMA, the schedule and the switch to plain images and the L1 loss at its computed
+    iteration are the same in a run SIGKILLed after its checkpoint of iteration 3 and
+    resumed as in the uninterrupted run; --eval-only from model_final evaluates its EMA
+    weights and reproduces the final metrics."""
+    from helpers import assert_eval_only_reproduces
     from eql_d2.solver import epoch_length
 
     env = {"EQL_D2_SYNTHETIC_ROOT": small_synthetic, "OMP_NUM_THREADS": "1"}
     per_epoch = epoch_length(_images_per_epoch(small_synthetic), 2)
     no_aug = ["INPUT.MOSAIC.NO_AUG_EPOCHS", repr((10 - NO_AUG_START) / per_epoch)]
-    opts = [*TINY_ONE_STAGE, *SCHEDULE, *RECIPE, *no_aug]
+    opts = [*TINY_YOLOX_RECIPE, *SCHEDULE, *no_aug]
     whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
 
     def args(out):
-        return ["--config-file", ONE_STAGE_CFG, *opts, "OUTPUT_DIR", out]
+        return ["--config-file", YOLOX_CFG, *opts, "OUTPUT_DIR", out]
 
     proc = run_train_net(args(whole), env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -149,6 +167,8 @@ def test_yolox_recipe_run_killed_and_resumed_ends_bit_identical(small_synthetic,
     log = proc.stdout + proc.stderr
     start = int(log.split("Starting training from iteration ")[1].split()[0])
     assert 4 <= start < NO_AUG_START and switch in log
+    # the last iteration trained with the L1 loss, in both runs
+    assert "loss_l1" in _last_metrics(whole) and "loss_l1" in _last_metrics(resumed)
 
     a, b = assert_same_final_model(whole, resumed)
     assert a["trainer"]["data_stream"] == b["trainer"]["data_stream"]
@@ -160,4 +180,4 @@ def test_yolox_recipe_run_killed_and_resumed_ends_bit_identical(small_synthetic,
             open(os.path.join(resumed, "final_metrics.json")) as f2:
         final = json.load(f1)
         assert json.load(f2) == final
-    assert_eval_only_reproduces(ONE_STAGE_CFG, opts, whole, env, final)
+    assert_eval_only_reproduces(YOLOX_CFG, opts, whole, env, final)
