@@ -17,7 +17,8 @@ import eql_d2.modeling  # noqa: F401  (registers YOLOX and its backbone)
 from eql_d2.config import get_eql_cfg
 from eql_d2.modeling.backbone.cspdarknet import Bottleneck
 from eql_d2.modeling.meta_arch import atss_match
-from eql_d2.modeling.meta_arch.yolox import decode_boxes, l1_targets, simota_match
+from eql_d2.modeling.meta_arch.yolox import (decode_boxes, dynamic_k_matching, l1_targets,
+                                             simota_match)
 from eql_d2.solver import build_optimizer
 
 from helpers import (ROOT, assert_eval_only_reproduces, dense_batch, record_criterion_calls,
@@ -132,6 +133,23 @@ def test_simota_equals_brute_force():
         several += sum(got.count(j) > 1 for j in range(len(gt)))
     # not vacuous: shared points were resolved, and dynamic k gave objects several points
     assert conflicts > 0 and several > 3 and positives > 12
+
+
+def test_dynamic_k_and_conflicts_by_hand():
+    # IoUs 0.3: dynamic k = int(0.9) -> 1 for objects 0-2; object 3's IoUs sum to 2.1 -> k = 2
+    ious = torch.tensor([[0.3] * 3, [0.3] * 3, [0.3] * 3, [0.7] * 3])
+    cost = torch.tensor([
+        [1.0, 5.0, 9.0],  # object 0 chooses candidate 0
+        [1.5, 6.0, 9.0],  # object 1 chooses candidate 0 too
+        [0.8, 0.1, 9.0],  # object 2 chooses candidate 1, and is the cheapest at candidate 0
+        [7.0, 8.0, 2.0],  # object 3 chooses candidates 2 and 0
+    ])
+    # candidate 0, chosen by 0, 1 and 3, goes to the object of lowest cost over all objects
+    # (object 2, which did not choose it), as YOLOX's code does
+    assert dynamic_k_matching(cost, ious).tolist() == [2, 2, 3]
+    assert dynamic_k_matching(cost[:2], ious[:2]).tolist() == [0, -1, -1]
+    # equal costs: the stable sort takes the lower index
+    assert dynamic_k_matching(torch.ones(1, 3), torch.full((1, 3), 0.3)).tolist() == [0, -1, -1]
 
 
 def test_simota_radius_and_empty_cases():

@@ -49,7 +49,8 @@ from ..backbone.cspdarknet import ConvNormAct
 from .atss import atss_match
 from .dense_loss import DenseClassificationLoss, head_feature_shapes, positives_and_normalizer
 
-__all__ = ["YOLOX", "YOLOXHead", "simota_match", "decode_boxes", "ASSIGNERS", "QUALITIES"]
+__all__ = ["YOLOX", "YOLOXHead", "simota_match", "dynamic_k_matching", "decode_boxes", "ASSIGNERS",
+           "QUALITIES"]
 
 # MODEL.YOLOX.ASSIGNER and MODEL.YOLOX.QUALITY
 ASSIGNERS = ("SimOTA", "ATSS")
@@ -112,17 +113,25 @@ def simota_match(gt_boxes: Tensor, gt_classes: Tensor, centers: Tensor, strides:
     inside_both = (in_box & in_center)[:, candidates]
     cost = cls_cost + iou_weight * -torch.log(ious + 1e-8) + OUTSIDE_COST * (~inside_both)
 
-    k = min(candidate_topk, candidates.numel())
+    owner = dynamic_k_matching(cost, ious, candidate_topk)
+    fg = owner >= 0
+    matched[candidates[fg]] = owner[fg]
+    return matched
+
+
+def dynamic_k_matching(cost: Tensor, ious: Tensor, candidate_topk: int = 10) -> Tensor:
+    """Steps 3 and 4 of :func:`simota_match` on M objects' costs and IoUs [M, K] with K
+    candidates: the object each candidate goes to [K] (-1: none chose it)."""
+    k = min(candidate_topk, cost.shape[1])
     dynamic_k = ious.topk(k, dim=1).values.sum(dim=1).int().clamp(min=1)  # [M]
     order = cost.argsort(dim=1, stable=True)
     rank = torch.empty_like(order).scatter_(
         1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     chosen = rank < dynamic_k[:, None]  # [M, K]
     taken = chosen.sum(dim=0)
+    # YOLOX resolves a shared candidate by the lowest cost over every object
     owner = torch.where(taken > 1, cost.argmin(dim=0), chosen.int().argmax(dim=0))
-    fg = taken > 0
-    matched[candidates[fg]] = owner[fg]
-    return matched
+    return torch.where(taken > 0, owner, -1)
 
 
 def decode_boxes(deltas: Tensor, grid: Tensor, strides: Tensor) -> Tensor:
