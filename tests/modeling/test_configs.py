@@ -344,3 +344,37 @@ def test_open_images_settings(rel):
         assert cfg.MODEL.ROI_HEADS.NAME == "EQLROIHeads" and cfg.MODEL.IMAGE_LABELS.VERIFIED
         # lambda of the paper's TR 3 % (OID19), and of TR 2.99 % on Synthetic-OID's train set
         assert cfg.MODEL.CLS_LOSS.EQL.LAMBDA == (0.012 if synthetic else 3e-4)
+
+
+# YOLOX's training recipe (yolox/exp/yolox_base.py): Mosaic / affine / MixUp, HSV, EMA, its
+# schedule; the LVIS YOLOX configs train with it
+YOLOX_MOSAIC = dict(ENABLED=True, PROB=1.0, SIZE=(640, 640), SCALE=(0.1, 2.0), DEGREES=10.0,
+                    SHEAR=2.0, TRANSLATE=0.1, FILL=114, NO_AUG_EPOCHS=15.0)
+
+
+@pytest.mark.parametrize("rel", [r for r in CONFIGS if r.startswith("LVIS-")
+                                 and os.path.basename(r).startswith("yolox_")])
+def test_lvis_yolox_configs_train_with_yoloxs_recipe(rel):
+    from eql_d2.data.mosaic import MosaicMixUpMapper, RandomHSV
+    from eql_d2.engine import Trainer
+
+    cfg = load(rel)
+    mosaic = cfg.INPUT.MOSAIC
+    assert {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in mosaic.items() if k != "MIXUP"} == YOLOX_MOSAIC
+    assert (mosaic.MIXUP.ENABLED, mosaic.MIXUP.PROB, tuple(mosaic.MIXUP.SCALE)) == (
+        True, 1.0, (0.5, 1.5))
+    assert (cfg.INPUT.HSV.ENABLED, cfg.INPUT.HSV.PROB, tuple(cfg.INPUT.HSV.GAINS)) == (
+        True, 1.0, (0.015, 0.7, 0.4))
+    assert (cfg.MODEL_EMA.ENABLED, cfg.MODEL_EMA.DECAY, cfg.MODEL_EMA.RAMP_UPDATES) == (
+        True, 0.9998, 2000.0)
+    solver = cfg.SOLVER
+    assert solver.LR_SCHEDULER_NAME == "YOLOXWarmCosineLR"
+    assert (solver.WARMUP_EPOCHS, solver.WARMUP_FACTOR) == (5.0, 0.0)
+    assert solver.BASE_LR_END == pytest.approx(0.05 * solver.BASE_LR)
+    # multi-scale: 640 +/- 5 x 32 in steps of 32 (YOLOX's multiscale_range = 5)
+    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == tuple(range(480, 801, 32))
+    assert (cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING, cfg.INPUT.MAX_SIZE_TRAIN) == ("choice", 800)
+    mapper = Trainer.build_train_mapper(cfg)
+    assert isinstance(mapper, MosaicMixUpMapper) and mapper.size == (640, 640)
+    assert isinstance(mapper.image_mapper.augmentations.augs[0], RandomHSV)
