@@ -162,8 +162,10 @@ class NoAugmentationPhase(HookBase):
         # the loader's workers start with the first iteration, after this
         if self.mapper is not None:
             self.mapper.no_aug_from_iter = self.start_iter
-        logger.info("Mosaic / MixUp off and the L1 box loss on from iteration %d of %d",
-                    self.start_iter, self.trainer.max_iter)
+        l1 = hasattr(_unwrap(self.trainer.model), "use_l1_loss")
+        logger.info("Mosaic / MixUp off%s from iteration %d of %d",
+                    " and the L1 box loss on" if l1 else "", self.start_iter,
+                    self.trainer.max_iter)
 
     def before_step(self):
         model = _unwrap(self.trainer.model)
