@@ -55,5 +55,9 @@ demo-reference: install
 	$(PY) tools/demo_table.py --write-reference $(DEMO_REFERENCE) --command "make demo-reference DEMO_SEEDS='$(DEMO_SEEDS)'" \
 	  $(foreach seed,$(DEMO_SEEDS),$(foreach cfg,$(DEMO_CFG) $(DEMO_BASELINE_CFG),$(DEMO_REFERENCE_OUT)/$(basename $(notdir $(cfg)))_seed$(seed)))
 
+# The suite on TEST_WORKERS processes (one per core; 0: in this process), each test one
+# thread; a worker that is free takes tests left to another (the multi-process tests last
+# longest).
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: install
-	$(PY) -m pytest -q --durations=15 tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 tests
