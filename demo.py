@@ -31,7 +31,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from eql_d2.config import get_eql_cfg
 from eql_d2.data import load_category_metadata, register_all
-from eql_d2.engine.checkpoint import load_weights
+from eql_d2.engine.ema import load_prediction_weights
 from eql_d2.utils.io import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -77,7 +77,7 @@ def build_predictor(cfg):
     bare.MODEL.WEIGHTS = ""  # DefaultPredictor loads nothing then
     bare.freeze()
     predictor = DefaultPredictor(bare)
-    load_weights(predictor.model, cfg.MODEL.WEIGHTS, partial=cfg.MODEL.WEIGHTS_PARTIAL)
+    load_prediction_weights(cfg, predictor.model, cfg.MODEL.WEIGHTS)
     return predictor
 
 

@@ -50,7 +50,7 @@ from detectron2.utils.logger import setup_logger
 import eql_d2.modeling  # noqa: F401  (registers eql_d2's models)
 from eql_d2.config import get_eql_cfg
 from eql_d2.data import load_category_metadata, register_all
-from eql_d2.engine.checkpoint import load_weights
+from eql_d2.engine.ema import load_prediction_weights
 from eql_d2.engine.trainer import NUM_CLASSES_KEYS, prepare_datasets
 from eql_d2.evaluation import LVISPerCategoryEvaluator, evaluate_lvis, read_lvis_results
 from eql_d2.evaluation.ensemble import (METHODS, calibrate_quantile, cap_per_image,
@@ -179,7 +179,7 @@ def run_model_members(args):
                     spec["config"], spec["weights"], " + TTA" if spec["tta"] else "")
         prepare_datasets(cfg, training=False)
         model = build_model(cfg)
-        load_weights(model, spec["weights"], partial=cfg.MODEL.WEIGHTS_PARTIAL)
+        load_prediction_weights(cfg, model, spec["weights"])
         model.eval()
         if spec["tta"]:
             model = build_tta_model(cfg, model)

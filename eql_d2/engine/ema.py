@@ -24,8 +24,10 @@ from typing import Dict, Optional
 import torch
 from detectron2.engine import HookBase
 
+from .checkpoint import load_weights
+
 __all__ = ["ModelEMA", "ModelEMAHook", "NoAugmentationPhase", "load_ema_for_evaluation",
-           "CHECKPOINT_KEY"]
+           "load_prediction_weights", "CHECKPOINT_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -192,3 +194,11 @@ def load_ema_for_evaluation(cfg, model, checkpoint: Optional[Dict], path: str) -
             v.copy_(ema.weights[k])
     logger.info("Evaluating the EMA weights of %s (%d updates)", path, ema.updates)
     return True
+
+
+def load_prediction_weights(cfg, model, path: str) -> None:
+    """Load `path` into `model` for prediction (``MODEL.WEIGHTS_PARTIAL`` as configured;
+    weights that do not fit are an error), then, with ``MODEL_EMA.ENABLED``, its EMA weights:
+    what ``train_net.py --eval-only`` evaluates."""
+    rest = load_weights(model, path, partial=cfg.MODEL.WEIGHTS_PARTIAL)
+    load_ema_for_evaluation(cfg, model, rest, path)

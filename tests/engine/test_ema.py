@@ -75,6 +75,27 @@ def test_ema_weights_apply_for_a_block_and_the_state_round_trips(tmp_path):
                                 str(path))
 
 
+def test_prediction_weights_are_the_ema_ones_when_enabled(tmp_path):
+    """demo.py and tools/ensemble.py load a file as --eval-only does: its EMA weights with
+    MODEL_EMA.ENABLED, its model weights otherwise."""
+    from eql_d2.engine.ema import load_prediction_weights
+
+    model = _model()
+    ema = ModelEMA()
+    ema.reset(model)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    path = str(tmp_path / "model_final.pth")
+    torch.save({"model": trained, "model_ema": ema.state_dict()}, path)
+    for enabled, expected in (("True", own), ("False", trained)):
+        fresh = _model()
+        load_prediction_weights(get_eql_cfg(opts=["MODEL_EMA.ENABLED", enabled]), fresh, path)
+        assert all(torch.equal(fresh.state_dict()[k], expected[k]) for k in expected), enabled
+
+
 def test_a_resumed_ema_hook_keeps_the_restored_average():
     model = _model()
     ema = ModelEMA(decay=0.9, ramp_updates=0.0)
