@@ -123,6 +123,23 @@ def assert_same_final_model(run_a, run_b):
     return a, b
 
 
+def train_on_small(cfg, opts, small_synthetic, out):
+    """train_net.py: `cfg` with `opts` on the small Synthetic-LT (one thread: a tiny model
+    runs no faster on two, and the machine may be shared) into `out`. Returns the final
+    metrics (checked to hold AP, APr, APc and APf), model_final.pth's model state and the
+    environment, for :func:`assert_eval_only_reproduces`."""
+    env = {"EQL_D2_SYNTHETIC_ROOT": small_synthetic, "OMP_NUM_THREADS": "1"}
+    proc = run_train_net(["--config-file", cfg, *opts, "OUTPUT_DIR", out], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out, "final_metrics.json")) as f:
+        final = json.load(f)
+    for key in ("AP", "APr", "APc", "APf"):
+        assert isinstance(final["synthetic_lt_val"]["bbox"][key], float)
+    state = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu",
+                       weights_only=False)["model"]
+    return final, state, env
+
+
 def assert_eval_only_reproduces(cfg, opts, out, env, final):
     """``--eval-only`` of the run in `out` from its model_final.pth alone gives its
     `final` metrics and the same detections (short runs have AP near 0, so the detections

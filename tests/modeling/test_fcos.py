@@ -6,7 +6,6 @@ iteration, inference scores, build-time errors, and every loss trains on the sma
 Synthetic-LT. One train_net.py pair: EFL trains, then --eval-only reproduces its metrics.
 """
 
-import json
 import math
 import os
 
@@ -22,7 +21,7 @@ import eql_d2.modeling  # noqa: F401  (registers EFLFCOS)
 from helpers import (ROOT, TINY_ONE_STAGE, assert_eval_only_reproduces, dense_batch,
                      dense_forward, record_criterion_calls,
                      register_small,
-                     matched_iou, run_train_net, seeded_model, sgd_steps)
+                     matched_iou, train_on_small, seeded_model, sgd_steps)
 from eql_d2.config import get_eql_cfg
 from eql_d2.engine import Trainer
 from eql_d2.losses import (EqualizedFocalLoss, EqualizedQualityFocalLoss, FocalLoss,
@@ -215,17 +214,8 @@ def test_each_loss_trains_fcos_on_synthetic_lt(loss, datasets, tmp_path):
 
 def test_train_net_efl_then_eval_only_reproduces_metrics(small_synthetic, tmp_path):
     cfg = os.path.join(CONFIGS, "fcos_R18_FPN_efl.yaml")
-    # one thread: the tiny model runs no faster on two, and the machine may be shared
-    env = {"EQL_D2_SYNTHETIC_ROOT": small_synthetic, "OMP_NUM_THREADS": "1"}
     out = str(tmp_path)
-    proc = run_train_net(["--config-file", cfg, *TINY_FCOS, "OUTPUT_DIR", out], env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(os.path.join(out, "final_metrics.json")) as f:
-        final = json.load(f)
-    for key in ("AP", "APr", "APc", "APf"):
-        assert isinstance(final["synthetic_lt_val"]["bbox"][key], float)
-    state = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu",
-                       weights_only=False)["model"]
+    final, state, env = train_on_small(cfg, TINY_FCOS, small_synthetic, out)
     assert state["cls_loss.criterion.pos_grad"].sum() > 0
     assert state["cls_loss.criterion.neg_grad"].sum() > 0
 

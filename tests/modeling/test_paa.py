@@ -2,7 +2,6 @@
 authors' per-box procedure, score voting by hand, training with every dense loss, inference;
 one train_net.py pair: EFL trains 3 iterations, then --eval-only reproduces its detections."""
 
-import json
 import math
 import os
 import warnings
@@ -22,7 +21,7 @@ from eql_d2.modeling.meta_arch.paa import (fit_two_gaussians, paa_anchor_scores,
                                            paa_candidates, paa_split, score_voting)
 
 from helpers import (ROOT, TINY_ONE_STAGE, assert_eval_only_reproduces, dense_batch,
-                     record_criterion_calls, run_train_net,
+                     record_criterion_calls, train_on_small,
                      seeded_model, sgd_steps)
 
 BASE = os.path.join(ROOT, "configs/Synthetic-LT/Base-OneStage-R18-FPN.yaml")
@@ -361,16 +360,8 @@ TINY_PAA = [*TINY_ONE_STAGE, "MODEL.PAA.NUM_CLASSES", "8", "MODEL.PAA.NUM_CONVS"
 
 def test_train_net_then_eval_only_from_the_checkpoint(small_synthetic, tmp_path):
     cfg = os.path.join(ROOT, "configs/Synthetic-LT/paa_R18_FPN_efl.yaml")
-    # one thread: two OpenMP threads per process are many times slower on a busy machine
-    env = {"EQL_D2_SYNTHETIC_ROOT": small_synthetic, "OMP_NUM_THREADS": "1"}
     out = str(tmp_path)
-    proc = run_train_net(["--config-file", cfg, *TINY_PAA, "OUTPUT_DIR", out], env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(os.path.join(out, "final_metrics.json")) as f:
-        final = json.load(f)
-    assert isinstance(final["synthetic_lt_val"]["bbox"]["APr"], float)
-    state = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu",
-                       weights_only=False)["model"]
+    final, state, env = train_on_small(cfg, TINY_PAA, small_synthetic, out)
     assert state["cls_loss.criterion.neg_grad"].sum() > 0
     assert not torch.equal(state["head.box_scales"], torch.ones(5))  # the scales train
 

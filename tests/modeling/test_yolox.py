@@ -3,7 +3,6 @@ channels and sizes, the enhanced switch (ATSS assignment, IoU branch), the L1 sw
 dense loss training, inference scores, the bias weight decay of the optimizer; one
 train_net.py pair: EFL trains 3 iterations, then --eval-only reproduces its detections."""
 
-import json
 import math
 import os
 
@@ -22,7 +21,7 @@ from eql_d2.modeling.meta_arch.yolox import (decode_boxes, dynamic_k_matching, l
 from eql_d2.solver import build_optimizer
 
 from helpers import (ROOT, assert_eval_only_reproduces, dense_batch, record_criterion_calls,
-                     run_train_net, seeded_model, sgd_steps)
+                     train_on_small, seeded_model, sgd_steps)
 
 BASE = os.path.join(ROOT, "configs/Synthetic-LT/Base-YOLOX-Tiny.yaml")
 ENHANCED = ["MODEL.YOLOX.ASSIGNER", "ATSS", "MODEL.YOLOX.QUALITY", "iou",
@@ -409,16 +408,8 @@ TINY_YOLOX = [
 
 def test_train_net_then_eval_only_from_the_checkpoint(small_synthetic, tmp_path):
     cfg = os.path.join(ROOT, "configs/Synthetic-LT/yolox_tiny_efl.yaml")
-    # one thread: two OpenMP threads per process are many times slower on a busy machine
-    env = {"EQL_D2_SYNTHETIC_ROOT": small_synthetic, "OMP_NUM_THREADS": "1"}
     out = str(tmp_path)
-    proc = run_train_net(["--config-file", cfg, *TINY_YOLOX, "OUTPUT_DIR", out], env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(os.path.join(out, "final_metrics.json")) as f:
-        final = json.load(f)
-    assert isinstance(final["synthetic_lt_val"]["bbox"]["APr"], float)
-    state = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu",
-                       weights_only=False)["model"]
+    final, state, env = train_on_small(cfg, TINY_YOLOX, small_synthetic, out)
     assert state["cls_loss.criterion.neg_grad"].sum() > 0
     # BatchNorm statistics are part of the checkpoint the evaluation reads
     assert state["backbone.darknet.stem.conv.norm.num_batches_tracked"] == 3
