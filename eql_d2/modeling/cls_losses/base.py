@@ -63,6 +63,13 @@ class ClassificationLoss:
     # {KEY: (default, __init__ argument, what it is)}
     config_node: Optional[str] = None
     settings: Dict[str, Tuple[Any, str, str]] = {}
+    # A loss built from the training sets' metadata names what it reads there; ``known`` is
+    # False while that has not arrived (built for inference and no checkpoint loaded yet),
+    # and :meth:`check_trainable` then refuses to train. ``prepare_call`` loads the metadata.
+    training_data: Optional[str] = None
+    known: bool = True
+    train_datasets: Tuple[str, ...] = ()
+    prepare_call: str = "eql_d2.engine.prepare_datasets(cfg)"
 
     @classmethod
     def add_config(cls, node: CfgNode) -> None:
@@ -118,7 +125,15 @@ class ClassificationLoss:
         return {}
 
     def check_trainable(self) -> None:
-        """Raise, before any compute, if the loss lacks something training needs."""
+        """Raise, before any compute, if the loss lacks something training needs: by default
+        the :attr:`training_data` it is built from, while it has not arrived."""
+        if not self.known:
+            raise ValueError(
+                f"MODEL.CLS_LOSS.NAME {type(self).__name__} cannot train this model: "
+                f"{self.training_data} of DATASETS.TRAIN {list(self.train_datasets)} come from "
+                "their metadata, which was not loaded when the model was built, and no loaded "
+                f"checkpoint had them. Call {self.prepare_call} before building the model "
+                "(train_net.py does)")
 
 
 def _normalized(name: str) -> str:
@@ -183,4 +198,7 @@ def cls_loss_class(cfg, head: str):
 def build_cls_loss(cfg, num_classes: int, head: str) -> nn.Module:
     """The loss of :func:`cls_loss_class`, built with its settings from the config."""
     cls = cls_loss_class(cfg, head)
-    return cls(**cls.from_config(cfg, num_classes, tuple(cfg.DATASETS.TRAIN)))
+    train_datasets = tuple(cfg.DATASETS.TRAIN)
+    loss = cls(**cls.from_config(cfg, num_classes, train_datasets))
+    loss.train_datasets = train_datasets  # what check_trainable names
+    return loss

@@ -65,6 +65,7 @@ class ClassBalanced(ClassBalancedLoss, ClassificationLoss):
     """
 
     heads = ("two_stage", "dense", "classification")
+    training_data = "the per-class image counts (class_image_count)"
     config_node = "CLASS_BALANCED"
     settings = {
         "BETA": (0.999, "beta", "beta of the effective number (1 - beta^n) / (1 - beta) of a "
@@ -104,13 +105,6 @@ class ClassBalanced(ClassBalancedLoss, ClassificationLoss):
     def init_bias(self, bias, prior_prob, background_fraction):
         if self.form == "sigmoid":
             super().init_bias(bias, prior_prob, background_fraction)
-
-    def check_trainable(self):
-        if not self.known:
-            raise ValueError("MODEL.CLS_LOSS.NAME ClassBalanced cannot train this model: the "
-                             "per-class counts of DATASETS.TRAIN were not in their metadata "
-                             "and the checkpoint has no weights. Call "
-                             "eql_d2.engine.prepare_datasets(cfg) before building the model")
 
     def head_loss(self, logits, labels, avg_factor):
         if self.form == "softmax":

@@ -29,6 +29,7 @@ class EQL(EQLLoss, ClassificationLoss):
     """
 
     inputs = ("verified",)
+    training_data = "the category frequencies (class_image_count, num_train_images)"
 
     def __init__(self, num_classes: int, freq=None, lambda_: float = 1.76e-3,
                  train_datasets=(), use_excluding_function: bool = True):
@@ -38,7 +39,7 @@ class EQL(EQLLoss, ClassificationLoss):
             logger.info("EQL: no excluding function E(r): background proposals send no "
                         "negative gradient to tail categories either")
         self.train_datasets = tuple(train_datasets)
-        self.frequencies_known = freq is not None
+        self.known = freq is not None
         if freq is None:
             # NaN marks "unknown" in the buffer too, so a checkpoint saved from this model
             # is not mistaken for one that holds frequencies
@@ -71,16 +72,6 @@ class EQL(EQLLoss, ClassificationLoss):
                     freq=category_frequencies(train_datasets, num_classes, required=False),
                     train_datasets=train_datasets)
 
-    def check_trainable(self):
-        if not self.frequencies_known:
-            raise ValueError(
-                "MODEL.CLS_LOSS.NAME EQL cannot train this model: its category frequencies are "
-                "unknown. They come from the metadata (class_image_count, num_train_images) of "
-                f"DATASETS.TRAIN {list(self.train_datasets)}, which was not loaded when the "
-                "model was built, and the loaded checkpoint (if any) had none. Call "
-                "eql_d2.engine.prepare_datasets(cfg) before building the model "
-                "(train_net.py does)")
-
     def head_loss(self, logits, labels, avg_factor, verified):
         return self(logits[:, : self.num_classes], labels, verified, avg_factor=avg_factor)
 
@@ -102,7 +93,7 @@ def _frequencies_from_checkpoint(module, state_dict, prefix, local_metadata, str
     current = module.freq
     valid = (isinstance(saved, torch.Tensor) and saved.shape == current.shape
              and bool(torch.isfinite(saved).all()) and bool(((saved >= 0) & (saved <= 1)).all()))
-    if module.frequencies_known:
+    if module.known:
         if not valid:
             logger.warning("%s: the checkpoint has no EQL category frequencies (%s); keeping "
                            "those of DATASETS.TRAIN %s", key,
@@ -116,7 +107,7 @@ def _frequencies_from_checkpoint(module, state_dict, prefix, local_metadata, str
                            int((saved.to(current) != current).sum()), current.numel())
         state_dict[key] = current.detach().clone()
     elif valid:
-        module.frequencies_known = True
+        module.known = True
     else:
         logger.warning("%s: neither the checkpoint nor DATASETS.TRAIN %s's metadata give EQL's "
                        "category frequencies; the model predicts as usual but cannot train",

@@ -44,6 +44,7 @@ class BAGS(BalancedGroupSoftmaxLoss, ClassificationLoss):
     else from the checkpoint (a model built for inference needs no training data).
     """
 
+    training_data = "the category groups (by class_image_count)"
     config_node = "BAGS"
     settings = {
         "GROUP_EDGES": ((10, 100, 1000), "group_edges", "categories with fewer training images "
@@ -78,13 +79,6 @@ class BAGS(BalancedGroupSoftmaxLoss, ClassificationLoss):
 
     def init_bias(self, bias, prior_prob, background_fraction):
         pass  # a softmax classifier starts at bias 0, as detectron2's
-
-    def check_trainable(self):
-        if not self.known:
-            raise ValueError("MODEL.CLS_LOSS.NAME BAGS cannot train this model: its category "
-                             "groups come from the metadata of DATASETS.TRAIN, which was not "
-                             "loaded, and the checkpoint has none. Call "
-                             "eql_d2.engine.prepare_datasets(cfg) before building the model")
 
     def head_loss(self, logits, labels, avg_factor):
         return self(logits, labels, avg_factor=avg_factor)

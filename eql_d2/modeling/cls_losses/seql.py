@@ -27,6 +27,8 @@ class SEQL(SoftmaxEQLLoss, ClassificationLoss):
 
     heads = ("classification",)
     extra_columns = 0
+    training_data = "the class frequencies (class_image_count, num_train_images)"
+    prepare_call = "eql_d2.data.classification.prepare_classification_datasets(cfg)"
 
     def __init__(self, num_classes: int, freq=None, lambda_: float = 3.0e-3,
                  gamma: float = 0.95, train_datasets=()):
@@ -35,8 +37,8 @@ class SEQL(SoftmaxEQLLoss, ClassificationLoss):
             raise ValueError(f"class frequencies have {self.num_classes} entries, but the "
                              f"classifier has {num_classes} classes")
         self.train_datasets = tuple(train_datasets)
-        self.frequencies_known = freq is not None
-        if self.frequencies_known:
+        self.known = freq is not None
+        if self.known:
             logger.info("SEQL: lambda = %g, gamma = %g; %d of %d classes are tail classes "
                         "(f < lambda)", lambda_, gamma, self.tail.numel(), num_classes)
 
@@ -55,15 +57,6 @@ class SEQL(SoftmaxEQLLoss, ClassificationLoss):
         return dict(super().from_config(cfg, num_classes, train_datasets),
                     freq=category_frequencies(train_datasets, num_classes, required=False),
                     train_datasets=train_datasets)
-
-    def check_trainable(self):
-        if not self.frequencies_known:
-            raise ValueError(
-                "MODEL.CLS_LOSS.NAME SEQL cannot train this model: the class frequencies of "
-                f"DATASETS.TRAIN {list(self.train_datasets)} (class_image_count, "
-                "num_train_images) were not in their metadata when the model was built. Call "
-                "eql_d2.data.classification.prepare_classification_datasets(cfg) first "
-                "(train_net.py does)")
 
     def init_bias(self, bias, prior_prob, background_fraction):
         pass  # a softmax classifier starts at bias 0

@@ -145,7 +145,7 @@ class EQLFastRCNNOutputLayers(FastRCNNOutputLayers):
     def frequencies_known(self) -> bool:
         """False only for a loss that needs category frequencies and has none yet (EQL built
         without training metadata, before a checkpoint with them is loaded)."""
-        return getattr(self.cls_loss, "frequencies_known", True)
+        return self.cls_loss.known
 
     @property
     def needs_image_labels(self) -> bool:
