@@ -23,6 +23,7 @@ SEEDS=${SEEDS:-0 1 2}
 PRESET_ARGS=${PRESET_ARGS:-}
 SWEEP_OPTS=${SWEEP_OPTS:-SOLVER.MAX_ITER 1000 SOLVER.STEPS (500,750) SOLVER.WARMUP_ITERS 50 SOLVER.CHECKPOINT_PERIOD 250}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source benchmarks/runs.sh
 SOFTMAX=configs/Classification/synthetic_cls_lt_R32_softmax.yaml
 SEQL=configs/Classification/synthetic_cls_lt_R32_seql.yaml
 
@@ -34,13 +35,7 @@ RUNS=(
 for gamma in 0.0 0.75 0.9 0.95 0.99; do
   RUNS+=("sweep_gamma$gamma|$SEQL|$SWEEP_OPTS MODEL.CLS_LOSS.SEQL.GAMMA $gamma")
 done
-if [[ -n ${ONLY:-} ]]; then
-  kept=()
-  for run in "${RUNS[@]}"; do
-    [[ " $ONLY " == *" ${run%%|*} "* ]] && kept+=("$run")
-  done
-  RUNS=("${kept[@]}")
-fi
+select_runs
 
 for seed in $SEEDS; do
   root=$DATA/synthetic_cls_lt_seed$seed
@@ -53,18 +48,11 @@ for seed in $SEEDS; do
   for run in "${RUNS[@]}"; do
     IFS='|' read -r name config options <<<"$run"
     dir=$OUT/$name/seed$seed
-    if [[ -f $dir/final_metrics.json ]]; then
-      echo "== $name seed $seed: done before, kept ($dir)"
-      continue
-    fi
-    mkdir -p "$dir"
-    echo "== $name seed $seed: training ($config $options $*)"
-    start=$(date +%s)
     # shellcheck disable=SC2086
-    EQL_D2_SYNTHETIC_CLS_LT_ROOT=$(realpath "$root") \
+    train_once "$name seed $seed" "$config $options $*" "$dir" "$dir.log" \
+      env EQL_D2_SYNTHETIC_CLS_LT_ROOT="$(realpath "$root")" \
       "$PY" train_net.py --resume --config-file "$config" SEED "$seed" OUTPUT_DIR "$dir" \
-      $options "$@" >>"$dir.log" 2>&1 || { echo "$name seed $seed failed, see $dir.log"; exit 1; }
-    echo "   $(( $(date +%s) - start )) s"
+      $options "$@"
     rm -f "$dir"/model_0*.pth
   done
 done

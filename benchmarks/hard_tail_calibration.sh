@@ -22,19 +22,14 @@ DATA=${DATA:-datasets}
 SEEDS=${SEEDS:-0 1 2}
 PNG=${PNG:-$OUT/convergence.png}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source benchmarks/runs.sh
 
 # name | config
 RUNS=(
   "atss_focal|configs/Synthetic-HardTail/atss_R18_FPN_focal.yaml"
   "frcnn_sigmoid|configs/Synthetic-HardTail/EQL/faster_rcnn_R18_FPN_sigmoid.yaml"
 )
-if [[ -n ${ONLY:-} ]]; then
-  kept=()
-  for run in "${RUNS[@]}"; do
-    [[ " $ONLY " == *" ${run%%|*} "* ]] && kept+=("$run")
-  done
-  RUNS=("${kept[@]}")
-fi
+select_runs
 
 for seed in $SEEDS; do
   root=$DATA/synthetic_hard_tail_seed$seed
@@ -46,17 +41,9 @@ for seed in $SEEDS; do
   for run in "${RUNS[@]}"; do
     IFS='|' read -r name config <<<"$run"
     dir=$OUT/$name/seed$seed
-    if [[ -f $dir/final_metrics.json ]]; then
-      echo "== $name seed $seed: done before, kept ($dir)"
-      continue
-    fi
-    mkdir -p "$dir"
-    echo "== $name seed $seed: training ($config $*)"
-    start=$(date +%s)
-    EQL_D2_SYNTHETIC_HARD_TAIL_ROOT=$(realpath "$root") \
-      "$PY" train_net.py --resume --config-file "$config" SEED "$seed" OUTPUT_DIR "$dir" "$@" \
-      >>"$dir.log" 2>&1 || { echo "$name seed $seed failed, see $dir.log"; exit 1; }
-    echo "   $(( $(date +%s) - start )) s"
+    train_once "$name seed $seed" "$config $*" "$dir" "$dir.log" \
+      env EQL_D2_SYNTHETIC_HARD_TAIL_ROOT="$(realpath "$root")" \
+      "$PY" train_net.py --resume --config-file "$config" SEED "$seed" OUTPUT_DIR "$dir" "$@"
     rm -f "$dir"/model_0*.pth
   done
 done

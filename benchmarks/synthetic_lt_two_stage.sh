@@ -19,6 +19,7 @@ SEED=${SEED:-0}
 # One thread: on the shared, loaded 2-core machine an R18 iteration took ~15 s with two
 # threads and ~3 s with one (measured, see BENCHMARKS.md).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source benchmarks/runs.sh
 CFG=configs/Synthetic-LT/EQL/${ARCH}_rcnn_R18_FPN
 
 # name | config loss | extra options
@@ -35,30 +36,15 @@ RUNS=(
 )
 
 # ONLY="sigmoid eql" runs (and tabulates) just those names
-if [[ -n ${ONLY:-} ]]; then
-  kept=()
-  for run in "${RUNS[@]}"; do
-    [[ " $ONLY " == *" ${run%%|*} "* ]] && kept+=("$run")
-  done
-  RUNS=("${kept[@]}")
-fi
+select_runs
 
 mkdir -p "$(dirname "$OUT")"
 for run in "${RUNS[@]}"; do
   IFS='|' read -r name loss extra <<<"$run"
-  dir=$OUT/$name
-  if [[ -f $dir/final_metrics.json ]]; then
-    echo "== $name: done before, kept ($dir)"
-    continue
-  fi
-  echo "== $name: training (${CFG}_${loss}.yaml $extra)"
-  start=$(date +%s)
   # shellcheck disable=SC2086
-  # --resume: a run cut off continues from its last checkpoint (SOLVER.CHECKPOINT_PERIOD)
-  "$PY" train_net.py --resume --config-file "${CFG}_${loss}.yaml" SEED "$SEED" OUTPUT_DIR "$dir" \
-    SOLVER.CHECKPOINT_PERIOD 100 $extra "$@" >>"$OUT.$name.log" 2>&1 \
-    || { echo "$name failed, see $OUT.$name.log"; exit 1; }
-  echo "   $(( $(date +%s) - start )) s"
+  train_once "$name" "${CFG}_${loss}.yaml $extra" "$OUT/$name" "$OUT.$name.log" \
+    "$PY" train_net.py --resume --config-file "${CFG}_${loss}.yaml" SEED "$SEED" \
+    OUTPUT_DIR "$OUT/$name" SOLVER.CHECKPOINT_PERIOD 100 $extra "$@"
 done
 
 "$PY" - "$OUT" "${RUNS[@]}" <<'PYEOF'

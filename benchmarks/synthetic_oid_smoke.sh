@@ -21,6 +21,7 @@ DATA=${DATA:-datasets}
 SEED=${SEED:-0}
 CHECKPOINT=${CHECKPOINT:-200}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source benchmarks/runs.sh
 
 # name | config
 RUNS=(
@@ -29,13 +30,7 @@ RUNS=(
   "atss_focal|configs/Synthetic-OID/atss_R18_FPN_focal.yaml"
   "atss_efl|configs/Synthetic-OID/atss_R18_FPN_efl.yaml"
 )
-if [[ -n ${ONLY:-} ]]; then
-  kept=()
-  for run in "${RUNS[@]}"; do
-    [[ " $ONLY " == *" ${run%%|*} "* ]] && kept+=("$run")
-  done
-  RUNS=("${kept[@]}")
-fi
+select_runs
 
 root=$DATA/synthetic_oid_seed$SEED
 if [[ ! -f $root/synthetic_oid.json ]]; then
@@ -46,18 +41,10 @@ fi
 for run in "${RUNS[@]}"; do
   IFS='|' read -r name config <<<"$run"
   dir=$OUT/$name
-  if [[ -f $dir/final_metrics.json ]]; then
-    echo "== $name: done before, kept ($dir)"
-    continue
-  fi
-  mkdir -p "$dir"
-  echo "== $name: training ($config $*)"
-  start=$(date +%s)
-  EQL_D2_SYNTHETIC_OID_ROOT=$(realpath "$root") \
+  train_once "$name" "$config $*" "$dir" "$dir.log" \
+    env EQL_D2_SYNTHETIC_OID_ROOT="$(realpath "$root")" \
     "$PY" train_net.py --resume --config-file "$config" SEED "$SEED" OUTPUT_DIR "$dir" \
-    SOLVER.CHECKPOINT_PERIOD "$CHECKPOINT" "$@" \
-    >>"$dir.log" 2>&1 || { echo "$name failed, see $dir.log"; exit 1; }
-  echo "   $(( $(date +%s) - start )) s"
+    SOLVER.CHECKPOINT_PERIOD "$CHECKPOINT" "$@"
   rm -f "$dir"/model_0*.pth
 done
 
