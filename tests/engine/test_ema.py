@@ -46,15 +46,21 @@ def test_ema_follows_its_closed_form():
     assert constant.decay_at(1) == 0.5
 
 
-def test_ema_weights_apply_for_a_block_and_the_state_round_trips(tmp_path):
-    model = _model()
+def _ema_then_trained(model):
+    """An EMA reset on `model`, then the model's parameters moved as training would:
+    (the EMA, the weights at the reset, the weights after)."""
     ema = ModelEMA()
     ema.reset(model)
     own = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(3)
-    trained = {k: v.clone() for k, v in model.state_dict().items()}
+            p.mul_(3).add_(1.0)
+    return ema, own, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_ema_weights_apply_for_a_block_and_the_state_round_trips(tmp_path):
+    model = _model()
+    ema, own, trained = _ema_then_trained(model)
     with ema.applied_to(model):
         assert all(torch.equal(model.state_dict()[k], own[k]) for k in own)
     assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
@@ -80,14 +86,7 @@ def test_prediction_weights_are_the_ema_ones_when_enabled(tmp_path):
     MODEL_EMA.ENABLED, its model weights otherwise."""
     from eql_d2.engine.ema import load_prediction_weights
 
-    model = _model()
-    ema = ModelEMA()
-    ema.reset(model)
-    own = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    ema, own, trained = _ema_then_trained(_model())
     path = str(tmp_path / "model_final.pth")
     torch.save({"model": trained, "model_ema": ema.state_dict()}, path)
     for enabled, expected in (("True", own), ("False", trained)):
