@@ -52,6 +52,16 @@ TINY_ONE_STAGE = [
     "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "50",
 ]
 
+# the small Synthetic-LT's 8 classes on a YOLOX of width 0.125 at 64 px, 3 iterations
+TINY_YOLOX = [
+    "MODEL.YOLOX.NUM_CLASSES", "8", "MODEL.CSPDARKNET.WIDTH_MULTIPLIER", "0.125",
+    "MODEL.YOLOX.HEAD_CHANNELS", "16", "MODEL.CLS_LOSS.LOG_PERIOD", "1",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+    "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "50",
+]
+
 
 def register_small(small_synthetic, prefix):
     """Register the small Synthetic-LT's splits as `<prefix>_train` / `<prefix>_val` (once)

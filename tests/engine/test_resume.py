@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, TINY_RCNN, assert_same_final_model, last_checkpoint, run_train_net
+from helpers import (ROOT, TINY_RCNN, TINY_YOLOX, assert_same_final_model, last_checkpoint,
+                     run_train_net)
 from eql_d2.engine import AtomicCheckpointer
 
 CFG = os.path.join(ROOT, "configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_eqlv2.yaml")
@@ -101,11 +102,7 @@ def test_a_checkpoint_cut_off_while_written_is_never_taken_for_one(tmp_path, mon
 YOLOX_CFG = os.path.join(ROOT, "configs/Synthetic-LT/yolox_tiny_sigmoid.yaml")
 NO_AUG_START = 7
 TINY_YOLOX_RECIPE = [
-    "MODEL.CLS_LOSS.NAME", "EFL", "MODEL.YOLOX.NUM_CLASSES", "8",
-    "MODEL.CSPDARKNET.WIDTH_MULTIPLIER", "0.125", "MODEL.YOLOX.HEAD_CHANNELS", "16",
-    "MODEL.CLS_LOSS.LOG_PERIOD", "1", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "TEST.DETECTIONS_PER_IMAGE", "50",
+    *TINY_YOLOX, "MODEL.CLS_LOSS.NAME", "EFL", "SOLVER.WARMUP_ITERS", "2",
     # 10 iterations from scratch score below YOLOX's 0.01: compare detections all the same
     "MODEL.YOLOX.SCORE_THRESH_TEST", "0.0",
     "INPUT.MOSAIC.ENABLED", "True", "INPUT.MOSAIC.SIZE", "(64, 64)",

@@ -20,8 +20,8 @@ from eql_d2.modeling.meta_arch.yolox import (decode_boxes, dynamic_k_matching, l
                                              simota_match)
 from eql_d2.solver import build_optimizer
 
-from helpers import (ROOT, assert_eval_only_reproduces, dense_batch, record_criterion_calls,
-                     train_on_small, seeded_model, sgd_steps)
+from helpers import (ROOT, TINY_YOLOX, assert_eval_only_reproduces, dense_batch,
+                     record_criterion_calls, seeded_model, sgd_steps, train_on_small)
 
 BASE = os.path.join(ROOT, "configs/Synthetic-LT/Base-YOLOX-Tiny.yaml")
 ENHANCED = ["MODEL.YOLOX.ASSIGNER", "ATSS", "MODEL.YOLOX.QUALITY", "iou",
@@ -394,16 +394,6 @@ def test_bad_config_values_are_named():
 
 
 # ---------------------------------------------------------------------- train_net.py
-
-
-TINY_YOLOX = [
-    "MODEL.YOLOX.NUM_CLASSES", "8", "MODEL.CSPDARKNET.WIDTH_MULTIPLIER", "0.125",
-    "MODEL.YOLOX.HEAD_CHANNELS", "16", "MODEL.CLS_LOSS.LOG_PERIOD", "1",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-    "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "50",
-]
 
 
 def test_train_net_then_eval_only_from_the_checkpoint(small_synthetic, tmp_path):
