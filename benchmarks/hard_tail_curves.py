@@ -2,6 +2,8 @@
 """Convergence curves and the calibration table of the hard-tail preset's baselines.
 
     benchmarks/hard_tail_curves.py output/hard_tail_calibration --png docs/hard_tail_convergence.png
+    benchmarks/hard_tail_curves.py output/hard_tail_calibration output/hard_tail_calibration_24e \
+        --png curves.png      # two schedules side by side
 
 Reads ``<runs>/<arm>/seed<s>/`` as ``benchmarks/hard_tail_calibration.sh`` leaves them:
 
@@ -12,7 +14,8 @@ Reads ``<runs>/<arm>/seed<s>/`` as ``benchmarks/hard_tail_calibration.sh`` leave
 
 The PNG has one panel per metric (AP, APr, APc, APf on the federated val, and the training
 loss, a running median over 100 iterations) against the iteration; a line per run, one
-colour per arm. The Markdown table (stdout) gives per arm the final AP, APr, APc, APf and
+colour per arm. With several run folders (e.g. the same baselines on two schedules) each
+arm is named "arm [folder]" and each folder has its own line style. The Markdown table (stdout) gives per arm the final AP, APr, APc, APf and
 APr / APf as mean ± sample standard deviation over seeds, the change of AP and APr over the
 last evaluation interval (a converged run changes little there), and the median gradient
 ratio g_j = pos_grad / neg_grad of each LVIS group over the last interval of the regime
@@ -82,6 +85,21 @@ def final_bbox(run_dir):
         results = json.load(f)
     fed = [name for name in results if name.endswith("_val_fed")]
     return results[fed[0] if fed else next(iter(results))]["bbox"]
+
+
+def find_runs_in(roots, arms=None, seeds=None):
+    """``(runs, styles)`` over several folders: `runs` as :func:`find_runs` with each arm
+    named "arm [folder name]" when there is more than one folder, and `styles` {that name:
+    (arm, index of its folder)}."""
+    runs, styles = {}, {}
+    for i, root in enumerate(roots):
+        for arm, by_seed in find_runs(root, arms, seeds).items():
+            name = arm if len(roots) == 1 else f"{arm} [{os.path.basename(os.path.normpath(root))}]"
+            if name in runs:
+                raise ValueError(f"two run folders are both named {name!r}: {roots}")
+            runs[name] = by_seed
+            styles[name] = (arm, i)
+    return runs, styles
 
 
 def find_runs(root, arms=None, seeds=None):
@@ -162,7 +180,9 @@ def table(runs):
     return "\n".join(lines)
 
 
-def plot(runs, png):
+def plot(runs, png, styles=None):
+    """The curves of `runs` into `png`: one colour per arm, one line style per folder
+    (`styles` from :func:`find_runs_in`; default: every run an arm of one folder)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,20 +191,25 @@ def plot(runs, png):
     panels = KEYS + ("training loss",)
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for a, (arm, by_seed) in enumerate(sorted(runs.items())):
-        colour = colours[a % len(colours)]
+    line_styles = ("-", "--", ":", "-.")
+    styles = styles or {name: (name, 0) for name in runs}
+    base_arms = sorted({arm for arm, _ in styles.values()})
+    for arm, by_seed in sorted(runs.items()):
+        base, folder = styles[arm]
+        colour = colours[base_arms.index(base) % len(colours)]
+        line = line_styles[folder % len(line_styles)]
         for i, (seed, run_dir) in enumerate(sorted(by_seed.items())):
             rows = read_json_lines(os.path.join(run_dir, "metrics.json"))
             curve = eval_curve(rows)
             label = arm if i == 0 else None
             for ax, key in zip(axes, KEYS):
                 if curve:
-                    ax.plot([it for it, _ in curve], [m[key] for _, m in curve], "o-",
-                            color=colour, alpha=0.8, markersize=3, label=label)
+                    ax.plot([it for it, _ in curve], [m[key] for _, m in curve],
+                            marker="o", linestyle=line, color=colour, alpha=0.8, markersize=3, label=label)
             loss = loss_curve(rows)
             if loss:
                 axes[-1].plot([it for it, _ in loss], [v for _, v in loss], color=colour,
-                              alpha=0.8, label=label)
+                              linestyle=line, alpha=0.8, label=label)
     for ax, title in zip(axes, panels):
         ax.set_title(title if title == "training loss" else f"bbox {title}, federated val")
         ax.set_ylim(bottom=0)
@@ -200,17 +225,17 @@ def plot(runs, png):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="?", default="output/hard_tail_calibration",
-                   help="folder of <arm>/seed<s>/ runs")
+    p.add_argument("runs", nargs="*", default=["output/hard_tail_calibration"],
+                   help="folders of <arm>/seed<s>/ runs (several: compared, e.g. schedules)")
     p.add_argument("--png", help="write the convergence curves here")
     p.add_argument("--arms", nargs="+")
     p.add_argument("--seeds", nargs="+", type=int)
     args = p.parse_args(argv)
-    runs = find_runs(args.runs, args.arms, args.seeds)
+    runs, styles = find_runs_in(args.runs, args.arms, args.seeds)
     if not runs:
-        sys.exit(f"no runs with a metrics.json under {args.runs}")
+        sys.exit(f"no runs with a metrics.json under {' '.join(args.runs)}")
     if args.png:
-        plot(runs, args.png)
+        plot(runs, args.png, styles)
         print(f"curves: {args.png}", file=sys.stderr)
     print(table(runs))
 

@@ -71,3 +71,22 @@ def test_table_mean_std_ratio_last_interval_and_regime(tmp_path, capsys):
     curves.main([root, "--png", png, "--seeds", "0", "1"])
     assert os.path.getsize(png) > 10000
     assert "| atss_focal | 0,1 |" in capsys.readouterr().out
+
+
+def test_two_schedules_are_named_by_folder_and_drawn_apart(tmp_path, capsys):
+    short, long = str(tmp_path / "calib_12e"), str(tmp_path / "calib_24e")
+    _run(short, "atss_focal", 0, {100: (10, 2, 8, 20)}, (10, 2, 8, 20))
+    _run(long, "atss_focal", 0, {100: (10, 2, 8, 20), 200: (16, 6, 14, 28)}, (16, 6, 14, 28))
+    _run(long, "frcnn_sigmoid", 0, {100: (20, 5, 20, 40)}, (20, 5, 20, 40))
+    runs, styles = curves.find_runs_in([short, long])
+    assert styles == {"atss_focal [calib_12e]": ("atss_focal", 0),
+                      "atss_focal [calib_24e]": ("atss_focal", 1),
+                      "frcnn_sigmoid [calib_24e]": ("frcnn_sigmoid", 1)}
+    # one folder keeps the plain arm names
+    assert list(curves.find_runs_in([long])[0]) == ["atss_focal", "frcnn_sigmoid"]
+    png = str(tmp_path / "curves.png")
+    curves.main([short, long, "--png", png])
+    out = capsys.readouterr().out
+    assert "| atss_focal [calib_12e] | 0 | 10.00 | 2.00 |" in out
+    assert "| atss_focal [calib_24e] | 0 | 16.00 | 6.00 |" in out
+    assert os.path.getsize(png) > 10000
