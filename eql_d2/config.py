@@ -278,6 +278,11 @@ def _add_solver_config(cfg):
     cfg.SOLVER.EPOCH_STEPS = ()
     # warm-up of at least this many epochs (the longer of it and WARMUP_ITERS)
     cfg.SOLVER.WARMUP_EPOCHS = 0.0
+    # whose epoch SOLVER.EPOCHS counts: "" the training sampler's; "RepeatFactorTrainingSampler"
+    # repeat factor sampling's at DATALOADER.REPEAT_THRESHOLD / REPEAT_SQRT / REPEAT_ROUNDING, or
+    # "TrainingSampler" the training images, whatever sampler trains (so that, say, a
+    # class-aware sampling arm trains as many iterations as the repeat factor sampling arms)
+    cfg.SOLVER.EPOCH_SAMPLER = ""
     # weight decay of the parameters whose full name matches a pattern (fnmatch), as a list of
     # [pattern, weight decay] pairs, over detectron2's groups; every pattern must match a
     # parameter (e.g. [["head.cls_preds.*.bias", 1e-4]]: the enhanced YOLOX of the EFL paper)

@@ -290,6 +290,14 @@ class _SeededMapDataset(torchdata.Dataset):
             f"\n  {listed}")
 
 
+def repeat_factor_epoch(repeat_factors: torch.Tensor, rounding: str) -> float:
+    """Images in one epoch of repeat factor sampling: sum(ceil(r)) with "ceil" rounding,
+    the expectation sum(r) with detectron2's "stochastic" rounding."""
+    if rounding == "ceil":
+        return float(torch.ceil(repeat_factors).sum())
+    return float(repeat_factors.sum())
+
+
 class ResumableTrainLoader:
     """Iterable of training batches (lists of model inputs) for one rank; see module doc.
 
@@ -311,13 +319,16 @@ class ResumableTrainLoader:
         num_workers: data-loader worker processes (0: map in this process).
         max_failed_images: failures tolerated in this process before training stops.
         rank, world_size: this process's place in the job.
+        images_per_epoch: the length of an epoch when it is not the sampler's own (see
+            :attr:`images_per_epoch`; ``SOLVER.EPOCH_SAMPLER``); None: the sampler's.
     """
 
     def __init__(self, dataset_dicts, mapper, *, total_batch_size: int, seed: int,
                  sampler: str = "TrainingSampler", repeat_factors=None,
                  repeat_rounding: str = "stochastic",
                  aspect_ratio_grouping: bool = True, num_workers: int = 0,
-                 max_failed_images: int = 20, rank: int = 0, world_size: int = 1):
+                 max_failed_images: int = 20, rank: int = 0, world_size: int = 1,
+                 images_per_epoch: Optional[float] = None):
         if sampler not in SAMPLERS:
             raise ValueError(f"DATALOADER.SAMPLER_TRAIN {sampler!r} is not supported by the "
                              f"resumable loader; use one of {', '.join(SAMPLERS)}")
@@ -368,6 +379,9 @@ class ResumableTrainLoader:
         self._mapper = mapper
         self.start_iter = 0
         self.failed_images: List[Tuple[str, str]] = []
+        if images_per_epoch is not None and not images_per_epoch > 0:
+            raise ValueError(f"images_per_epoch must be positive, got {images_per_epoch}")
+        self._images_per_epoch = images_per_epoch
 
     def _index_stream(self):
         """The global, infinite index stream (detectron2's sampler, before rank slicing)."""
@@ -385,12 +399,13 @@ class ResumableTrainLoader:
     def images_per_epoch(self) -> float:
         """Samples in one epoch of the stream: the training images (also for the class
         samplers, whose stream has no epochs of its own), or with repeat factor sampling
-        sum(ceil(r)) ("ceil" rounding) or the expectation sum(r) ("stochastic")."""
+        sum(ceil(r)) ("ceil" rounding) or the expectation sum(r) ("stochastic"); the
+        constructor's ``images_per_epoch`` when given."""
+        if self._images_per_epoch is not None:
+            return float(self._images_per_epoch)
         if self.sampler != "RepeatFactorTrainingSampler":
             return float(self.num_images)
-        if self.repeat_rounding == "ceil":
-            return float(torch.ceil(self.repeat_factors).sum())
-        return float(self.repeat_factors.sum())
+        return repeat_factor_epoch(self.repeat_factors, self.repeat_rounding)
 
     @property
     def mapper(self):

@@ -16,7 +16,7 @@ from ..data.compact import (CompactDataset, compact_detection_dataset, compact_t
 from ..evaluation import build_evaluator
 from ..data.dataset_mapper import ImageLabelDatasetMapper
 from ..data.mosaic import MosaicMixUpMapper, build_train_augmentations, no_augmentation_iters
-from ..data.train_loader import ResumableTrainLoader, check_image_files
+from ..data.train_loader import ResumableTrainLoader, check_image_files, repeat_factor_epoch
 from ..modeling.roi_heads import needs_image_labels
 from ..solver import build_optimizer, resolve_epoch_schedule
 from ..solver.schedules import build_lr_scheduler
@@ -182,13 +182,26 @@ class Trainer(DefaultTrainer):
             check_image_files(dicts.file_names() if compact else (d["file_name"] for d in dicts),
                               cfg.DATASETS.TRAIN)
         sampler = cfg.DATALOADER.SAMPLER_TRAIN
+        if cfg.SOLVER.EPOCH_SAMPLER not in ("", "TrainingSampler", "RepeatFactorTrainingSampler"):
+            raise ValueError(f"SOLVER.EPOCH_SAMPLER {cfg.SOLVER.EPOCH_SAMPLER!r} is not one of "
+                             "'' (the training sampler's epoch), TrainingSampler, "
+                             "RepeatFactorTrainingSampler")
+        epoch_sampler = cfg.SOLVER.EPOCH_SAMPLER or sampler
         repeat_factors = None
-        if sampler == "RepeatFactorTrainingSampler":
+        if "RepeatFactorTrainingSampler" in (sampler, epoch_sampler):
             thresh, sqrt = cfg.DATALOADER.REPEAT_THRESHOLD, cfg.DATALOADER.REPEAT_SQRT
             repeat_factors = (
                 dicts.repeat_factors(thresh, sqrt=sqrt) if compact else
                 RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
                     dicts, thresh, sqrt=sqrt))
+        # SOLVER.EPOCHS counted in another sampler's epoch than the training sampler's
+        images_per_epoch = None
+        if epoch_sampler != sampler:
+            images_per_epoch = (
+                repeat_factor_epoch(repeat_factors, cfg.DATALOADER.REPEAT_ROUNDING)
+                if epoch_sampler == "RepeatFactorTrainingSampler" else float(len(dicts)))
+        if sampler != "RepeatFactorTrainingSampler":
+            repeat_factors = None
         # A seed shared by every process: the configured one, else one drawn on rank 0
         # (a resumed run then takes the checkpoint's).
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
@@ -199,7 +212,8 @@ class Trainer(DefaultTrainer):
             aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
             num_workers=cfg.DATALOADER.NUM_WORKERS,
             max_failed_images=cfg.DATALOADER.MAX_FAILED_IMAGES,
-            rank=comm.get_rank(), world_size=comm.get_world_size())
+            rank=comm.get_rank(), world_size=comm.get_world_size(),
+            images_per_epoch=images_per_epoch)
 
     @classmethod
     def build_train_mapper(cls, cfg):

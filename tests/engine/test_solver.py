@@ -140,3 +140,47 @@ def test_trainer_schedule_follows_the_samplers_epoch(small_synthetic, tmp_path):
     step = 2 * per_epoch
     assert multiplier((step - 1) / trainer.max_iter) == pytest.approx(1.0)
     assert multiplier(step / trainer.max_iter) == pytest.approx(0.1)
+
+
+def test_epochs_of_another_sampler_give_class_aware_sampling_the_rfs_iterations(
+        small_synthetic, tmp_path):
+    """SOLVER.EPOCH_SAMPLER: a class-aware sampling run counts its epochs in repeat factor
+    sampling's epoch (same threshold and rounding), so it trains the iterations of the
+    repeat factor sampling run with the same SOLVER.EPOCHS; "TrainingSampler" counts
+    the training images; an unknown name is refused naming the key."""
+    import os
+
+    from eql_d2.engine import Trainer
+    from helpers import ROOT, TINY_RCNN, register_small
+
+    train, val = register_small(small_synthetic, "epoch_sampler")
+
+    def trainer(*opts):
+        cfg = get_eql_cfg(
+            os.path.join(ROOT, "configs/Synthetic-LT/EQL/faster_rcnn_R18_FPN_sigmoid.yaml"),
+            TINY_RCNN)
+        cfg.merge_from_list([
+            "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)",
+            "DATALOADER.REPEAT_THRESHOLD", "0.3", "DATALOADER.REPEAT_ROUNDING", "ceil",
+            "SOLVER.IMS_PER_BATCH", "4", "SOLVER.EPOCHS", "3.0", "SOLVER.EPOCH_STEPS", "(2,)",
+            "OUTPUT_DIR", str(tmp_path), *opts])
+        return Trainer(cfg)
+
+    rfs = trainer("DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler")
+    expanded = int(torch.ceil(rfs.train_loader.repeat_factors).sum())
+    num_images = rfs.train_loader.num_images
+    assert expanded > num_images
+    cas = trainer("DATALOADER.SAMPLER_TRAIN", "ClassAwareSampler",
+                  "SOLVER.EPOCH_SAMPLER", "RepeatFactorTrainingSampler")
+    assert cas.train_loader.sampler == "ClassAwareSampler"
+    assert cas.train_loader.repeat_factors is None
+    assert cas.max_iter == rfs.max_iter == 3 * -(-expanded // 4)
+    assert cas.cfg.SOLVER.STEPS == rfs.cfg.SOLVER.STEPS == (2 * -(-expanded // 4),)
+    # the class-aware sampler's own epoch is the training images
+    own = trainer("DATALOADER.SAMPLER_TRAIN", "ClassAwareSampler")
+    assert own.max_iter == 3 * -(-num_images // 4)
+    images = trainer("DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler",
+                     "SOLVER.EPOCH_SAMPLER", "TrainingSampler")
+    assert images.max_iter == own.max_iter
+    with pytest.raises(ValueError, match="SOLVER.EPOCH_SAMPLER 'ClassAwareSampler' is not one"):
+        trainer("SOLVER.EPOCH_SAMPLER", "ClassAwareSampler")
