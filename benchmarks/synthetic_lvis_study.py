@@ -32,8 +32,10 @@ is taken over.
 to their schedules in epochs on the ``synthetic_hard_tail`` preset of each seed, keeps its
 results in ``benchmarks/results/hard_tail_study/`` and runs in ``output/hard_tail_calibration``
 by default, where benchmarks/hard_tail_calibration.sh trains the two baselines with the same
-configs, seeds and data: a baseline run that driver finished is adopted, not repeated. The
-baselines come last in its order, so run the calibration first (not both on one baseline).
+configs, seeds and data: a baseline run that driver finished is adopted, not repeated. Its
+order: the claims' arms seed by seed, the baselines the papers beat (:data:`BASELINES`, with
+their second stages after their first) seed by seed, and the two calibration baselines last,
+so run the calibration first (not both on one baseline).
 
     nohup benchmarks/synthetic_lvis_study.sh --study hard_tail > output/hard_tail_study0.log 2>&1 &
     benchmarks/synthetic_lvis_study.py table --study hard_tail
@@ -172,10 +174,23 @@ HARD_TAIL_ARMS = {
                                         ["MODEL.CLS_LOSS.EQL.EXCLUDING_FUNCTION", "False"],
                                         "hard_tail"),
 }
+# the baselines the papers beat (as BASELINES above), on the hard-tail schedules: the class-
+# aware arm trains the repeat factor arms' iterations, the second stages half the first's
+HARD_TAIL_ARMS.update({
+    "frcnn_softmax": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_softmax.yaml", [], "hard_tail"),
+    "frcnn_sigmoid_cas": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_sigmoid_cas.yaml", [], "hard_tail"),
+    "frcnn_cb": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_cb.yaml", [], "hard_tail"),
+    "frcnn_focal": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_focal.yaml", [], "hard_tail"),
+    "frcnn_crt": (f"{HT_CFG}/Decoupled/faster_rcnn_R18_FPN_softmax_crt.yaml", [], "hard_tail"),
+    "frcnn_lws": (f"{HT_CFG}/Decoupled/faster_rcnn_R18_FPN_softmax_lws.yaml", [], "hard_tail"),
+    "frcnn_bags": (f"{HT_CFG}/Decoupled/faster_rcnn_R18_FPN_bags.yaml", [], "hard_tail"),
+})
 HARD_TAIL_BASELINES = ("atss_focal", "frcnn_sigmoid")
-# every claim on seed 0 first, then seeds 1 and 2; the calibration's baselines last
+# every claim on seed 0 first, then seeds 1 and 2; then the baselines the papers beat, seed
+# by seed; the calibration's baselines last
 HARD_TAIL_RUNS = ([(arm, seed) for seed in SEEDS for arm in HARD_TAIL_ARMS
-                   if arm not in HARD_TAIL_BASELINES]
+                   if arm not in HARD_TAIL_BASELINES and arm not in BASELINES]
+                  + [(arm, seed) for seed in SEEDS for arm in BASELINES]
                   + [(arm, seed) for seed in SEEDS for arm in HARD_TAIL_BASELINES])
 HARD_TAIL_COMPARISONS = [c for c in COMPARISONS if c[1] in HARD_TAIL_ARMS and c[2] in HARD_TAIL_ARMS] + [
     ("EQL - EQL without image-level labels", "frcnn_eql", "frcnn_eql_no_image_labels"),
@@ -309,7 +324,7 @@ def cmd_run(args):
         if args.max_runs and started >= args.max_runs:
             return
         stage_options = []
-        first = FIRST_STAGES.get(arm) if study.name == "synthetic_lvis" else None
+        first = FIRST_STAGES.get(arm)
         if first:
             weights = os.path.join(out, run_name(first, seed), "model_final.pth")
             if not os.path.isfile(weights):

@@ -131,9 +131,12 @@ def test_empty_groups_are_not_averaged_or_differenced(tmp_path, monkeypatch, cap
     assert means.split("|")[3:5] == [" 61.50 ", " n/a "]
 
 
+@pytest.mark.parametrize("name,configs", [("synthetic_lvis", "configs/Synthetic-LVIS/"),
+                                          ("hard_tail", "configs/Synthetic-HardTail/")])
 def test_a_second_stage_waits_for_its_first_stage_and_starts_from_its_weights(
-        tmp_path, monkeypatch, capsys):
+        name, configs, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(study, "RESULTS", str(tmp_path / "kept"))
+    monkeypatch.setattr(study, "HARD_TAIL_RESULTS", str(tmp_path / "kept"))
     monkeypatch.setattr(study.time, "sleep", lambda s: None)
     calls = []
 
@@ -144,7 +147,7 @@ def test_a_second_stage_waits_for_its_first_stage_and_starts_from_its_weights(
     monkeypatch.setattr(study.subprocess, "run", fake_run)
     monkeypatch.setattr(study, "generate_data", lambda *a: None)
     out = tmp_path / "out"
-    args = study.argparse.Namespace(study="synthetic_lvis", out=str(out), arms=["frcnn_crt"],
+    args = study.argparse.Namespace(study=name, out=str(out), arms=["frcnn_crt"],
                                     seeds=[2], max_runs=0, opts=[], datasets=str(tmp_path))
     study.cmd_run(args)  # no first stage yet: nothing trained, no exit 3 (come back later)
     assert calls == [] and "waiting for first stages: frcnn_crt/seed2" in capsys.readouterr().out
@@ -154,8 +157,10 @@ def test_a_second_stage_waits_for_its_first_stage_and_starts_from_its_weights(
     study.cmd_run(args)
     (cmd,) = calls
     assert cmd[cmd.index("MODEL.WEIGHTS") + 1] == str(weights)
-    assert cmd[cmd.index("--config-file") + 1].endswith("Decoupled/faster_rcnn_R18_FPN_softmax_crt.yaml")
+    assert cmd[cmd.index("--config-file") + 1] == (
+        configs + "Decoupled/faster_rcnn_R18_FPN_softmax_crt.yaml")
     # every second stage's first stage is an arm that runs before it, in every seed
+    runs = study.Study(name).runs
     for arm, first in study.FIRST_STAGES.items():
         for seed in study.SEEDS:
-            assert study.RUNS.index((first, seed)) < study.RUNS.index((arm, seed))
+            assert runs.index((first, seed)) < runs.index((arm, seed))
