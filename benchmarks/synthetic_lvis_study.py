@@ -176,15 +176,8 @@ HARD_TAIL_ARMS = {
 }
 # the baselines the papers beat (as BASELINES above), on the hard-tail schedules: the class-
 # aware arm trains the repeat factor arms' iterations, the second stages half the first's
-HARD_TAIL_ARMS.update({
-    "frcnn_softmax": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_softmax.yaml", [], "hard_tail"),
-    "frcnn_sigmoid_cas": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_sigmoid_cas.yaml", [], "hard_tail"),
-    "frcnn_cb": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_cb.yaml", [], "hard_tail"),
-    "frcnn_focal": (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_focal.yaml", [], "hard_tail"),
-    "frcnn_crt": (f"{HT_CFG}/Decoupled/faster_rcnn_R18_FPN_softmax_crt.yaml", [], "hard_tail"),
-    "frcnn_lws": (f"{HT_CFG}/Decoupled/faster_rcnn_R18_FPN_softmax_lws.yaml", [], "hard_tail"),
-    "frcnn_bags": (f"{HT_CFG}/Decoupled/faster_rcnn_R18_FPN_bags.yaml", [], "hard_tail"),
-})
+HARD_TAIL_ARMS.update({arm: (ARMS[arm][0].replace(LVIS_CFG, HT_CFG), [], "hard_tail")
+                       for arm in BASELINES})
 HARD_TAIL_BASELINES = ("atss_focal", "frcnn_sigmoid")
 # every claim on seed 0 first, then seeds 1 and 2; then the baselines the papers beat, seed
 # by seed; the calibration's baselines last
