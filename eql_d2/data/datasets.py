@@ -606,6 +606,7 @@ SYNTHETIC_PRESET_ROOT_VARS = {
     "synthetic_lvis": "EQL_D2_SYNTHETIC_LVIS_ROOT",
     "synthetic_lvis_balanced": "EQL_D2_SYNTHETIC_LVIS_BALANCED_ROOT",
     "synthetic_hard_tail": "EQL_D2_SYNTHETIC_HARD_TAIL_ROOT",
+    "synthetic_hard_tail_pretrain": "EQL_D2_SYNTHETIC_HARD_TAIL_PRETRAIN_ROOT",
 }
 
 # registered name -> (preset, split file lvis_v1_<split>.json)

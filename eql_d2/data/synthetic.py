@@ -17,7 +17,7 @@ category in ``not_exhaustive_category_ids``. Val comes twice, on the same images
   is verified absent on a random sample of images about as large as its positive set, and
   LVISEval ignores a category's detections on the other images.
 
-Four named presets (:data:`PRESETS`, ``--preset``): ``synthetic_lt``, the default (60
+Five named presets (:data:`PRESETS`, ``--preset``): ``synthetic_lt``, the default (60
 categories, 160 px); ``synthetic_lvis``, a large-vocabulary variant (400 categories in
 (shape, colour) families whose members differ only by texture, 128 px, more objects and
 images); ``synthetic_lvis_balanced``, the same but with every category on the same
@@ -27,7 +27,9 @@ same size; see docs/synthetic_lvis.md. ``synthetic_hard_tail`` (``appearance
 patterns and a mark of its own instead of a triple of shared attributes, with several
 looks per category, near neighbours, occlusion, partial views and distractors, so that
 the rare categories cannot be composed from what the frequent ones teach; see
-docs/HARD_TAIL.md.
+docs/HARD_TAIL.md. ``synthetic_hard_tail_pretrain``, balanced images of the same kind with
+200 categories of their own, is what the hard-tail detectors' backbones can be pre-trained
+on, as LVIS's are on ImageNet.
 
 Usage::
 
@@ -261,6 +263,11 @@ PRESETS = {
         mean_categories_per_image=3.0, val_categories_per_image=3, min_object_size=0.16,
         max_object_size=0.42),
 }
+# what the hard-tail detectors' backbones are pre-trained on, as LVIS's are on ImageNet: the
+# same kind of images with 200 categories of their own, balanced (40 train images each),
+# drawn from seed 1000, so that no look is one of the hard-tail seeds' (0-2) categories'
+PRESETS["synthetic_hard_tail_pretrain"] = replace(
+    PRESETS["synthetic_hard_tail"], seed=1000, num_categories=200, train_images_per_category=40)
 
 
 def category_table(num_categories):

@@ -28,11 +28,13 @@ with both named, since the optimizer state and loss statistics belong to the sav
 
 import logging
 import os
+import warnings
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..utils.io import atomic_write
+from ..utils.statistics import StatisticsRestartWarning
 
 __all__ = ["AtomicCheckpointer", "IncompatibleWeightsError", "classification_losses",
            "load_weights"]
@@ -164,7 +166,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if self._resuming and not self.for_inference:
             self._check_same_loss(saved_losses, checkpoint.get("model", {}))
         model_keys = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        incompatible = super()._load_model(checkpoint)
+        with warnings.catch_warnings():
+            if not any(_is_head_key(k) for k in checkpoint.get("model", {})):
+                # a backbone file never holds the heads' statistics: nothing to warn about
+                warnings.simplefilter("ignore", StatisticsRestartWarning)
+            incompatible = super()._load_model(checkpoint)
         self._check_fit(incompatible, model_keys)
         return incompatible
 

@@ -6,7 +6,11 @@ from typing import List, Tuple
 
 from torch import nn
 
-__all__ = ["RestartableStatistics"]
+__all__ = ["RestartableStatistics", "StatisticsRestartWarning"]
+
+
+class StatisticsRestartWarning(UserWarning):
+    """Statistics absent from a loaded state_dict restart from zero."""
 
 
 class RestartableStatistics(nn.Module):
@@ -14,8 +18,8 @@ class RestartableStatistics(nn.Module):
 
     Loading a state_dict that lacks any of them (a checkpoint written before they existed,
     or by another loss) does not fail: all of them restart from zero, as for a fresh model
-    (part of a set would mix statistics of two runs), and a ``UserWarning`` from
-    :meth:`_restart_warning` names the missing keys.
+    (part of a set would mix statistics of two runs), and a :class:`StatisticsRestartWarning`
+    from :meth:`_restart_warning` names the missing keys.
     """
 
     _STAT_NAMES: Tuple[str, ...] = ()
@@ -39,4 +43,4 @@ class RestartableStatistics(nn.Module):
                 if key in missing_keys:
                     missing_keys.remove(key)
             self.reset_statistics()
-            warnings.warn(self._restart_warning(absent), UserWarning, stacklevel=2)
+            warnings.warn(self._restart_warning(absent), StatisticsRestartWarning, stacklevel=2)

@@ -264,3 +264,33 @@ def test_registered_and_generated_on_first_use(tmp_path, monkeypatch):
     made = datasets.ensure_synthetic_preset("synthetic_hard_tail")
     assert made == str(tmp_path / "ht") and synthetic.spec_of(made) == small
     assert os.path.isfile(os.path.join(made, "lvis_v1_val_fed.json"))
+
+
+def test_pretraining_preset_is_balanced_and_owns_its_looks(tmp_path):
+    """synthetic_hard_tail_pretrain: the hard-tail images with 200 categories on 40 train
+    images each, whose looks (drawn from seed 1000) are none of the hard-tail seeds'
+    categories' bodies, patterns or marks; small, it generates every category on exactly
+    its number of train images."""
+    pretrain = PRESETS["synthetic_hard_tail_pretrain"]
+    assert pretrain.balanced and pretrain.own_factors
+    assert (pretrain.num_categories, pretrain.train_images_per_category) == (200, 40)
+    assert (pretrain.image_size, pretrain.min_object_size, pretrain.max_object_size,
+            pretrain.max_distractors) == (PRESET.image_size, PRESET.min_object_size,
+                                          PRESET.max_object_size, PRESET.max_distractors)
+    assert synthetic.num_train_images(pretrain) == 2667
+    looks = synthetic.vocabulary(pretrain)
+    for seed in (0, 1, 2):
+        tail = synthetic.vocabulary(replace(PRESET, seed=seed))
+        assert not {lk.harmonics for lk in looks} & {lk.harmonics for lk in tail}
+        assert not {p for lk in looks for p in lk.modes} & {p for lk in tail for p in lk.modes}
+    small = replace(pretrain, num_categories=8, train_images_per_category=4, image_size=64,
+                    val_instances=1, min_object_size=0.26, max_object_size=0.45)
+    root = synthetic.generate(str(tmp_path / "p"), small)
+    with open(os.path.join(root, "lvis_v1_train.json")) as f:
+        data = json.load(f)
+    images_of = {c["id"]: 0 for c in data["categories"]}
+    for cats in _present(data).values():
+        for c in cats:
+            images_of[c] += 1
+    assert set(images_of.values()) == {4}
+    assert {c["frequency"] for c in data["categories"]} == {frequency_group(4)} == {"r"}
