@@ -15,11 +15,11 @@ Reads ``<runs>/<arm>/seed<s>/`` as ``benchmarks/hard_tail_calibration.sh`` leave
 The PNG has one panel per metric (AP, APr, APc, APf on the federated val, and the training
 loss, a running median over 100 iterations) against the iteration; a line per run, one
 colour per arm. With several run folders (e.g. the same baselines on two schedules) each
-arm is named "arm [folder]" and each folder has its own line style. The Markdown table (stdout) gives per arm the final AP, APr, APc, APf and
-APr / APf as mean ± sample standard deviation over seeds, the change of AP and APr over the
-last evaluation interval (a converged run changes little there), and the median gradient
-ratio g_j = pos_grad / neg_grad of each LVIS group over the last interval of the regime
-indicators.
+arm is named "arm [folder]" and each folder has its own line style. The Markdown table
+(stdout) gives per arm the final AP, APr, APc, APf and APr / APf as mean ± sample standard
+deviation over seeds, the change of AP and APr over the last evaluation interval (a
+converged run changes little there), and the median gradient ratio g_j = pos_grad /
+neg_grad of each LVIS group over the last interval of the regime indicators.
 """
 
 import argparse
@@ -204,8 +204,9 @@ def plot(runs, png, styles=None):
             label = arm if i == 0 else None
             for ax, key in zip(axes, KEYS):
                 if curve:
-                    ax.plot([it for it, _ in curve], [m[key] for _, m in curve],
-                            marker="o", linestyle=line, color=colour, alpha=0.8, markersize=3, label=label)
+                    ax.plot([it for it, _ in curve], [m[key] for _, m in curve], marker="o",
+                            linestyle=line, color=colour, alpha=0.8, markersize=3,
+                            label=label)
             loss = loss_curve(rows)
             if loss:
                 axes[-1].plot([it for it, _ in loss], [v for _, v in loss], color=colour,
