@@ -187,10 +187,10 @@ class Trainer(DefaultTrainer):
                              "'' (the training sampler's epoch), TrainingSampler, "
                              "RepeatFactorTrainingSampler")
         epoch_sampler = cfg.SOLVER.EPOCH_SAMPLER or sampler
-        repeat_factors = None
+        factors = None  # for the sampler, or for the epoch length alone
         if "RepeatFactorTrainingSampler" in (sampler, epoch_sampler):
             thresh, sqrt = cfg.DATALOADER.REPEAT_THRESHOLD, cfg.DATALOADER.REPEAT_SQRT
-            repeat_factors = (
+            factors = (
                 dicts.repeat_factors(thresh, sqrt=sqrt) if compact else
                 RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
                     dicts, thresh, sqrt=sqrt))
@@ -198,10 +198,9 @@ class Trainer(DefaultTrainer):
         images_per_epoch = None
         if epoch_sampler != sampler:
             images_per_epoch = (
-                repeat_factor_epoch(repeat_factors, cfg.DATALOADER.REPEAT_ROUNDING)
+                repeat_factor_epoch(factors, cfg.DATALOADER.REPEAT_ROUNDING)
                 if epoch_sampler == "RepeatFactorTrainingSampler" else float(len(dicts)))
-        if sampler != "RepeatFactorTrainingSampler":
-            repeat_factors = None
+        repeat_factors = factors if sampler == "RepeatFactorTrainingSampler" else None
         # A seed shared by every process: the configured one, else one drawn on rank 0
         # (a resumed run then takes the checkpoint's).
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
