@@ -1,12 +1,16 @@
 #!/usr/bin/env python
 """Tables of benchmarks/classification_seql.sh: per arm, mean ± standard deviation over
 seeds of top-1, top-5 and many / medium / few-shot accuracy on the Synthetic-CLS-LT test
-set; then SEQL minus softmax paired by seed.
+set; then SEQL minus softmax paired by seed; then the medium-shot classes split by SEQL's
+frequency threshold (lambda of the seql runs' config.yaml): mean top-1 of the medium classes
+under lambda (SEQL's tail set, whose negative gradients it suppresses) and above it, per
+arm and seed, from each run's per_class_accuracy.csv.
 
     .venv/bin/python benchmarks/classification_table.py output/classification_seql
 """
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -15,6 +19,7 @@ import sys
 
 KEYS = ("top1", "top5", "many", "medium", "few")
 TEST_SET = "synthetic_cls_lt_test"
+PER_CLASS = os.path.join("inference", TEST_SET, "per_class_accuracy.csv")
 
 
 def read_runs(out):
@@ -66,6 +71,43 @@ def paired(runs, arm, reference):
     return "\n".join(lines)
 
 
+def seql_lambda(out):
+    """MODEL.CLS_LOSS.SEQL.LAMBDA of the first seql run's config.yaml, or None."""
+    import yaml
+
+    for seed_dir in sorted(os.listdir(os.path.join(out, "seql"))):
+        path = os.path.join(out, "seql", seed_dir, "config.yaml")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return float(yaml.safe_load(f)["MODEL"]["CLS_LOSS"]["SEQL"]["LAMBDA"])
+    return None
+
+
+def medium_split(out, runs, arms, lam):
+    """Per arm and seed, mean top-1 of the medium-shot classes whose train frequency is
+    under `lam` and of those at or above it (class counts in the header)."""
+    lines, header = [], None
+    for arm in arms:
+        for seed in sorted(runs[arm]):
+            path = os.path.join(out, arm, f"seed{seed}", PER_CLASS)
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                rows = list(csv.DictReader(f))
+            total = sum(int(r["train_image_count"]) for r in rows)
+            medium = [r for r in rows if r["shot"] == "medium"]
+            under = [float(r["top1"]) for r in medium if int(r["train_image_count"]) < lam * total]
+            above = [float(r["top1"]) for r in medium if int(r["train_image_count"]) >= lam * total]
+            header = header or (len(under), len(above))
+            cells = [f"{statistics.mean(v):.2f}" if v else "n/a" for v in (under, above)]
+            lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + " |")
+    if not lines:
+        return None
+    return "\n".join([f"| arm | seed | medium under lambda ({header[0]} classes) | "
+                      f"medium above lambda ({header[1]} classes) |", "|---|---|---|---|"]
+                     + lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="the driver's OUT folder")
@@ -82,6 +124,11 @@ def main(argv=None):
         print(arm_table(runs, main_arms) + "\n")
         table = paired(runs, "seql", "softmax")
         if table:
+            print(table + "\n")
+        lam = seql_lambda(args.out) if "seql" in runs else None
+        table = medium_split(args.out, runs, main_arms, lam) if lam else None
+        if table:
+            print(f"Medium-shot top-1 under / above SEQL's lambda = {lam:g}\n")
             print(table + "\n")
     if sweep:
         print("SEQL gamma sweep at reduced size (gamma 0: softmax)\n")
