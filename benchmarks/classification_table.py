@@ -17,6 +17,8 @@ import os
 import statistics
 import sys
 
+import yaml
+
 KEYS = ("top1", "top5", "many", "medium", "few")
 TEST_SET = "synthetic_cls_lt_test"
 PER_CLASS = os.path.join("inference", TEST_SET, "per_class_accuracy.csv")
@@ -73,8 +75,6 @@ def paired(runs, arm, reference):
 
 def seql_lambda(out):
     """MODEL.CLS_LOSS.SEQL.LAMBDA of the first seql run's config.yaml, or None."""
-    import yaml
-
     for seed_dir in sorted(os.listdir(os.path.join(out, "seql"))):
         path = os.path.join(out, "seql", seed_dir, "config.yaml")
         if os.path.isfile(path):
