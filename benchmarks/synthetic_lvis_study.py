@@ -24,7 +24,8 @@ regime indicators), the ablations and the balanced check (seed 0), the main arms
 protocol), the main arms for seed 2, then the baselines the papers beat (:data:`BASELINES`:
 class-aware sampling, class-balanced loss, focal loss, and the decoupled cRT, LWS and BAGS
 after their softmax first stage) seed by seed. A second stage (:data:`FIRST_STAGES`) starts
-from its first stage's ``model_final.pth`` in --out, and waits while that run is not done.
+from its first stage's ``model_final.pth`` in --out, and waits while that run is not done;
+a kept first stage whose checkpoint is not in --out (a new machine) is trained again first.
 A run is claimed with a lock folder holding the driver's pid; a lock whose process is gone
 is taken over.
 
@@ -297,6 +298,44 @@ def save_results(run_dir, dest):
                 shutil.copyfileobj(src, dst)
 
 
+def _kept(dest):
+    return os.path.isfile(os.path.join(dest, "final_metrics.json"))
+
+
+def _runs_to_take(study, out, wanted):
+    """The wanted runs without kept results, in order, and before a second stage whose first
+    stage is kept but whose checkpoint is not in `out` (kept results hold no weights, so a
+    new machine or a cleaned --out lost it), that first stage again: it is trained once more
+    with the same seed and data, and its new results replace the kept ones (the second stage
+    is compared with the first stage it started from)."""
+    runs = []
+    for arm, seed in wanted:
+        if _kept(os.path.join(study.results, run_name(arm, seed))):
+            continue
+        first = FIRST_STAGES.get(arm)
+        if (first and (first, seed) not in runs
+                and _kept(os.path.join(study.results, run_name(first, seed)))
+                and not os.path.isfile(os.path.join(out, run_name(first, seed),
+                                                    "model_final.pth"))):
+            runs.append((first, seed))
+        runs.append((arm, seed))
+    return runs
+
+
+def _compare_retrained(run_dir, dest):
+    """Print whether a first stage trained again reproduced its kept bbox metrics."""
+    def bbox(path):
+        with open(os.path.join(path, "final_metrics.json")) as f:
+            return {ds: m.get("bbox") for ds, m in json.load(f).items()}
+
+    old, new = bbox(dest), bbox(run_dir)
+    if old == new:
+        print(f"   {run_dir}: trained again, its metrics equal the kept ones", flush=True)
+    else:
+        print(f"   {run_dir}: trained again, its metrics differ from the kept ones "
+              f"(kept {old}, now {new}); the new ones replace them", flush=True)
+
+
 def cmd_run(args):
     """Train the runs not done yet, at most --max-runs of them (exit status 3: none left to
     take, so a loop that restarts the driver, re-reading the code between runs, can stop)."""
@@ -309,11 +348,9 @@ def cmd_run(args):
     started, waiting = 0, []
     wanted = [(a, s) for a, s in study.runs
               if (not args.arms or a in args.arms) and (args.seeds is None or s in args.seeds)]
-    for arm, seed in wanted:
+    for arm, seed in _runs_to_take(study, out, wanted):
         name = run_name(arm, seed)
         dest = os.path.join(study.results, name)
-        if os.path.isfile(os.path.join(dest, "final_metrics.json")):
-            continue
         if args.max_runs and started >= args.max_runs:
             return
         stage_options = []
@@ -351,6 +388,8 @@ def cmd_run(args):
             if proc.returncode != 0:
                 print(f"   {name} failed (exit {proc.returncode}), see {log_path}", flush=True)
                 continue
+            if _kept(dest):  # a first stage trained again for its checkpoint
+                _compare_retrained(run_dir, dest)
             save_results(run_dir, dest)
             print(f"   {name}: {time.time() - start:.0f} s, results in {dest}", flush=True)
         finally:

@@ -164,3 +164,40 @@ def test_a_second_stage_waits_for_its_first_stage_and_starts_from_its_weights(
     for arm, first in study.FIRST_STAGES.items():
         for seed in study.SEEDS:
             assert runs.index((first, seed)) < runs.index((arm, seed))
+
+
+def test_a_kept_first_stage_without_its_checkpoint_is_trained_again_before_its_second_stage(
+        tmp_path, monkeypatch, capsys):
+    # kept results hold no weights: on a new machine the second stage needs its first stage again
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path / "kept"))
+    monkeypatch.setattr(study, "generate_data", lambda *a: None)
+    kept = tmp_path / "kept" / "frcnn_softmax" / "seed1"
+    kept.mkdir(parents=True)
+    (kept / "final_metrics.json").write_text('{"v": {"bbox": {"AP": 2.0}}}')
+    (kept / "config.yaml").write_text("SEED: 1\n")
+    out = tmp_path / "out"
+    calls = []
+
+    def fake_run(cmd, **kwargs):  # a run that reproduces the kept metrics
+        calls.append(cmd)
+        run_dir = cmd[cmd.index("OUTPUT_DIR") + 1]
+        for name, text in (("final_metrics.json", '{"v": {"bbox": {"AP": 2.0}}}'),
+                           ("config.yaml", "SEED: 1\n"), ("model_final.pth", "")):
+            with open(os.path.join(run_dir, name), "w") as f:
+                f.write(text)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(study.subprocess, "run", fake_run)
+    args = study.argparse.Namespace(study="synthetic_lvis", out=str(out),
+                                    arms=["frcnn_crt", "frcnn_lws"], seeds=[1], max_runs=1,
+                                    opts=[], datasets=str(tmp_path))
+    assert study._runs_to_take(study.Study("synthetic_lvis"), str(out), [
+        ("frcnn_crt", 1), ("frcnn_lws", 1)]) == [
+        ("frcnn_softmax", 1), ("frcnn_crt", 1), ("frcnn_lws", 1)]
+    study.cmd_run(args)
+    (cmd,) = calls
+    assert cmd[cmd.index("--config-file") + 1].endswith("EQL/faster_rcnn_R18_FPN_softmax.yaml")
+    assert "metrics equal the kept ones" in capsys.readouterr().out
+    study.cmd_run(args)  # now its checkpoint is there: the second stage starts from it
+    assert calls[1][calls[1].index("MODEL.WEIGHTS") + 1] == str(
+        out / "frcnn_softmax" / "seed1" / "model_final.pth")
