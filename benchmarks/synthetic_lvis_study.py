@@ -95,6 +95,11 @@ ARMS = {
     "frcnn_sigmoid_cas": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_sigmoid_cas.yaml", [], "lvis"),
     "frcnn_cb": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_cb.yaml", [], "lvis"),
     "frcnn_focal": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_focal.yaml", [], "lvis"),
+    # the class-balanced loss with its background weighed as a class of unlimited samples
+    # (with the default unweighted background, the frequent categories' samples weigh ~0.02)
+    "frcnn_cb_background_as_class": (
+        f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_cb.yaml",
+        ["MODEL.CLS_LOSS.CLASS_BALANCED.BACKGROUND_AS_CLASS", "True"], "lvis"),
     "frcnn_softmax": (f"{LVIS_CFG}/EQL/faster_rcnn_R18_FPN_softmax.yaml", [], "lvis"),
     "frcnn_crt": (f"{LVIS_CFG}/Decoupled/faster_rcnn_R18_FPN_softmax_crt.yaml", [], "lvis"),
     "frcnn_lws": (f"{LVIS_CFG}/Decoupled/faster_rcnn_R18_FPN_softmax_lws.yaml", [], "lvis"),
@@ -117,7 +122,10 @@ RUNS = ([(arm, 0) for arm in MAIN]
         + [(arm, 1) for arm in MAIN]
         + [(arm, 0) for arm in SLT if arm != "slt_atss_focal"]
         + [(arm, 2) for arm in MAIN]
-        + [(arm, seed) for seed in SEEDS for arm in BASELINES])
+        + [(arm, 0) for arm in BASELINES]
+        + [("frcnn_cb_background_as_class", 0)]
+        + [(arm, seed) for seed in SEEDS[1:] for arm in BASELINES]
+        + [("frcnn_cb_background_as_class", seed) for seed in SEEDS[1:]])
 
 # paired comparisons: (name, arm, reference arm)
 COMPARISONS = [
@@ -140,6 +148,9 @@ COMPARISONS = [
     ("class-aware sampling - sigmoid (RFS)", "frcnn_sigmoid_cas", "frcnn_sigmoid"),
     ("class-balanced loss - sigmoid", "frcnn_cb", "frcnn_sigmoid"),
     ("focal - sigmoid (Faster R-CNN)", "frcnn_focal", "frcnn_sigmoid"),
+    ("CB loss, background as a class - sigmoid", "frcnn_cb_background_as_class",
+     "frcnn_sigmoid"),
+    ("EQL - CB loss, background as a class", "frcnn_eql", "frcnn_cb_background_as_class"),
     # "EQLv2 surpasses decoupled methods"
     ("EQLv2 - cRT", "frcnn_eqlv2", "frcnn_crt"),
     ("EQLv2 - LWS", "frcnn_eqlv2", "frcnn_lws"),

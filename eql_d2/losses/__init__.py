@@ -29,7 +29,8 @@ input checks that need tensor values run on CPU tensors, and on GPU tensors only
 
 from ._checks import DEBUG_CHECKS_ENV
 from ._fused import COMPILE_ENV
-from .class_balanced import ClassBalancedLoss, class_balanced_weights
+from .class_balanced import (ClassBalancedLoss, class_balanced_background_weight,
+                             class_balanced_weights)
 from .group_softmax import BalancedGroupSoftmaxLoss, group_by_count
 from .baselines import FocalLoss, QualityFocalLoss, SigmoidCELoss, SoftmaxCELoss
 from .efl import EqualizedFocalLoss, EqualizedQualityFocalLoss
@@ -57,6 +58,7 @@ __all__ = [
     "SigmoidCELoss",
     "SoftmaxCELoss",
     "SoftmaxEQLLoss",
+    "class_balanced_background_weight",
     "class_balanced_weights",
     "group_by_count",
     "tail_ratio",

@@ -11,7 +11,7 @@ from ._checks import (check_avg_factor, check_class_vector, check_finite_logits,
                       check_logits, check_scalar, raise_if_nonfinite)
 from ._fused import average, compute_dtype
 
-__all__ = ["ClassBalancedLoss", "class_balanced_weights"]
+__all__ = ["ClassBalancedLoss", "class_balanced_background_weight", "class_balanced_weights"]
 
 FORMS = ("softmax", "sigmoid")
 
@@ -33,6 +33,22 @@ def class_balanced_weights(counts: Union[torch.Tensor, Sequence[float]],
     effective = (1.0 - torch.pow(beta, n)) / (1.0 - beta)
     weights = 1.0 / effective
     return (weights * (n.numel() / weights.sum())).float()
+
+
+def class_balanced_background_weight(counts: Union[torch.Tensor, Sequence[float]],
+                                     beta: float) -> float:
+    """The weight of a detector's background as a class of unlimited samples beside the
+    classes of :func:`class_balanced_weights`: its effective number is the limit
+    1 / (1 - beta), and it takes the same normalisation, so it is (1 - beta) C / sum_j 1 / E_j.
+    A frequent class's weight then approaches it from above, instead of falling far below
+    the background's unweighted 1 (with beta = 0.999 and classes of 1 to 1000 images, the
+    largest class weighs ~0.02 beside a background of 1)."""
+    beta = check_scalar("beta", beta, low=0.0, high=1.0)
+    if beta == 1.0:
+        raise ValueError("beta must be < 1 (beta -> 1 is inverse frequency weighting)")
+    n = check_class_vector("counts", counts, low=0.0).double().clamp(min=1.0)
+    inverse_effective = (1.0 - beta) / (1.0 - torch.pow(beta, n))
+    return float((1.0 - beta) * n.numel() / inverse_effective.sum())
 
 
 class ClassBalancedLoss(nn.Module):

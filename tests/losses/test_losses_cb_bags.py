@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from eql_d2.losses import (BalancedGroupSoftmaxLoss, ClassBalancedLoss, class_balanced_weights,
+from eql_d2.losses import (BalancedGroupSoftmaxLoss, ClassBalancedLoss,
+                           class_balanced_background_weight, class_balanced_weights,
                            group_by_count)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -288,6 +289,24 @@ def test_training_step_reads_nothing_back(device_tensors, case):
     assert torch.isfinite(zz.grad).all()
 
 
+def test_background_as_a_class_of_unlimited_samples_takes_the_classes_normalisation():
+    counts = [0, 1, 3, 10, 250, 4000]
+    for beta in (0.9, 0.999):
+        inv = [(1 - beta) / (1 - beta ** max(n, 1)) for n in counts]
+        # E_n -> 1 / (1 - beta): w = (1 - beta), scaled as the classes are (to sum C)
+        expected = (1 - beta) * len(counts) / sum(inv)
+        assert math.isclose(class_balanced_background_weight(counts, beta), expected,
+                            rel_tol=1e-12)
+        # the limit of a class weight: a class of 10^6 images weighs it (relative to the rest)
+        w = ref_cb_weights(counts + [10 ** 6], beta)
+        assert math.isclose(w[-1] / w[0], expected / ref_cb_weights(counts, beta)[0],
+                            rel_tol=1e-9)
+        # every class weighs at least the background, the largest class close to it
+        w = class_balanced_weights(counts, beta)
+        assert float(w.min()) >= expected * (1 - 1e-6)
+    assert math.isclose(class_balanced_background_weight(counts, 0.0), 1.0, rel_tol=1e-12)
+
+
 # ------------------------------------------------- registered losses: counts from the data
 
 def test_registered_losses_take_their_counts_from_the_training_metadata():
@@ -336,3 +355,10 @@ def test_registered_class_balanced_loss_in_every_head_kind():
                             "ClassBalanced", "MODEL.CLS_LOSS.CLASS_BALANCED.FORM", "softmax"])
     with pytest.raises(ValueError, match="FORM softmax needs a background column"):
         build_cls_loss(cfg, 4, "dense")
+    # background as a class: its samples (label C) weigh the closed-form background weight
+    loss = ClassBalanced(4, counts=counts, form="sigmoid", background_as_class=True)
+    bg = class_balanced_background_weight(counts, 0.999)
+    assert 0 < bg < float(loss.weights.min())
+    z, y = torch.randn(7, 4, dtype=torch.float64), torch.tensor([0, 4, 4, 2, 3, 4, 1])
+    torch.testing.assert_close(loss.head_loss(z, y, 7.0), ref_cb_loss(
+        z, y.tolist(), loss.weights.double().tolist(), "sigmoid", background_weight=bg))

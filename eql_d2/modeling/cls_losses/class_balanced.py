@@ -6,7 +6,7 @@ import logging
 import torch
 from detectron2.data import MetadataCatalog
 
-from ...losses import ClassBalancedLoss, class_balanced_weights
+from ...losses import ClassBalancedLoss, class_balanced_background_weight, class_balanced_weights
 from ..category_frequency import category_frequencies
 from .base import CLS_LOSS_REGISTRY, ClassificationLoss
 
@@ -74,24 +74,33 @@ class ClassBalanced(ClassBalancedLoss, ClassificationLoss):
                                     "unused; dense heads) or softmax (two-stage heads: C + 1 "
                                     "columns)"),
         "BACKGROUND_WEIGHT": (1.0, "background_weight", "weight of background samples"),
+        "BACKGROUND_AS_CLASS": (False, "background_as_class",
+                                "weigh background samples as a class of unlimited samples "
+                                "(effective number 1 / (1 - beta), the classes' "
+                                "normalisation) instead of BACKGROUND_WEIGHT"),
         "GAMMA": (0.0, "gamma", "sigmoid form: focal factor (1 - p_t)^gamma (0: "
                                 "cross-entropy; the class-balanced focal loss)"),
     }
 
     def __init__(self, num_classes: int, counts=None, beta: float = 0.999,
-                 form: str = "sigmoid", background_weight: float = 1.0, gamma: float = 0.0):
+                 form: str = "sigmoid", background_weight: float = 1.0, gamma: float = 0.0,
+                 background_as_class: bool = False):
         self.known = counts is not None
         # without counts: placeholders, replaced by the checkpoint's weights
         weights = class_balanced_weights(counts, beta) if self.known else torch.ones(num_classes)
         if weights.numel() != num_classes:
             raise ValueError(f"counts have {weights.numel()} entries for {num_classes} classes")
+        if background_as_class and self.known:
+            background_weight = class_balanced_background_weight(counts, beta)
         super().__init__(weights, form=form, background_weight=background_weight, gamma=gamma)
         self.beta = float(beta)
+        self.background_as_class = bool(background_as_class)
         self.register_load_state_dict_pre_hook(data_or_checkpoint("weights",
                                                                   "class-balanced weights"))
         if self.known:
-            logger.info("ClassBalanced (%s): beta = %g, weights from %g (most images) to %g",
-                        form, beta, float(self.weights.min()), float(self.weights.max()))
+            logger.info("ClassBalanced (%s): beta = %g, weights from %g (most images) to %g, "
+                        "background %g", form, beta, float(self.weights.min()),
+                        float(self.weights.max()), self.background_weight)
 
     @classmethod
     def from_config(cls, cfg, num_classes, train_datasets):
