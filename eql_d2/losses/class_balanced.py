@@ -26,13 +26,17 @@ def class_balanced_weights(counts: Union[torch.Tensor, Sequence[float]],
     beta in [0, 1): 0 gives equal weights, beta -> 1 inverse class frequency. Computed in
     float64, returned as float32.
     """
+    weights = _inverse_effective_number(counts, beta)
+    return (weights * (weights.numel() / weights.sum())).float()
+
+
+def _inverse_effective_number(counts, beta):
+    """1 / E_n = (1 - beta) / (1 - beta^n) of each class [C], float64 (n >= 1)."""
     beta = check_scalar("beta", beta, low=0.0, high=1.0)
     if beta == 1.0:
         raise ValueError("beta must be < 1 (beta -> 1 is inverse frequency weighting)")
     n = check_class_vector("counts", counts, low=0.0).double().clamp(min=1.0)
-    effective = (1.0 - torch.pow(beta, n)) / (1.0 - beta)
-    weights = 1.0 / effective
-    return (weights * (n.numel() / weights.sum())).float()
+    return (1.0 - beta) / (1.0 - torch.pow(beta, n))
 
 
 def class_balanced_background_weight(counts: Union[torch.Tensor, Sequence[float]],
@@ -43,12 +47,8 @@ def class_balanced_background_weight(counts: Union[torch.Tensor, Sequence[float]
     A frequent class's weight then approaches it from above, instead of falling far below
     the background's unweighted 1 (with beta = 0.999 and classes of 1 to 1000 images, the
     largest class weighs ~0.02 beside a background of 1)."""
-    beta = check_scalar("beta", beta, low=0.0, high=1.0)
-    if beta == 1.0:
-        raise ValueError("beta must be < 1 (beta -> 1 is inverse frequency weighting)")
-    n = check_class_vector("counts", counts, low=0.0).double().clamp(min=1.0)
-    inverse_effective = (1.0 - beta) / (1.0 - torch.pow(beta, n))
-    return float((1.0 - beta) * n.numel() / inverse_effective.sum())
+    inverse = _inverse_effective_number(counts, beta)
+    return float((1.0 - beta) * inverse.numel() / inverse.sum())
 
 
 class ClassBalancedLoss(nn.Module):
