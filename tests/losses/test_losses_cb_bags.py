@@ -359,6 +359,8 @@ def test_registered_class_balanced_loss_in_every_head_kind():
     loss = ClassBalanced(4, counts=counts, form="sigmoid", background_as_class=True)
     bg = class_balanced_background_weight(counts, 0.999)
     assert 0 < bg < float(loss.weights.min())
+    with pytest.raises(ValueError, match="BACKGROUND_WEIGHT = 0.5 with BACKGROUND_AS_CLASS"):
+        ClassBalanced(4, counts=counts, background_weight=0.5, background_as_class=True)
     z, y = torch.randn(7, 4, dtype=torch.float64), torch.tensor([0, 4, 4, 2, 3, 4, 1])
     torch.testing.assert_close(loss.head_loss(z, y, 7.0), ref_cb_loss(
         z, y.tolist(), loss.weights.double().tolist(), "sigmoid", background_weight=bg))

@@ -90,11 +90,14 @@ class ClassBalanced(ClassBalancedLoss, ClassificationLoss):
         weights = class_balanced_weights(counts, beta) if self.known else torch.ones(num_classes)
         if weights.numel() != num_classes:
             raise ValueError(f"counts have {weights.numel()} entries for {num_classes} classes")
+        if background_as_class and background_weight != 1.0:
+            raise ValueError(f"MODEL.CLS_LOSS.CLASS_BALANCED.BACKGROUND_WEIGHT = "
+                             f"{background_weight} with BACKGROUND_AS_CLASS True: the "
+                             "background's weight comes from the counts; set one of the two")
         if background_as_class and self.known:
             background_weight = class_balanced_background_weight(counts, beta)
         super().__init__(weights, form=form, background_weight=background_weight, gamma=gamma)
         self.beta = float(beta)
-        self.background_as_class = bool(background_as_class)
         self.register_load_state_dict_pre_hook(data_or_checkpoint("weights",
                                                                   "class-balanced weights"))
         if self.known:
