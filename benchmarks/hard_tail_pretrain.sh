@@ -27,4 +27,4 @@ train_once "pre-training" "$CONFIG $*" "$OUT" "$OUT.log" \
   env EQL_D2_SYNTHETIC_HARD_TAIL_PRETRAIN_ROOT="$(realpath "$DATA")" \
   "$PY" train_net.py --resume --config-file "$CONFIG" OUTPUT_DIR "$OUT" "$@"
 rm -f "$OUT"/model_0*.pth
-"$PY" tools/backbone_weights.py "$OUT/model_final.pth" "$BACKBONE"
+"$PY" tools/backbone_weights.py --half "$OUT/model_final.pth" "$BACKBONE"

@@ -66,3 +66,31 @@ def test_a_file_without_the_prefix_is_refused_naming_it(tmp_path, capsys):
     torch.save([1, 2], checkpoint)
     with pytest.raises(SystemExit, match="not a detectron2 checkpoint"):
         tool.main([str(checkpoint), str(tmp_path / "out.pth")])
+
+
+def test_a_half_precision_file_loads_as_the_rounded_float32_weights(tmp_path, one_thread):
+    source = _model("Pretrain/faster_rcnn_R18_FPN_d2heads_softmax_pretrain.yaml")
+    with torch.no_grad():
+        for i, p in enumerate(source.parameters()):
+            p.normal_(generator=torch.Generator().manual_seed(i))
+    checkpoint = tmp_path / "model_final.pth"
+    torch.save({"model": source.state_dict()}, checkpoint)
+    out = tmp_path / "backbone_half.pth"
+    tool.main([str(checkpoint), str(out), "--half"])
+    saved = torch.load(out, weights_only=False)["model"]
+    resnet = {k: v for k, v in source.state_dict().items() if k.startswith("backbone.bottom_up.")}
+    assert list(saved) == list(resnet)
+    for key, value in saved.items():
+        expected = resnet[key].half() if resnet[key].is_floating_point() else resnet[key]
+        assert value.dtype == expected.dtype and torch.equal(value, expected), key
+
+    target = _model("atss_R18_FPN_focal.yaml", "MODEL.DEVICE", "cpu")
+    AtomicCheckpointer(target).resume_or_load(str(out), resume=False)
+    after = target.state_dict()
+    for key, value in resnet.items():
+        assert after[key].dtype == value.dtype, key
+        rounded = value.half().to(value.dtype) if value.is_floating_point() else value
+        assert torch.equal(after[key], rounded), key
+    # float16 rounding moves the weights, but by less than its resolution
+    moved = [(after[k] - v).abs().max().item() for k, v in resnet.items() if v.is_floating_point()]
+    assert 0 < max(moved) < 1e-2
