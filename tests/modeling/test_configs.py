@@ -378,3 +378,37 @@ def test_lvis_yolox_configs_train_with_yoloxs_recipe(rel):
     mapper = Trainer.build_train_mapper(cfg)
     assert isinstance(mapper, MosaicMixUpMapper) and mapper.size == (640, 640)
     assert isinstance(mapper.image_mapper.augmentations.augs[0], RandomHSV)
+
+
+HARD_TAIL_BACKBONE = "benchmarks/results/hard_tail_pretrain/synthetic_hard_tail_R18_pretrained.pth"
+
+
+@pytest.mark.parametrize("rel", [r for r in CONFIGS if r.startswith("Synthetic-HardTail" + os.sep)
+                                 and r.split(os.sep)[1] not in ("Pretrain", "Decoupled")])
+def test_hard_tail_detectors_start_from_the_kept_pretrained_backbone(rel, one_thread):
+    """Every hard-tail detector (first stages; second stages start from one of them) loads
+    the kept R18 into its whole ResNet and freezes stem and res2; the pre-training config
+    itself trains from scratch."""
+    import torch
+    from eql_d2.engine.checkpoint import AtomicCheckpointer
+
+    cfg = load(rel)
+    assert cfg.MODEL.WEIGHTS == HARD_TAIL_BACKBONE and cfg.MODEL.BACKBONE.FREEZE_AT == 2
+    one_stage = cfg.MODEL.META_ARCHITECTURE in ONE_STAGE_HEADS
+    cfg.DATASETS.TRAIN = (fake_train_set(cfg.MODEL[ONE_STAGE_HEADS[cfg.MODEL.META_ARCHITECTURE]]
+                                         .NUM_CLASSES if one_stage
+                                         else cfg.MODEL.ROI_HEADS.NUM_CLASSES),)
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    kept = torch.load(os.path.join(ROOT, cfg.MODEL.WEIGHTS), weights_only=False)["model"]
+    resnet = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.bottom_up.")}
+    assert set(kept) == set(resnet), rel
+    AtomicCheckpointer(model).resume_or_load(os.path.join(ROOT, cfg.MODEL.WEIGHTS), resume=False)
+    after = model.state_dict()
+    for key, value in kept.items():
+        assert torch.equal(after[key], value.to(after[key].dtype)), key
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and frozen == {n for n, _ in model.named_parameters() if n.startswith(
+        ("backbone.bottom_up.stem.", "backbone.bottom_up.res2."))}
+    pretrain = load("Synthetic-HardTail/Pretrain/faster_rcnn_R18_FPN_d2heads_softmax_pretrain.yaml")
+    assert pretrain.MODEL.WEIGHTS == "" and pretrain.MODEL.BACKBONE.FREEZE_AT == 0
