@@ -238,6 +238,18 @@ def test_settings_promised_by_the_name_and_the_papers(rel):
         assert cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE == sigmoid
 
 
+def build_detector(cfg):
+    """The config's detector on CPU, and its number of categories. The real training sets
+    need their JSON on disk; a stand-in with the same number of categories gives the models
+    the metadata (frequencies, groups) they read at build time."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    num_classes = (cfg.MODEL[ONE_STAGE_HEADS[arch]].NUM_CLASSES if arch in ONE_STAGE_HEADS
+                   else cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    cfg.DATASETS.TRAIN = (fake_train_set(num_classes),)
+    cfg.MODEL.DEVICE = "cpu"
+    return build_model(cfg), num_classes
+
+
 @pytest.mark.parametrize("rel", CONFIGS)
 def test_builds_its_model(rel, one_thread):
     cfg = load(rel)
@@ -250,13 +262,7 @@ def test_builds_its_model(rel, one_thread):
             resolve_loss_name(cfg.MODEL.CLS_LOSS.NAME))
         return
     one_stage = cfg.MODEL.META_ARCHITECTURE in ONE_STAGE_HEADS
-    num_classes = (cfg.MODEL[ONE_STAGE_HEADS[cfg.MODEL.META_ARCHITECTURE]].NUM_CLASSES
-                   if one_stage else cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-    # The real training sets need their JSON on disk; a stand-in with the same number of
-    # categories gives the models the metadata (frequencies, groups) they read at build time.
-    cfg.DATASETS.TRAIN = (fake_train_set(num_classes),)
-    cfg.MODEL.DEVICE = "cpu"
-    model = build_model(cfg)
+    model, num_classes = build_detector(cfg)
     if one_stage:
         criterion = model.cls_loss.criterion
         assert type(criterion) is CLS_LOSS_REGISTRY.get(resolve_loss_name(cfg.MODEL.CLS_LOSS.NAME))
@@ -394,12 +400,7 @@ def test_hard_tail_detectors_start_from_the_kept_pretrained_backbone(rel, one_th
 
     cfg = load(rel)
     assert cfg.MODEL.WEIGHTS == HARD_TAIL_BACKBONE and cfg.MODEL.BACKBONE.FREEZE_AT == 2
-    one_stage = cfg.MODEL.META_ARCHITECTURE in ONE_STAGE_HEADS
-    cfg.DATASETS.TRAIN = (fake_train_set(cfg.MODEL[ONE_STAGE_HEADS[cfg.MODEL.META_ARCHITECTURE]]
-                                         .NUM_CLASSES if one_stage
-                                         else cfg.MODEL.ROI_HEADS.NUM_CLASSES),)
-    cfg.MODEL.DEVICE = "cpu"
-    model = build_model(cfg)
+    model, _ = build_detector(cfg)
     kept = torch.load(os.path.join(ROOT, cfg.MODEL.WEIGHTS), weights_only=False)["model"]
     resnet = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.bottom_up.")}
     assert set(kept) == set(resnet), rel
