@@ -4,6 +4,7 @@
     benchmarks/hard_tail_curves.py output/hard_tail_calibration --png docs/hard_tail_convergence.png
     benchmarks/hard_tail_curves.py output/hard_tail_calibration output/hard_tail_calibration_24e \
         --png curves.png      # two schedules side by side
+    benchmarks/hard_tail_curves.py runs_12e/atss_focal runs_24e/frcnn_sigmoid   # one arm of each
 
 Reads ``<runs>/<arm>/seed<s>/`` as ``benchmarks/hard_tail_calibration.sh`` leaves them:
 
@@ -90,16 +91,31 @@ def final_bbox(run_dir):
 def find_runs_in(roots, arms=None, seeds=None):
     """``(runs, styles)`` over several folders: `runs` as :func:`find_runs` with each arm
     named "arm [folder name]" when there is more than one folder, and `styles` {that name:
-    (arm, index of its folder)}."""
+    (arm, index of its folder)}. A folder may also be one arm's (``<runs>/<arm>``, holding
+    ``seed<s>/``): that arm alone, named by the folder above it, e.g. baselines kept on
+    different schedules side by side."""
     runs, styles = {}, {}
     for i, root in enumerate(roots):
-        for arm, by_seed in find_runs(root, arms, seeds).items():
+        only = arms
+        if _is_arm_folder(root):  # one arm's seeds, e.g. <runs>/atss_focal
+            root, arm = os.path.split(os.path.normpath(root))
+            if arms and arm not in arms:
+                continue
+            only = [arm]
+        for arm, by_seed in find_runs(root, only, seeds).items():
             name = arm if len(roots) == 1 else f"{arm} [{os.path.basename(os.path.normpath(root))}]"
             if name in runs:
                 raise ValueError(f"two run folders are both named {name!r}: {roots}")
             runs[name] = by_seed
             styles[name] = (arm, i)
     return runs, styles
+
+
+def _is_arm_folder(path):
+    """Whether `path` holds seed<s>/ run folders itself (one arm) rather than arms."""
+    return os.path.isdir(path) and any(
+        name.startswith("seed") and name[4:].isdigit() and os.path.isdir(os.path.join(path, name))
+        for name in os.listdir(path))
 
 
 def find_runs(root, arms=None, seeds=None):
@@ -227,7 +243,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", default=["output/hard_tail_calibration"],
-                   help="folders of <arm>/seed<s>/ runs (several: compared, e.g. schedules)")
+                   help="folders of <arm>/seed<s>/ runs (several: compared, e.g. schedules), "
+                   "or one arm's folder of seed<s>/ runs")
     p.add_argument("--png", help="write the convergence curves here")
     p.add_argument("--arms", nargs="+")
     p.add_argument("--seeds", nargs="+", type=int)

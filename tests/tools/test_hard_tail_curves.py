@@ -90,3 +90,25 @@ def test_two_schedules_are_named_by_folder_and_drawn_apart(tmp_path, capsys):
     assert "| atss_focal [calib_12e] | 0 | 10.00 | 2.00 |" in out
     assert "| atss_focal [calib_24e] | 0 | 16.00 | 6.00 |" in out
     assert os.path.getsize(png) > 10000
+
+
+def test_an_arm_folder_contributes_that_arm_named_by_its_parent(tmp_path, capsys):
+    short, long = str(tmp_path / "calib_12e"), str(tmp_path / "calib_24e")
+    _run(short, "atss_focal", 0, {100: (10, 2, 8, 20)}, (10, 2, 8, 20))
+    _run(short, "atss_focal", 1, {100: (12, 2, 8, 20)}, (12, 2, 8, 20))
+    _run(short, "frcnn_sigmoid", 0, {100: (1, 1, 1, 1)}, (1, 1, 1, 1))
+    _run(long, "atss_focal", 0, {100: (2, 2, 2, 2)}, (2, 2, 2, 2))
+    _run(long, "frcnn_sigmoid", 0, {100: (20, 5, 20, 40)}, (20, 5, 20, 40))
+    arm_dirs = [os.path.join(short, "atss_focal"), os.path.join(long, "frcnn_sigmoid") + "/"]
+    runs, styles = curves.find_runs_in(arm_dirs)
+    assert styles == {"atss_focal [calib_12e]": ("atss_focal", 0),
+                      "frcnn_sigmoid [calib_24e]": ("frcnn_sigmoid", 1)}
+    assert sorted(runs["atss_focal [calib_12e]"]) == [0, 1]
+    # --arms still filters: an arm folder of another arm gives nothing
+    assert list(curves.find_runs_in(arm_dirs, arms=["frcnn_sigmoid"])[0]) == [
+        "frcnn_sigmoid [calib_24e]"]
+    curves.main(arm_dirs)
+    out = capsys.readouterr().out
+    assert "| atss_focal [calib_12e] | 0,1 | 11.00 ± 1.41 |" in out
+    assert "| frcnn_sigmoid [calib_24e] | 0 | 20.00 | 5.00 |" in out
+    assert "[calib_24e] | 0 | 2.00" not in out and "| 1.00 |" not in out
