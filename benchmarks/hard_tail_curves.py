@@ -20,7 +20,8 @@ arm is named "arm [folder]" and each folder has its own line style. The Markdown
 (stdout) gives per arm the final AP, APr, APc, APf and APr / APf as mean ± sample standard
 deviation over seeds, the change of AP and APr over the last evaluation interval (a
 converged run changes little there), and the median gradient ratio g_j = pos_grad /
-neg_grad of each LVIS group over the last interval of the regime indicators.
+neg_grad of each LVIS group over that same last evaluation interval (the regime indicators'
+snapshots from the last one at or before the second-last evaluation to the end).
 """
 
 import argparse
@@ -159,17 +160,24 @@ def last_interval_change(curve, key):
     return curve[-1][1][key] - curve[-2][1][key]
 
 
-def regime_last_interval(run_dir):
-    """{group: median g_j} over the last interval of the run's regime indicators, or {}."""
+def regime_last_interval(run_dir, start=None):
+    """{group: median g_j} of the gradients accumulated from iteration `start` (the run's
+    last snapshot at or before it; the run's start when there is none) to its last snapshot,
+    or {}. `start` None: between the last two snapshots."""
     from eql_d2.evaluation.regime import difference, group_summary, read_regime_indicators
 
     try:
         snaps = read_regime_indicators(run_dir)
     except FileNotFoundError:
         return {}
-    if len(snaps) < 2:
-        return {}
-    summary = group_summary(difference(snaps[-1], snaps[-2]))
+    if start is None:
+        if len(snaps) < 2:
+            return {}
+        grads = difference(snaps[-1], snaps[-2])
+    else:
+        before = [snap for snap in snaps[:-1] if snap["iteration"] <= start]
+        grads = difference(snaps[-1], before[-1]) if before else snaps[-1]
+    summary = group_summary(grads)
     return {g: s["median_g"] for g, s in summary.items() if s["seen"]}
 
 
@@ -189,7 +197,9 @@ def table(runs):
                   for s in done}
         for key in ("AP", "APr"):
             cells.append(mean_std([last_interval_change(curves[s], key) for s in done]))
-        g = [regime_last_interval(by_seed[s]) for s in done]
+        # over the same last evaluation interval as the changes of AP and APr
+        g = [regime_last_interval(by_seed[s], curves[s][-2][0] if len(curves[s]) > 1 else None)
+             for s in done]
         cells.append(" / ".join(mean_std([r.get(grp, math.nan) for r in g])
                                 for grp in ("r", "c", "f")))
         lines.append(f"| {arm} | {','.join(map(str, done))} | " + " | ".join(cells) + " |")

@@ -112,3 +112,25 @@ def test_an_arm_folder_contributes_that_arm_named_by_its_parent(tmp_path, capsys
     assert "| atss_focal [calib_12e] | 0,1 | 11.00 ± 1.41 |" in out
     assert "| frcnn_sigmoid [calib_24e] | 0 | 20.00 | 5.00 |" in out
     assert "[calib_24e] | 0 | 2.00" not in out and "| 1.00 |" not in out
+
+
+def test_regime_is_taken_over_the_last_evaluation_interval(tmp_path, capsys):
+    # evaluations at 200 and 328; snapshots at 100, 200, 300, 328: the table's g spans the
+    # snapshots 200 -> 328, not only the last 28 iterations (300 -> 328)
+    root = str(tmp_path)
+    snaps = [_snapshot(100, [1, 1, 1], [1, 1, 1], 5),
+             _snapshot(200, [2, 2, 2], [2, 2, 2], 9),
+             _snapshot(300, [6, 4, 3], [10, 4, 3], 12),
+             _snapshot(328, [8, 8, 10], [12, 6, 6], 14)]
+    path = _run(root, "frcnn_sigmoid", 0, {200: (10, 2, 8, 20), 328: (11, 3, 9, 21)},
+                (11, 3, 9, 21), regime=snaps)
+    # 200 -> 328: rare 6/10, common 6/4, frequent 8/4
+    assert curves.regime_last_interval(path, 200) == {"r": 0.6, "c": 1.5, "f": 2.0}
+    assert curves.regime_last_interval(path, 250) == {"r": 0.6, "c": 1.5, "f": 2.0}
+    # before the first snapshot: the whole run
+    assert curves.regime_last_interval(path, 50) == {"r": 8 / 12, "c": 8 / 6, "f": 10 / 6}
+    assert curves.regime_last_interval(path) == {"r": 1.0, "c": 2.0, "f": 7 / 3}
+    curves.main([root])
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| frcnn_sigmoid"))
+    assert row.rstrip(" |").endswith("0.60 / 1.50 / 2.00")
