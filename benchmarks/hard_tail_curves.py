@@ -164,19 +164,15 @@ def regime_last_interval(run_dir, start=None):
     """{group: median g_j} of the gradients accumulated from iteration `start` (the run's
     last snapshot at or before it; the run's start when there is none) to its last snapshot,
     or {}. `start` None: between the last two snapshots."""
-    from eql_d2.evaluation.regime import difference, group_summary, read_regime_indicators
+    from eql_d2.evaluation.regime import group_summary, read_regime_indicators, since
 
     try:
         snaps = read_regime_indicators(run_dir)
     except FileNotFoundError:
         return {}
-    if start is None:
-        if len(snaps) < 2:
-            return {}
-        grads = difference(snaps[-1], snaps[-2])
-    else:
-        before = [snap for snap in snaps[:-1] if snap["iteration"] <= start]
-        grads = difference(snaps[-1], before[-1]) if before else snaps[-1]
+    if start is None and len(snaps) < 2:
+        return {}
+    grads = since(snaps, start)
     summary = group_summary(grads)
     return {g: s["median_g"] for g, s in summary.items() if s["seen"]}
 

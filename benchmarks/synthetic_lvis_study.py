@@ -451,7 +451,7 @@ def _mean_std(values):
 
 
 def cmd_table(args):
-    from eql_d2.evaluation.regime import difference, group_summary, read_regime_indicators
+    from eql_d2.evaluation.regime import group_summary, read_regime_indicators, since
 
     study = _study(args)
     done = load_metrics(study)
@@ -492,8 +492,10 @@ def cmd_table(args):
                 print(f"| {arm} | {dataset} | "
                       + " | ".join(f"{m['bbox'][k]:.2f}" for k in KEYS) + " |")
     print("\n### Regime indicators: median raw g_j = pos_grad / neg_grad over the whole run "
-          "and over its last snapshot interval (in brackets: seen categories with g_j < 1 / "
-          "seen), median positives / negatives seen\n")
+          "and over its last interval: the last evaluation interval (TEST.EVAL_PERIOD, an "
+          "epoch in the hard-tail configs), or between the last two snapshots in a run without "
+          "periodic evaluation (in brackets: seen categories with g_j < 1 / seen), median "
+          "positives / negatives seen\n")
     print("| run | rare g | common g | frequent g | last interval: rare g | common g | "
           "frequent g | rare pos/neg | common pos/neg | frequent pos/neg |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -505,10 +507,20 @@ def cmd_table(args):
             except FileNotFoundError:
                 continue
             cells = _regime_cells(group_summary(snaps[-1]), "median_g")
-            cells += (_regime_cells(group_summary(difference(snaps[-1], snaps[-2])), "median_g")
-                      if len(snaps) > 1 else ["-"] * 3)
+            period = _eval_period(run_dir)
+            cells += (_regime_cells(group_summary(since(
+                snaps, snaps[-1]["iteration"] - period if period else None)), "median_g")
+                if len(snaps) > 1 else ["-"] * 3)
             cells += _regime_cells(group_summary(snaps[-1]), "median_pos_neg")
             print(f"| {run_name(arm, seed)} | " + " | ".join(cells) + " |")
+
+
+def _eval_period(run_dir):
+    """TEST.EVAL_PERIOD of a kept run's config.yaml (0: no periodic evaluation)."""
+    import yaml
+
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        return int((yaml.safe_load(f).get("TEST") or {}).get("EVAL_PERIOD") or 0)
 
 
 def _regime_cells(summary, key):

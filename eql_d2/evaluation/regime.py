@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 from ..utils.groups import check_groups, group_indices
 
 __all__ = ["read_regime_indicators", "regime_file", "group_summary", "head_names",
-           "difference"]
+           "difference", "since"]
 
 FILE_NAMES = ("regime_indicators.jsonl", "regime_indicators.jsonl.gz")
 
@@ -102,3 +102,16 @@ def difference(later: dict, earlier: dict) -> dict:
         heads[name] = {k: [a - b for a, b in zip(v, before[k])] for k, v in values.items()}
     return {"iteration": later["iteration"], "class_frequency": later.get("class_frequency"),
             "heads": heads}
+
+
+def since(snapshots: List[dict], start: Optional[int] = None) -> dict:
+    """What happened from iteration `start` to a run's last snapshot: the :func:`difference`
+    from the last snapshot at or before `start` (the whole run when there is none), e.g. over
+    the last evaluation interval. `start` None: over the last interval between snapshots."""
+    if not snapshots:
+        raise ValueError("no snapshots")
+    last = snapshots[-1]
+    if start is None:
+        return difference(last, snapshots[-2]) if len(snapshots) > 1 else last
+    before = [snap for snap in snapshots[:-1] if snap["iteration"] <= start]
+    return difference(last, before[-1]) if before else last

@@ -218,3 +218,23 @@ def test_group_summary_and_window_difference_on_a_hand_built_run(tmp_path):
     path = tmp_path / "regime_indicators.jsonl"
     path.write_text(json.dumps(late) + "\n" + json.dumps(early) + "\n")
     assert [r["iteration"] for r in read_regime_indicators(str(tmp_path))] == [10, 20]
+
+
+def test_since_takes_the_window_from_the_last_snapshot_at_or_before_the_start():
+    from eql_d2.evaluation.regime import since
+
+    groups = ["r", "f"]
+    snaps = [_snapshot(it, [it, it], [it, it], [float(it), 2.0 * it], [1.0 * it, it / 2], groups)
+             for it in (100, 200, 300, 328)]
+
+    def pos_grad(window):
+        return window["heads"]["h"]["pos_grad"]
+
+    assert pos_grad(since(snaps, 200)) == [128.0, 256.0]     # 200 -> 328
+    assert pos_grad(since(snaps, 299)) == [128.0, 256.0]     # 200 is the last at or before
+    assert pos_grad(since(snaps, 300)) == [28.0, 56.0]
+    assert since(snaps, 50) is snaps[-1]                      # none before: the whole run
+    assert pos_grad(since(snaps)) == [28.0, 56.0]             # the last snapshot interval
+    assert since(snaps[:1]) is snaps[0]
+    with pytest.raises(ValueError, match="no snapshots"):
+        since([])

@@ -73,6 +73,37 @@ def test_table_reports_paired_differences_per_seed_with_mean_and_std(tmp_path, m
     assert "frcnn_eql" not in out
 
 
+def test_table_regime_window_is_the_last_evaluation_interval(tmp_path, monkeypatch, capsys):
+    """Runs that evaluate every TEST.EVAL_PERIOD iterations (the hard-tail configs: an epoch)
+    report g over that last period; runs without periodic evaluation over the last snapshot
+    interval."""
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+
+    def snap(it, pos, neg):
+        return {"iteration": it, "class_frequency": ["r", "c", "f"],
+                "heads": {"h": {"pos_grad": pos, "neg_grad": neg, "pos_count": [it] * 3,
+                                "neg_count": [it] * 3}}}
+
+    snaps = [snap(100, [1, 1, 1], [1, 1, 1]), snap(200, [2, 2, 2], [2, 2, 2]),
+             snap(300, [6, 4, 3], [10, 4, 3]), snap(328, [8, 8, 10], [12, 6, 6])]
+    for arm, period in (("atss_focal", 128), ("atss_efl", 0)):
+        _fake_results(str(tmp_path), arm, 0, 20.0, 1.0)
+        path = os.path.join(str(tmp_path), arm, "seed0")
+        with open(os.path.join(path, "config.yaml"), "w") as f:
+            f.write(f"SEED: 0\nTEST:\n  EVAL_PERIOD: {period}\n")
+        with open(os.path.join(path, "regime_indicators.jsonl"), "w") as f:
+            f.write("".join(json.dumps(s) + "\n" for s in snaps))
+    study.cmd_table(None)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| atss_focal/seed0", "| atss_efl/seed0"))}
+    # whole run: 8/12, 8/6, 10/6; from 200 (328 - 128) on: 6/10, 6/4, 8/4; 300 on: 2/2, 4/2, 7/3
+    assert rows["atss_focal/seed0"][4:7] == ["0.6 (1/1)", "1.5 (0/1)", "2 (0/1)"]
+    assert rows["atss_efl/seed0"][4:7] == ["1 (0/1)", "2 (0/1)", "2.33 (0/1)"]
+    assert rows["atss_efl/seed0"][1:4] == rows["atss_focal/seed0"][1:4] == [
+        "0.667 (1/1)", "1.33 (0/1)", "1.67 (0/1)"]
+
+
 @pytest.mark.parametrize("arm", sorted(study.ARMS))
 def test_every_arm_names_a_shipped_config(arm):
     config, _, kind = study.ARMS[arm]
