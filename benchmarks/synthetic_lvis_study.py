@@ -508,9 +508,11 @@ def cmd_table(args):
                 continue
             cells = _regime_cells(group_summary(snaps[-1]), "median_g")
             period = _eval_period(run_dir)
-            cells += (_regime_cells(group_summary(since(
-                snaps, snaps[-1]["iteration"] - period if period else None)), "median_g")
-                if len(snaps) > 1 else ["-"] * 3)
+            # from the second-last evaluation (detectron2 evaluates after iterations
+            # k * period - 1, and at the end), as benchmarks/hard_tail_curves.py
+            start = (snaps[-1]["iteration"] - 1) // period * period - 1 if period else None
+            cells += (_regime_cells(group_summary(since(snaps, start)), "median_g")
+                      if len(snaps) > 1 else ["-"] * 3)
             cells += _regime_cells(group_summary(snaps[-1]), "median_pos_neg")
             print(f"| {run_name(arm, seed)} | " + " | ".join(cells) + " |")
 
