@@ -117,11 +117,15 @@ def test_every_hard_tail_arm_names_a_hard_tail_config(arm):
     assert os.path.isfile(os.path.join(ROOT, config))
 
 
-def test_hard_tail_order_covers_every_arm_and_seed_once_with_the_baselines_last():
+def test_hard_tail_order_covers_every_arm_and_seed_once_claims_first_baselines_last():
     runs = study.HARD_TAIL_RUNS
     assert sorted(runs) == sorted((a, s) for a in study.HARD_TAIL_ARMS for s in study.SEEDS)
     baselines = [i for i, (a, _) in enumerate(runs) if a in study.HARD_TAIL_BASELINES]
     assert baselines == list(range(len(runs) - len(baselines), len(runs)))
+    # the three claims over all seeds come first
+    claims = len(study.HARD_TAIL_CLAIMS) * len(study.SEEDS)
+    assert sorted(runs[:claims]) == sorted((a, s) for a in study.HARD_TAIL_CLAIMS
+                                           for s in study.SEEDS)
     for _, arm, ref in study.HARD_TAIL_COMPARISONS:
         assert arm in study.HARD_TAIL_ARMS and ref in study.HARD_TAIL_ARMS
 
