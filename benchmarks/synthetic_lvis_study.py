@@ -48,6 +48,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -312,6 +313,28 @@ def save_results(run_dir, dest):
                 shutil.copyfileobj(src, dst)
 
 
+def prune_checkpoints(run_dir):
+    """Delete the periodic checkpoints (model_<iter>.pth) of a finished run whose
+    last_checkpoint names model_final.pth, which stays (second stages start from it); a
+    24-epoch run would otherwise keep 24 of them. Returns the bytes freed."""
+    final = os.path.join(run_dir, "model_final.pth")
+    try:
+        with open(os.path.join(run_dir, "last_checkpoint")) as f:
+            last = f.read().strip()
+    except OSError:
+        return 0
+    if (last != "model_final.pth" or not os.path.isfile(final)
+            or not os.path.isfile(os.path.join(run_dir, "final_metrics.json"))):
+        return 0
+    freed = 0
+    for name in os.listdir(run_dir):
+        if re.fullmatch(r"model_\d+\.pth", name):
+            path = os.path.join(run_dir, name)
+            freed += os.path.getsize(path)
+            os.remove(path)
+    return freed
+
+
 def _kept(dest):
     return os.path.isfile(os.path.join(dest, "final_metrics.json"))
 
@@ -385,6 +408,7 @@ def cmd_run(args):
             if os.path.isfile(os.path.join(run_dir, "final_metrics.json")):
                 # finished here before (by this driver or the calibration's): kept, not redone
                 save_results(run_dir, dest)
+                prune_checkpoints(run_dir)
                 print(f"== {name}: finished in {run_dir}, results kept in {dest}", flush=True)
                 continue
             os.makedirs(run_dir, exist_ok=True)
@@ -405,7 +429,9 @@ def cmd_run(args):
             if _kept(dest):  # a first stage trained again for its checkpoint
                 _compare_retrained(run_dir, dest)
             save_results(run_dir, dest)
-            print(f"   {name}: {time.time() - start:.0f} s, results in {dest}", flush=True)
+            freed = prune_checkpoints(run_dir)
+            print(f"   {name}: {time.time() - start:.0f} s, results in {dest}; "
+                  f"{freed / 2**20:.0f} MiB of periodic checkpoints deleted", flush=True)
         finally:
             shutil.rmtree(lock, ignore_errors=True)
     if not started and waiting:

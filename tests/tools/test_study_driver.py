@@ -43,6 +43,23 @@ def test_kept_results_hold_metrics_config_and_compressed_indicators(tmp_path):
     assert not [p for p in os.listdir(os.path.dirname(dest)) if ".partial" in p]
 
 
+def test_a_finished_runs_periodic_checkpoints_are_deleted_and_its_final_weights_kept(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model_0000269.pth", "model_0000539.pth", "model_final.pth"):
+        (run / name).write_bytes(b"w" * 10)
+    (run / "model_notes.txt").write_text("x")
+    # not finished yet (no final_metrics.json): a resume needs its checkpoints
+    (run / "last_checkpoint").write_text("model_0000539.pth")
+    assert study.prune_checkpoints(str(run)) == 0 and len(os.listdir(run)) == 5
+    (run / "final_metrics.json").write_text("{}")
+    assert study.prune_checkpoints(str(run)) == 0  # last_checkpoint names a periodic one
+    (run / "last_checkpoint").write_text("model_final.pth")
+    assert study.prune_checkpoints(str(run)) == 20
+    assert sorted(os.listdir(run)) == ["final_metrics.json", "last_checkpoint",
+                                       "model_final.pth", "model_notes.txt"]
+
+
 def _fake_results(root, arm, seed, ap, apr):
     path = os.path.join(root, arm, f"seed{seed}")
     os.makedirs(path)
