@@ -15,7 +15,8 @@ the federated val (the configs' DATASETS.TEST). A finished run's ``final_metrics
 ``regime_indicators.jsonl.gz`` and ``config.yaml`` are copied to ``benchmarks/results/
 synthetic_lvis_study/<run>/``, which is kept in the repository: a run with results there is
 never repeated, so a later session (or another machine) continues the study where it
-stopped. Checkpoints stay in --out (not kept).
+stopped. Checkpoints stay in --out (not kept); once a run has finished, only its
+``model_final.pth`` stays there (second stages start from it).
 
 Runs are taken in the order of :data:`RUNS`, so that a partial study covers every claim
 once before it repeats any: the main arms for seed 0, ATSS focal on Synthetic-LT (its
@@ -34,7 +35,8 @@ to their schedules in epochs on the ``synthetic_hard_tail`` preset of each seed,
 results in ``benchmarks/results/hard_tail_study/`` and runs in ``output/hard_tail_calibration``
 by default, where benchmarks/hard_tail_calibration.sh trains the two baselines with the same
 configs, seeds and data: a baseline run that driver finished is adopted, not repeated. Its
-order: the claims' arms seed by seed, the baselines the papers beat (:data:`BASELINES`, with
+order: the three claims (EFL, EQL, EQLv2) over all seeds, the other claims' arms (image-level
+labels off, component ablations) seed by seed, the baselines the papers beat (:data:`BASELINES`, with
 their second stages after their first) seed by seed, and the two calibration baselines last,
 so run the calibration first (not both on one baseline).
 
