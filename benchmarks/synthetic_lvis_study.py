@@ -308,11 +308,14 @@ def save_results(run_dir, dest):
     with atomic_directory(dest) as tmp:
         for name in ("final_metrics.json", "config.yaml"):
             shutil.copy(os.path.join(run_dir, name), tmp)
-        regime = os.path.join(run_dir, "regime_indicators.jsonl")
-        if os.path.isfile(regime):
-            with open(regime, "rb") as src, gzip.GzipFile(
-                    os.path.join(tmp, "regime_indicators.jsonl.gz"), "wb", mtime=0) as dst:
-                shutil.copyfileobj(src, dst)
+        # the regime indicators; detectron2's metrics.json (losses, iteration times and the
+        # periodic evaluations: convergence and cost)
+        for name in ("regime_indicators.jsonl", "metrics.json"):
+            path = os.path.join(run_dir, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as src, gzip.GzipFile(
+                        os.path.join(tmp, name + ".gz"), "wb", mtime=0) as dst:
+                    shutil.copyfileobj(src, dst)
 
 
 def prune_checkpoints(run_dir):
@@ -546,6 +549,21 @@ def cmd_table(args):
                       if len(snaps) > 1 else ["-"] * 3)
             cells += _regime_cells(group_summary(snaps[-1]), "median_pos_neg")
             print(f"| {run_name(arm, seed)} | " + " | ".join(cells) + " |")
+    converged = _convergence_rows(study, done)
+    if converged:
+        print("\n### Convergence and cost: change over the last evaluation interval, hours of "
+              "training (metrics.json's iteration times; evaluations not counted)\n")
+        print("| run | last evaluation | ΔAP | ΔAPr | training hours |")
+        print("|---|---|---|---|---|")
+
+        def signed(v):
+            return "-" if v is None else f"{v:+.2f}"
+
+        for name, last, d_ap, d_apr, seconds in converged:
+            print(f"| {name} | {last if last is not None else '-'} | {signed(d_ap)} | "
+                  f"{signed(d_apr)} | {seconds / 3600:.2f} |")
+        print(f"\n{len(converged)} runs, {sum(r[4] for r in converged) / 3600:.1f} core-hours "
+              "of training")
 
 
 def _eval_period(run_dir):
@@ -572,13 +590,50 @@ def _regime_cells(summary, key):
     return cells
 
 
+def _load_tool(relpath):
+    """A script of tools/ or benchmarks/ (folders of scripts, not packages) as a module."""
+    name = os.path.splitext(os.path.basename(relpath))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def training_seconds(rows):
+    """Seconds of training a run's metrics.json rows account for: detectron2 writes the
+    median iteration time ("time") every few iterations; each row's time stands for the
+    iterations since the previous row. A resumed run repeats rows after its checkpoint: the
+    last row of each iteration is taken. Evaluations are not counted."""
+    times = {r["iteration"]: r["time"] for r in rows if "time" in r}
+    total, previous = 0.0, -1
+    for it in sorted(times):
+        total += (it - previous) * times[it]
+        previous = it
+    return total
+
+
+def _convergence_rows(study, done):
+    """(run, last iteration, ΔAP and ΔAPr over the last evaluation interval, training
+    seconds) of the kept runs with a kept metrics.json."""
+    curves = _load_tool("benchmarks/hard_tail_curves.py")
+    out = []
+    for arm in study.arms:
+        for seed in sorted(done.get(arm, {})):
+            path = os.path.join(study.results, run_name(arm, seed), "metrics.json.gz")
+            if not os.path.isfile(path):
+                continue
+            with gzip.open(path, "rt") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            curve = curves.eval_curve(rows)
+            out.append((run_name(arm, seed), curve[-1][0] if curve else None,
+                        curves.last_interval_change(curve, "AP"),
+                        curves.last_interval_change(curve, "APr"), training_seconds(rows)))
+    return out
+
+
 def cmd_plots(args):
     """Regime plots of the finished runs, one folder per dataset, into --plots."""
-    # tools/ is a folder of scripts, not a package: the tool is loaded from its file
-    spec = importlib.util.spec_from_file_location(
-        "plot_gradients", os.path.join(ROOT, "tools", "plot_gradients.py"))
-    plot_gradients = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_gradients)
+    plot_gradients = _load_tool("tools/plot_gradients.py")
 
     chosen = _study(args)
 

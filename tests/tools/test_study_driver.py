@@ -90,6 +90,32 @@ def test_table_reports_paired_differences_per_seed_with_mean_and_std(tmp_path, m
     assert "frcnn_eql" not in out
 
 
+def test_training_seconds_count_each_iteration_once_across_a_resume():
+    # rows every 20 iterations; cut off after iteration 59, resumed from its checkpoint at 39
+    rows = [{"iteration": 19, "time": 1.0}, {"iteration": 39, "time": 2.0},
+            {"iteration": 59, "time": 3.0}, {"iteration": 59, "bbox/AP": 1.0},
+            {"iteration": 59, "time": 5.0}, {"iteration": 79, "time": 4.0}]
+    assert study.training_seconds(rows) == 20 * 1.0 + 20 * 2.0 + 20 * 5.0 + 20 * 4.0
+
+
+def test_table_reports_convergence_and_cost_from_the_kept_metrics(tmp_path, monkeypatch,
+                                                                 capsys):
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    _fake_results(str(tmp_path), "atss_focal", 0, 20.0, 1.0)
+    rows = [{"iteration": 99, "time": 18.0}, {"iteration": 199, "time": 36.0},
+            {"iteration": 99, "bbox/AP": 19.0, "bbox/APr": 2.5, "bbox/APc": 0.0,
+             "bbox/APf": 0.0},
+            {"iteration": 199, "bbox/AP": 20.0, "bbox/APr": 1.0, "bbox/APc": 0.0,
+             "bbox/APf": 0.0}]
+    with gzip.open(tmp_path / "atss_focal" / "seed0" / "metrics.json.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    study.cmd_table(None)
+    out = capsys.readouterr().out
+    # 100 iterations at 18 s and 100 at 36 s: 5400 s
+    assert "| atss_focal/seed0 | 199 | +1.00 | -1.50 | 1.50 |" in out
+    assert "1 runs, 1.5 core-hours of training" in out
+
+
 def test_table_regime_window_is_the_last_evaluation_interval(tmp_path, monkeypatch, capsys):
     """Runs that evaluate every TEST.EVAL_PERIOD iterations (the hard-tail configs: an epoch)
     report g over that last period; runs without periodic evaluation over the last snapshot
