@@ -4,6 +4,9 @@
         configs/Synthetic-LT/atss_R18_FPN_efl.yaml [--rounds 12] [KEY VALUE ...]
     python benchmarks/iteration_speed.py configs/Synthetic-LT/atss_R18_FPN_efl.yaml \
         --vary MODEL.CLS_LOSS.REGIME_INDICATORS False True
+    python benchmarks/iteration_speed.py --first-stage \
+        configs/Synthetic-HardTail/EQL/faster_rcnn_R18_FPN_softmax.yaml \
+        configs/Synthetic-HardTail/Decoupled/faster_rcnn_R18_FPN_softmax_crt.yaml
 
 The first config (with --vary: the first value) is the baseline. Every model is built with the same seed and trains on the
 same batches (the first config's training loader, e.g. Synthetic-LT, batch 8, 160 px). Each
@@ -35,6 +38,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--vary", nargs="+", metavar=("KEY", "VALUE"),
                         help="one config, one model per VALUE of KEY")
+    parser.add_argument("--first-stage", action="store_true",
+                        help="the first config is the first stage of the others (decoupled "
+                        "second stages): they start from its model's weights, as they would "
+                        "from its model_final.pth")
     args = parser.parse_args()
     files = [c for c in args.configs if c.endswith(".yaml")]
     opts = [c for c in args.configs if not c.endswith(".yaml")] + ["DATALOADER.NUM_WORKERS", "0"]
@@ -57,6 +64,9 @@ def main():
     for name, cfg in cfgs.items():
         torch.manual_seed(0)
         models[name] = build_model(cfg).train()
+        if args.first_stage and len(models) > 1:
+            first_stage = models[next(iter(models))].state_dict()
+            models[name].load_state_dict(first_stage, strict=False)
         optims[name] = torch.optim.SGD(models[name].parameters(), lr=1e-3, momentum=0.9)
 
     def step(name, batch):
