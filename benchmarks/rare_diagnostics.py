@@ -170,6 +170,7 @@ def main():
           "| FP on objects | high FP/img |")
     print("|---|---|---|---|---|---|---|---|---|")
     loaded = []
+    names = dict(zip(args.runs, run_labels(args.runs)))
     for run in args.runs:
         found = glob.glob(os.path.join(run, "inference", "*", "lvis_instances_results.json"))
         if len(found) != 1:
@@ -177,7 +178,7 @@ def main():
                              f"found {len(found)}")
         with open(found[0]) as f:
             results = json.load(f)
-        name = os.path.basename(os.path.normpath(run))
+        name = names[run]
         loaded.append((name, results))
         ap = group_ap(os.path.join(os.path.dirname(found[0]), "per_category_bbox.csv"))
         for g, s in group_statistics(gt, results).items():
@@ -194,6 +195,17 @@ def main():
             for g, s in location_statistics(gt, results).items():
                 cells = " | ".join(f"{s[loc]:.2f} / {s['high ' + loc]:.2f}" for loc in LOCATIONS)
                 print(f"| {name} | {g} | {cells} |")
+
+
+def run_labels(runs):
+    """Each run folder's name, with as many parent folders as it takes to tell the runs apart
+    (``atss_focal/seed0`` and ``atss_efl/seed0``, not ``seed0`` twice)."""
+    parts = [os.path.normpath(r).split(os.sep) for r in runs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
 
 
 if __name__ == "__main__":

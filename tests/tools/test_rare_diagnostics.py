@@ -85,3 +85,11 @@ def test_false_positive_locations_by_hand():
     # above an infinite median, i.e. never
     assert s["f"]["unverified"] == 0.5 and s["f"]["high unverified"] == 0.0
     assert s["c"]["positive"] == 0.0
+
+
+def test_runs_are_labelled_by_as_many_folders_as_tell_them_apart():
+    assert rare_diagnostics.run_labels(["out/a/seed0", "out/b/seed0/"]) == ["a/seed0",
+                                                                            "b/seed0"]
+    assert rare_diagnostics.run_labels(["x/run1", "y/run2"]) == ["run1", "run2"]
+    # the same folder twice: the whole path, still the same
+    assert rare_diagnostics.run_labels(["a/s", "a/s"]) == ["a/s", "a/s"]
