@@ -189,18 +189,28 @@ HARD_TAIL_ARMS = {
                                         ["MODEL.CLS_LOSS.EQL.EXCLUDING_FUNCTION", "False"],
                                         "hard_tail"),
 }
+# the EQL and EQLv2 papers' own recipe: no repeat factor sampling (the arms above use RFS,
+# as EFL's Tab. 2 does for every method); 24 epochs of the uniform sampler
+NO_RFS = ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler"]
+HARD_TAIL_NO_RFS = ("frcnn_sigmoid_no_rfs", "frcnn_eql_no_rfs", "frcnn_eqlv2_no_rfs")
+HARD_TAIL_ARMS.update({
+    arm: (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_{arm.split('_')[1]}.yaml", NO_RFS, "hard_tail")
+    for arm in HARD_TAIL_NO_RFS})
 # the baselines the papers beat (as BASELINES above), on the hard-tail schedules: the class-
 # aware arm trains the repeat factor arms' iterations, the second stages half the first's
 HARD_TAIL_ARMS.update({arm: (ARMS[arm][0].replace(LVIS_CFG, HT_CFG), [], "hard_tail")
                        for arm in BASELINES})
 HARD_TAIL_BASELINES = ("atss_focal", "frcnn_sigmoid")
 # the papers' three claims (EFL, EQL, EQLv2) over every seed first, so that their verdicts
-# have three seeds early; then the other claim arms seed by seed; then the baselines the
-# papers beat, seed by seed; the calibration's baselines last
+# have three seeds early; then the other claim arms seed by seed; then the two-stage claims
+# in the EQL papers' recipe without RFS; then the baselines the papers beat, seed by seed;
+# the calibration's baselines last
 HARD_TAIL_CLAIMS = ("atss_efl", "frcnn_eql", "frcnn_eqlv2")
 HARD_TAIL_RUNS = ([(arm, seed) for seed in SEEDS for arm in HARD_TAIL_CLAIMS]
                   + [(arm, seed) for seed in SEEDS for arm in HARD_TAIL_ARMS
-                     if arm not in HARD_TAIL_BASELINES + HARD_TAIL_CLAIMS + BASELINES]
+                     if arm not in (HARD_TAIL_BASELINES + HARD_TAIL_CLAIMS + BASELINES
+                                    + HARD_TAIL_NO_RFS)]
+                  + [(arm, seed) for seed in SEEDS for arm in HARD_TAIL_NO_RFS]
                   + [(arm, seed) for seed in SEEDS for arm in BASELINES]
                   + [(arm, seed) for seed in SEEDS for arm in HARD_TAIL_BASELINES])
 HARD_TAIL_COMPARISONS = [c for c in COMPARISONS if c[1] in HARD_TAIL_ARMS and c[2] in HARD_TAIL_ARMS] + [
@@ -208,6 +218,10 @@ HARD_TAIL_COMPARISONS = [c for c in COMPARISONS if c[1] in HARD_TAIL_ARMS and c[
     ("EQLv2 - EQLv2 without image-level labels", "frcnn_eqlv2", "frcnn_eqlv2_no_image_labels"),
     ("EQL without labels - sigmoid", "frcnn_eql_no_image_labels", "frcnn_sigmoid"),
     ("EQLv2 without labels - sigmoid", "frcnn_eqlv2_no_image_labels", "frcnn_sigmoid"),
+    ("no RFS: EQL - sigmoid", "frcnn_eql_no_rfs", "frcnn_sigmoid_no_rfs"),
+    ("no RFS: EQLv2 - sigmoid", "frcnn_eqlv2_no_rfs", "frcnn_sigmoid_no_rfs"),
+    ("no RFS: EQLv2 - EQL", "frcnn_eqlv2_no_rfs", "frcnn_eql_no_rfs"),
+    ("RFS - no RFS (sigmoid)", "frcnn_sigmoid", "frcnn_sigmoid_no_rfs"),
 ]
 
 
