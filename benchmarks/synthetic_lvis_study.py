@@ -35,8 +35,9 @@ to their schedules in epochs on the ``synthetic_hard_tail`` preset of each seed,
 results in ``benchmarks/results/hard_tail_study/`` and runs in ``output/hard_tail_calibration``
 by default, where benchmarks/hard_tail_calibration.sh trains the two baselines with the same
 configs, seeds and data: a baseline run that driver finished is adopted, not repeated. Its
-order: the three claims (EFL, EQL, EQLv2) over all seeds, the other claims' arms (image-level
-labels off, component ablations) seed by seed, the baselines the papers beat (:data:`BASELINES`, with
+order: the three claims (EFL, EQL, EQLv2) over all seeds, sigmoid, EQL and EQLv2 without
+repeat factor sampling, the other claims' arms (image-level labels off, component
+ablations) seed by seed, the baselines the papers beat (:data:`BASELINES`, with
 their second stages after their first) seed by seed, and the two calibration baselines last,
 so run the calibration first (not both on one baseline).
 
@@ -202,15 +203,15 @@ HARD_TAIL_ARMS.update({arm: (ARMS[arm][0].replace(LVIS_CFG, HT_CFG), [], "hard_t
                        for arm in BASELINES})
 HARD_TAIL_BASELINES = ("atss_focal", "frcnn_sigmoid")
 # the papers' three claims (EFL, EQL, EQLv2) over every seed first, so that their verdicts
-# have three seeds early; then the other claim arms seed by seed; then the two-stage claims
-# in the EQL papers' recipe without RFS; then the baselines the papers beat, seed by seed;
-# the calibration's baselines last
+# have three seeds early; then the two-stage claims in the EQL papers' recipe without RFS;
+# then the other claim arms (image-level labels, ablations) seed by seed; then the baselines
+# the papers beat, seed by seed; the calibration's baselines last
 HARD_TAIL_CLAIMS = ("atss_efl", "frcnn_eql", "frcnn_eqlv2")
 HARD_TAIL_RUNS = ([(arm, seed) for seed in SEEDS for arm in HARD_TAIL_CLAIMS]
+                  + [(arm, seed) for seed in SEEDS for arm in HARD_TAIL_NO_RFS]
                   + [(arm, seed) for seed in SEEDS for arm in HARD_TAIL_ARMS
                      if arm not in (HARD_TAIL_BASELINES + HARD_TAIL_CLAIMS + BASELINES
                                     + HARD_TAIL_NO_RFS)]
-                  + [(arm, seed) for seed in SEEDS for arm in HARD_TAIL_NO_RFS]
                   + [(arm, seed) for seed in SEEDS for arm in BASELINES]
                   + [(arm, seed) for seed in SEEDS for arm in HARD_TAIL_BASELINES])
 HARD_TAIL_COMPARISONS = [c for c in COMPARISONS if c[1] in HARD_TAIL_ARMS and c[2] in HARD_TAIL_ARMS] + [

@@ -169,6 +169,13 @@ def test_hard_tail_order_covers_every_arm_and_seed_once_claims_first_baselines_l
     claims = len(study.HARD_TAIL_CLAIMS) * len(study.SEEDS)
     assert sorted(runs[:claims]) == sorted((a, s) for a in study.HARD_TAIL_CLAIMS
                                            for s in study.SEEDS)
+    # then the two-stage claims without repeat factor sampling, which train uniformly
+    no_rfs = len(study.HARD_TAIL_NO_RFS) * len(study.SEEDS)
+    assert {a for a, _ in runs[claims:claims + no_rfs]} == set(study.HARD_TAIL_NO_RFS)
+    for arm in study.HARD_TAIL_NO_RFS:
+        config, extra, _ = study.HARD_TAIL_ARMS[arm]
+        assert extra == ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler"]
+        assert config == study.HARD_TAIL_ARMS[arm.replace("_no_rfs", "")][0]
     for _, arm, ref in study.HARD_TAIL_COMPARISONS:
         assert arm in study.HARD_TAIL_ARMS and ref in study.HARD_TAIL_ARMS
 
