@@ -193,10 +193,9 @@ HARD_TAIL_ARMS = {
 # the EQL and EQLv2 papers' own recipe: no repeat factor sampling (the arms above use RFS,
 # as EFL's Tab. 2 does for every method); 24 epochs of the uniform sampler
 NO_RFS = ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler"]
-HARD_TAIL_NO_RFS = ("frcnn_sigmoid_no_rfs", "frcnn_eql_no_rfs", "frcnn_eqlv2_no_rfs")
-HARD_TAIL_ARMS.update({
-    arm: (f"{HT_CFG}/EQL/faster_rcnn_R18_FPN_{arm.split('_')[1]}.yaml", NO_RFS, "hard_tail")
-    for arm in HARD_TAIL_NO_RFS})
+HARD_TAIL_NO_RFS = tuple(f"frcnn_{loss}_no_rfs" for loss in ("sigmoid", "eql", "eqlv2"))
+HARD_TAIL_ARMS.update({arm: (HARD_TAIL_ARMS[arm[: -len("_no_rfs")]][0], NO_RFS, "hard_tail")
+                       for arm in HARD_TAIL_NO_RFS})
 # the baselines the papers beat (as BASELINES above), on the hard-tail schedules: the class-
 # aware arm trains the repeat factor arms' iterations, the second stages half the first's
 HARD_TAIL_ARMS.update({arm: (ARMS[arm][0].replace(LVIS_CFG, HT_CFG), [], "hard_tail")
