@@ -47,7 +47,6 @@ so run the calibration first (not both on one baseline).
 
 import argparse
 import gzip
-import importlib.util
 import json
 import math
 import os
@@ -606,11 +605,9 @@ def _regime_cells(summary, key):
 
 def _load_tool(relpath):
     """A script of tools/ or benchmarks/ (folders of scripts, not packages) as a module."""
-    name = os.path.splitext(os.path.basename(relpath))[0]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from eql_d2.utils.io import load_script
+
+    return load_script(os.path.join(ROOT, relpath))
 
 
 def training_seconds(rows):

@@ -13,11 +13,11 @@ submitit's handler calls :meth:`TrainJob.checkpoint`, which returns the same job
 (exit status 75).
 """
 
-import importlib.util
 import logging
 import os
 import signal
 
+from ..utils.io import load_script as _load_any_script
 from .hooks import TrainingStopped
 from .launch import launch
 
@@ -34,10 +34,7 @@ def _preemption_signal():
 
 def load_script(path):
     """The training script at `path` as a module (``train_net.py`` is not on the path)."""
-    spec = importlib.util.spec_from_file_location("eql_d2_train_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_any_script(path, "eql_d2_train_script")
 
 
 class TrainJob:

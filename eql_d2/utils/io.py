@@ -3,6 +3,7 @@ the target with one rename, so a reader (or a run killed mid-write) sees the old
 new one, never a truncated one."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -84,3 +85,14 @@ def atomic_directory(path: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def load_script(path: str, name: str = ""):
+    """The Python script at `path` as a module, for scripts that are files rather than
+    modules of a package (``train_net.py``, ``tools/``, ``benchmarks/``); `name` defaults to
+    the file's base name. The module is not added to ``sys.modules``."""
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
