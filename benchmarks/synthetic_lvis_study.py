@@ -12,7 +12,8 @@ Every run trains one config on one generated dataset and one training seed (seed
 the Synthetic-LVIS preset generated with --seed s and SEED s, so the arms of a comparison
 are paired by seed), one thread, ``--resume`` from its last checkpoint, then evaluates on
 the federated val (the configs' DATASETS.TEST). A finished run's ``final_metrics.json``,
-``regime_indicators.jsonl.gz`` and ``config.yaml`` are copied to ``benchmarks/results/
+``regime_indicators.jsonl.gz``, ``metrics.json.gz``, per-category AP
+(``per_category_bbox_<dataset>.csv``) and ``config.yaml`` are copied to ``benchmarks/results/
 synthetic_lvis_study/<run>/``, which is kept in the repository: a run with results there is
 never repeated, so a later session (or another machine) continues the study where it
 stopped. Checkpoints stay in --out (not kept); once a run has finished, only its
@@ -46,6 +47,7 @@ so run the calibration first (not both on one baseline).
 """
 
 import argparse
+import csv
 import gzip
 import json
 import math
@@ -329,6 +331,19 @@ def save_results(run_dir, dest):
                 with open(path, "rb") as src, gzip.GzipFile(
                         os.path.join(tmp, name + ".gz"), "wb", mtime=0) as dst:
                     shutil.copyfileobj(src, dst)
+        # each evaluated dataset's per-category AP (the final evaluation wrote it last)
+        for dataset, path in _per_category_csvs(run_dir):
+            shutil.copy(path, os.path.join(tmp, f"per_category_bbox_{dataset}.csv"))
+
+
+def _per_category_csvs(run_dir):
+    """(dataset, path) of the per_category_bbox.csv files under a run's inference/."""
+    inference = os.path.join(run_dir, "inference")
+    if not os.path.isdir(inference):
+        return []
+    return [(dataset, os.path.join(inference, dataset, "per_category_bbox.csv"))
+            for dataset in sorted(os.listdir(inference))
+            if os.path.isfile(os.path.join(inference, dataset, "per_category_bbox.csv"))]
 
 
 def prune_checkpoints(run_dir):
@@ -474,12 +489,57 @@ def load_metrics(study=None):
     return out
 
 
+def _main_dataset(metrics):
+    """The dataset a run's numbers are read from: the federated val where it has several."""
+    fed = [name for name in metrics if name.endswith("_val_fed")]
+    return fed[0] if fed else next(iter(metrics))
+
+
 def _bbox(metrics, dataset=None):
     """bbox metrics of `dataset`, by default the federated val where a run has several."""
-    if dataset is None:
-        fed = [name for name in metrics if name.endswith("_val_fed")]
-        dataset = fed[0] if fed else next(iter(metrics))
-    return metrics[dataset]["bbox"]
+    return metrics[dataset or _main_dataset(metrics)]["bbox"]
+
+
+def per_category_ap(run_dir, dataset):
+    """{category_id: (frequency group, AP in %)} from a kept run's per-category CSV of
+    `dataset`, categories without ground truth (AP NaN or -1) left out; None when the run
+    kept no such CSV."""
+    path = os.path.join(run_dir, f"per_category_bbox_{dataset}.csv")
+    if not os.path.isfile(path):
+        return None
+    out = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            ap = float(row["AP"]) if row["AP"] not in ("", "nan") else float("nan")
+            if _defined(ap):
+                out[int(row["category_id"])] = (row["frequency"], ap)
+    return out
+
+
+def per_category_differences(pairs):
+    """{group: [AP(arm) - AP(reference)]} over the categories both runs of each pair
+    measured, pooled over the pairs ((arm's, reference's) per_category_ap of one seed)."""
+    out = {}
+    for arm, ref in pairs:
+        for cat in sorted(arm.keys() & ref.keys()):
+            if arm[cat][0] != ref[cat][0]:
+                raise ValueError(f"category {cat} is {arm[cat][0]!r} in one run and "
+                                 f"{ref[cat][0]!r} in the other: not the same dataset")
+            out.setdefault(arm[cat][0], []).append(arm[cat][1] - ref[cat][1])
+    return out
+
+
+def sign_test_cell(diffs):
+    """'higher up, lower down of measured, median Δ, p' with the two-sided sign test
+    (ties left out) of a group's per-category differences."""
+    from scipy.stats import binomtest
+
+    if not diffs:
+        return "-"
+    higher, lower = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    p = binomtest(higher, higher + lower, 0.5).pvalue if higher + lower else 1.0
+    return (f"{higher} up, {lower} down of {len(diffs)}, median "
+            f"{statistics.median(diffs):+.2f}, p {p:.2g}")
 
 
 def _defined(value):
@@ -529,6 +589,28 @@ def cmd_table(args):
             per_seed = " / ".join(f"{d:+.2f}" for d in diffs)
             cells.append(per_seed + (f" ({_mean_std(diffs)})" if len(diffs) > 1 else ""))
         print(f"| {label} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    per_category = []
+    for label, arm, ref in study.comparisons:
+        seeds = sorted(set(done.get(arm, {})) & set(done.get(ref, {})))
+        pairs = []
+        for s in seeds:
+            dataset = _main_dataset(done[arm][s])
+            pair = tuple(per_category_ap(os.path.join(study.results, run_name(a, s)), dataset)
+                         for a in (arm, ref))
+            if None not in pair:
+                pairs.append((s, pair))
+        if pairs:
+            diffs = per_category_differences([p for _, p in pairs])
+            per_category.append((label, [s for s, _ in pairs],
+                                 [sign_test_cell(diffs.get(g, [])) for g in ("r", "c", "f")]))
+    if per_category:
+        print("\n### Per-category paired differences: each category's AP difference, pooled "
+              "over the seeds with per-category results; categories higher and lower of those "
+              "measured, median ΔAP, two-sided sign test (ties left out; treats the categories as independent)\n")
+        print("| comparison | seeds | rare | common | frequent |")
+        print("|---|---|---|---|---|")
+        for label, seeds, cells in per_category:
+            print(f"| {label} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     slt = [a for a in SLT if a in done]
     if slt:
         print("\n### Synthetic-LT, 700 iterations, seed 0: federated vs exhaustive val (bbox)\n")

@@ -16,7 +16,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 constraints="$root/requirements/constraints.txt"
 # Everything except torch, torchvision and detectron2, which are handled on their own.
-reqs=("setuptools<81" wheel numpy fvcore iopath lvis pycocotools faster-coco-eval omegaconf ensemble-boxes ijson matplotlib pytest pytest-xdist submitit scikit-learn)
+reqs=("setuptools<81" wheel numpy fvcore iopath lvis pycocotools faster-coco-eval omegaconf ensemble-boxes ijson matplotlib pytest pytest-xdist submitit scikit-learn scipy)
 # detectron2 when neither an importable one nor GitHub is available: see the install step.
 d2_fallback="sal-detectron2==0.7.2"
 d2_wheel="sal_detectron2-0.7.2-py3-none-any.whl"

@@ -34,10 +34,17 @@ def test_kept_results_hold_metrics_config_and_compressed_indicators(tmp_path):
     (run / "final_metrics.json").write_text('{"v": {"bbox": {"AP": 1.0}}}')
     (run / "config.yaml").write_text("SEED: 0\n")
     (run / "regime_indicators.jsonl").write_text('{"iteration": 1}\n')
+    per_category = run / "inference" / "v_fed" / "per_category_bbox.csv"
+    per_category.parent.mkdir(parents=True)
+    per_category.write_text("category_id,name,frequency,train_image_count,AP\n1,a,r,3,5.0\n")
+    (run / "inference" / "empty").mkdir()  # an evaluation folder without the CSV
     dest = str(tmp_path / "kept" / "arm" / "seed0")
     study.save_results(str(run), dest)
     assert sorted(os.listdir(dest)) == ["config.yaml", "final_metrics.json",
+                                        "per_category_bbox_v_fed.csv",
                                         "regime_indicators.jsonl.gz"]
+    assert (open(os.path.join(dest, "per_category_bbox_v_fed.csv")).read()
+            == per_category.read_text())
     with gzip.open(os.path.join(dest, "regime_indicators.jsonl.gz"), "rt") as f:
         assert f.read() == '{"iteration": 1}\n'
     assert not [p for p in os.listdir(os.path.dirname(dest)) if ".partial" in p]
@@ -88,6 +95,44 @@ def test_table_reports_paired_differences_per_seed_with_mean_and_std(tmp_path, m
     assert f"{statistics.mean(v[0] for v in focal.values()):.2f} ± 1.00" in means
     # arms without results are left out, not shown as zeros
     assert "frcnn_eql" not in out
+
+
+def _fake_per_category(root, arm, seed, aps, dataset="synthetic_lvis_val_fed"):
+    """aps: {category_id: (group, AP)}; AP None is written as LVISEval's -1 (no ground truth)."""
+    with open(os.path.join(root, arm, f"seed{seed}", f"per_category_bbox_{dataset}.csv"),
+              "w") as f:
+        f.write("category_id,name,frequency,train_image_count,AP,num_detections\n")
+        for cat, (group, ap) in aps.items():
+            f.write(f"{cat},c{cat},{group},1,{-1 if ap is None else ap},0\n")
+
+
+def test_per_category_differences_are_paired_by_category_and_sign_tested(tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    # seed 0: rare categories 1, 2 higher, 3 lower; category 4 has no ground truth in EFL's
+    # run (left out); seed 1: rare 1 tied, 2 higher. Frequent: one category, lower.
+    runs = {("atss_efl", 0): {1: ("r", 10.0), 2: ("r", 5.0), 3: ("r", 1.0), 4: ("c", None),
+                              5: ("f", 50.0)},
+            ("atss_focal", 0): {1: ("r", 8.0), 2: ("r", 4.0), 3: ("r", 2.0), 4: ("c", 7.0),
+                                5: ("f", 51.5)},
+            ("atss_efl", 1): {1: ("r", 3.0), 2: ("r", 9.0)},
+            ("atss_focal", 1): {1: ("r", 3.0), 2: ("r", 6.0)}}
+    for (arm, seed), aps in runs.items():
+        _fake_results(str(tmp_path), arm, seed, 20.0, 1.0)
+        _fake_per_category(str(tmp_path), arm, seed, aps)
+    study.cmd_table(None)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines()
+               if line.startswith("| EFL - focal (ATSS) | 0,1 | ") and "p " in line)
+    # rare: differences +2, +1, -1 (seed 0) and 0, +3 (seed 1): 3 of 5 higher, median +1;
+    # sign test on the 4 untied: P(X >= 3 or X <= 1 | n=4, 1/2) = 2 * 5 / 16
+    assert ("| 3 up, 1 down of 5, median +1.00, p 0.62 | - "
+            "| 0 up, 1 down of 1, median -1.50, p 1 |") in row
+
+
+def test_per_category_differences_refuse_runs_of_different_datasets():
+    with pytest.raises(ValueError, match="category 1 is 'r' in one run and 'c'"):
+        study.per_category_differences([({1: ("r", 1.0)}, {1: ("c", 2.0)})])
 
 
 def test_training_seconds_count_each_iteration_once_across_a_resume():
