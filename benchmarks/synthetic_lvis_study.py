@@ -559,6 +559,7 @@ def _mean_std(values):
 
 def cmd_table(args):
     from eql_d2.evaluation.regime import group_summary, read_regime_indicators, since
+    from eql_d2.utils.groups import GROUPS
 
     study = _study(args)
     done = load_metrics(study)
@@ -602,11 +603,12 @@ def cmd_table(args):
         if pairs:
             diffs = per_category_differences([p for _, p in pairs])
             per_category.append((label, [s for s, _ in pairs],
-                                 [sign_test_cell(diffs.get(g, [])) for g in ("r", "c", "f")]))
+                                 [sign_test_cell(diffs.get(g, [])) for g in GROUPS]))
     if per_category:
         print("\n### Per-category paired differences: each category's AP difference, pooled "
               "over the seeds with per-category results; categories higher and lower of those "
-              "measured, median ΔAP, two-sided sign test (ties left out; treats the categories as independent)\n")
+              "measured, median ΔAP, two-sided sign test (ties left out; treats the "
+              "categories as independent)\n")
         print("| comparison | seeds | rare | common | frequent |")
         print("|---|---|---|---|---|")
         for label, seeds, cells in per_category:
