@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from eql_d2.evaluation.lvis_evaluation import read_per_category_ap
 from eql_d2.utils.groups import GROUPS
 
 
@@ -149,10 +150,8 @@ def location_statistics(gt, results, iou_thresh=0.5):
 def group_ap(csv_file):
     """Mean per-category AP (in %) of each group from a per_category_<task>.csv."""
     per = defaultdict(list)
-    with open(csv_file) as f:
-        for row in csv.DictReader(f):
-            if row["AP"] not in ("", "nan") and float(row["AP"]) >= 0:  # -1: no ground truth
-                per[row["frequency"]].append(float(row["AP"]))
+    for frequency, ap in read_per_category_ap(csv_file).values():
+        per[frequency].append(ap)
     return {g: float(np.mean(v)) if v else float("nan") for g, v in per.items()}
 
 

@@ -47,7 +47,6 @@ so run the calibration first (not both on one baseline).
 """
 
 import argparse
-import csv
 import gzip
 import json
 import math
@@ -502,18 +501,11 @@ def _bbox(metrics, dataset=None):
 
 def per_category_ap(run_dir, dataset):
     """{category_id: (frequency group, AP in %)} from a kept run's per-category CSV of
-    `dataset`, categories without ground truth (AP NaN or -1) left out; None when the run
-    kept no such CSV."""
+    `dataset`, categories without ground truth left out; None when the run kept no such CSV."""
+    from eql_d2.evaluation.lvis_evaluation import read_per_category_ap
+
     path = os.path.join(run_dir, f"per_category_bbox_{dataset}.csv")
-    if not os.path.isfile(path):
-        return None
-    out = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            ap = float(row["AP"]) if row["AP"] not in ("", "nan") else float("nan")
-            if _defined(ap):
-                out[int(row["category_id"])] = (row["frequency"], ap)
-    return out
+    return read_per_category_ap(path) if os.path.isfile(path) else None
 
 
 def per_category_differences(pairs):

@@ -27,6 +27,7 @@ import sys
 
 import yaml
 
+from eql_d2.evaluation.lvis_evaluation import read_per_category_ap
 from eql_d2.utils.io import read_json, write_json_atomic
 
 KEYS = ("AP", "APr", "APc", "APf")
@@ -105,18 +106,8 @@ def rare_detected(run_dir, dataset, task):
     path = os.path.join(run_dir, "inference", dataset, f"per_category_{task}.csv")
     if not os.path.isfile(path):
         return None
-    found = total = 0
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                ap = float(row.get("AP") or "nan")
-            except ValueError:
-                continue
-            if row.get("frequency") != "r" or math.isnan(ap):
-                continue
-            total += 1
-            found += ap > 0
-    return [found, total] if total else None
+    rare = [ap for frequency, ap in read_per_category_ap(path).values() if frequency == "r"]
+    return [sum(ap > 0 for ap in rare), len(rare)] if rare else None
 
 
 def run_record(run_dir, dataset=None, task="bbox"):

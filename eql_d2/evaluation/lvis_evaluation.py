@@ -51,6 +51,7 @@ __all__ = [
     "evaluate_lvis",
     "numpy_float_alias",
     "per_category_ap",
+    "read_per_category_ap",
     "top_k_per_category",
     "train_image_counts_from_metadata",
 ]
@@ -195,6 +196,24 @@ def _write_csv(rows, fields, path):
             writer.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k])
                                  else round(r[k], 4) if isinstance(r[k], float) else r[k])
                              for k in fields})
+
+
+def read_per_category_ap(path):
+    """{category_id: (frequency group, AP in %)} from a ``per_category_<task>.csv`` written by
+    :func:`evaluate_lvis`, categories without an AP (no ground truth: empty, NaN or negative)
+    left out."""
+    out = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"category_id", "frequency", "AP"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: not a per-category AP table (no column "
+                             f"{', '.join(sorted(missing))})")
+        for row in reader:
+            ap = float(row["AP"]) if row["AP"] not in ("", "nan") else math.nan
+            if not math.isnan(ap) and ap >= 0:
+                out[int(row["category_id"])] = (row["frequency"], ap)
+    return out
 
 
 def evaluate_lvis(lvis_gt, results, iou_types=("bbox",), *, max_dets_per_image=300,

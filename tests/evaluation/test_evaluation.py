@@ -13,7 +13,7 @@ from detectron2.structures import Boxes, Instances
 from eql_d2.config import get_eql_cfg
 from eql_d2.evaluation import LVISPerCategoryEvaluator, build_evaluator, evaluate_lvis
 from eql_d2.evaluation.lvis_evaluation import (numpy_float_alias, per_category_ap,
-                                               top_k_per_category)
+                                               read_per_category_ap, top_k_per_category)
 from lvis_cases import box_ann, category, det, image, per_category_case, write_json
 
 
@@ -65,6 +65,25 @@ def test_per_category_csv_matches_lvis_eval(tmp_path):
         with open(tmp_path / "out" / png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert not [n for n in os.listdir(tmp_path / "out") if "partial" in n]
+
+
+def test_per_category_csv_reads_back_the_categories_with_an_ap(tmp_path):
+    """read_per_category_ap gives each category's group and AP as written; a category
+    without ground truth (empty AP) is left out, and a CSV of another kind is refused."""
+    gt, results, expected_ap, _ = per_category_case()
+    evaluate_lvis(lvis_gt(write_json(tmp_path / "gt.json", gt)), results, ("bbox",),
+                  output_dir=str(tmp_path / "out"))
+    read = read_per_category_ap(tmp_path / "out" / "per_category_bbox.csv")
+    groups = {c["id"]: c["frequency"] for c in gt["categories"]}
+    assert read == {c: (groups[c], pytest.approx(ap, abs=1e-4))
+                    for c, ap in expected_ap.items() if ap is not None}
+    assert len(read) < len(expected_ap)
+
+    other = tmp_path / "oid.csv"
+    other.write_text("class,group,AP\n/m/01,r,12.5\n")
+    with pytest.raises(ValueError, match=r"oid.csv: not a per-category AP table "
+                                         r"\(no column category_id, frequency\)"):
+        read_per_category_ap(other)
 
 
 def test_numpy_is_patched_only_during_lvis_eval(tmp_path):
