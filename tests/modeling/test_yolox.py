@@ -291,11 +291,14 @@ def test_the_l1_switch_is_an_attribute():
 def test_training_decreases_the_loss(opts):
     model = seeded_model(tiny_cfg("focal", *opts))
     batch = dense_batch(NUM_CLASSES, seed=2, num_images=3)
-    history, _ = sgd_steps(model, [batch] * 10, lr=0.02)
+    history, _ = sgd_steps(model, [batch] * 30, lr=0.02)
     for losses in history:
         assert all(torch.isfinite(v) for v in losses.values()), losses
-    first, last = (sum(h.values()) for h in (history[0], history[-1]))
-    assert last < 0.8 * first
+    # SimOTA re-assigns the positives every step, so single steps go up and down (and their
+    # path differs between CPUs); the mean of five steps falls steadily
+    totals = [float(sum(h.values())) for h in history]
+    first, last = sum(totals[:5]) / 5, sum(totals[-5:]) / 5
+    assert last < 0.7 * first, totals
 
 
 @pytest.mark.parametrize("loss", ["sigmoid_ce", "focal", "efl", "qfl", "eqfl"])
