@@ -33,7 +33,6 @@ badly, while "recall low" means the detector never proposes the category there.
 """
 
 import argparse
-import csv
 import glob
 import json
 import os

@@ -17,7 +17,6 @@ without training it. Several seeds of a loss are printed with their mean and spr
 """
 
 import argparse
-import csv
 import datetime
 import math
 import os
