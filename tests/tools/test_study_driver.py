@@ -223,6 +223,12 @@ def test_hard_tail_order_covers_every_arm_and_seed_once_claims_first_baselines_l
         assert config == study.HARD_TAIL_ARMS[arm.replace("_no_rfs", "")][0]
     for _, arm, ref in study.HARD_TAIL_COMPARISONS:
         assert arm in study.HARD_TAIL_ARMS and ref in study.HARD_TAIL_ARMS
+    # a seed's decoupled second stages follow their first stage directly
+    for seed in study.SEEDS:
+        first = runs.index(("frcnn_softmax", seed))
+        assert {a for a, _ in runs[first + 1:first + 1 + len(study.FIRST_STAGES)]} == set(
+            study.FIRST_STAGES)
+        assert {s for _, s in runs[first + 1:first + 1 + len(study.FIRST_STAGES)]} == {seed}
 
 
 def test_a_run_finished_in_the_run_folder_is_kept_without_training(tmp_path, monkeypatch,
