@@ -39,8 +39,8 @@ configs, seeds and data: a baseline run that driver finished is adopted, not rep
 order: the three claims (EFL, EQL, EQLv2) over all seeds, sigmoid, EQL and EQLv2 without
 repeat factor sampling, the other claims' arms (image-level labels off, component
 ablations) seed by seed, the baselines the papers beat (:data:`BASELINES`, with
-their second stages straight after their first) seed by seed, and the two calibration baselines last,
-so run the calibration first (not both on one baseline).
+their second stages straight after their first) seed by seed, and the two calibration
+baselines last, so run the calibration first (not both on one baseline).
 
     nohup benchmarks/synthetic_lvis_study.sh --study hard_tail > output/hard_tail_study0.log 2>&1 &
     benchmarks/synthetic_lvis_study.py table --study hard_tail
@@ -206,11 +206,11 @@ HARD_TAIL_BASELINES = ("atss_focal", "frcnn_sigmoid")
 # then the other claim arms (image-level labels, ablations) seed by seed; then the baselines
 # the papers beat, seed by seed; the calibration's baselines last
 HARD_TAIL_CLAIMS = ("atss_efl", "frcnn_eql", "frcnn_eqlv2")
-# within a seed, the decoupled second stages straight after their softmax first stage, so a
-# free driver starts them as soon as its checkpoint exists and a seed's decoupled comparison
-# is complete before the longer one-stage-schedule baselines
+# within a seed, the decoupled second stages straight after their first stage, so a free
+# driver starts them as soon as its checkpoint exists and a seed's decoupled comparison is
+# complete before the full-schedule baselines
 HARD_TAIL_BASELINE_ORDER = tuple(sorted(BASELINES, key=lambda arm: (
-    arm not in ("frcnn_softmax", *FIRST_STAGES), BASELINES.index(arm))))
+    arm not in (*FIRST_STAGES.values(), *FIRST_STAGES), BASELINES.index(arm))))
 HARD_TAIL_RUNS = ([(arm, seed) for seed in SEEDS for arm in HARD_TAIL_CLAIMS]
                   + [(arm, seed) for seed in SEEDS for arm in HARD_TAIL_NO_RFS]
                   + [(arm, seed) for seed in SEEDS for arm in HARD_TAIL_ARMS
